@@ -1,0 +1,56 @@
+"""CLI: python -m pipeline STAGE CONFIG [model=NAME] [fold=K] [key=value ...] | demo OUT_DIR."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage:
+  python -m pipeline run|folds|train|predict|blend CONFIG [model=NAME] [fold=K] [key=value ...]
+  python -m pipeline demo OUT_DIR      write the synthetic demo competition to OUT_DIR
+
+stages: folds (write fold indices), train, predict (TTA OOF + test predictions),
+        blend (OOF-chosen weights -> submissions/), run (all of them in order)
+key=value overrides any config entry, e.g. train.batch_size=32 models.0.name=tf_efficientnet_lite1"""
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from .errors import PipelineError
+
+    stage, target, rest = argv[0], argv[1], argv[2:]
+    try:
+        if stage == "demo":
+            from .demo import make_demo
+
+            print(f"demo competition in {make_demo(target)}")
+            return 0
+        from .config import load_config
+        from .run import run
+
+        model = fold = None
+        overrides = []
+        for item in rest:
+            if item.startswith("model="):
+                model = item.split("=", 1)[1]
+            elif item.startswith("fold="):
+                value = item.split("=", 1)[1]
+                if not value.isdigit():
+                    raise PipelineError(f"fold={value!r}: give a fold number, e.g. fold=0")
+                fold = int(value)
+            else:
+                overrides.append(item)
+        cfg = load_config(target, overrides)
+        run(stage, cfg, model=model, fold=fold)
+        return 0
+    except (PipelineError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished epochs and folds are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

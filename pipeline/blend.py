@@ -1,0 +1,189 @@
+"""Blend the models from their OOF predictions only, then write a validated submission."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+from sklearn.metrics import f1_score
+
+from .config import Config
+from .data import Competition
+from .errors import PipelineError
+from .files import atomic_path, write_csv, write_text
+from .metrics import evaluate
+
+
+def simplex_weights(preds: np.ndarray, loss) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise loss(preds @ w); preds is N x M."""
+    m = preds.shape[1]
+    if m == 1:
+        return np.ones(1)
+    res = minimize(
+        lambda w: loss(preds @ w),
+        np.full(m, 1 / m),
+        method="SLSQP",
+        bounds=[(0, 1)] * m,
+        constraints=({"type": "eq", "fun": lambda w: w.sum() - 1},),
+        options={"ftol": 1e-12, "maxiter": 500},
+    )
+    w = np.clip(res.x, 0, None)
+    return w / w.sum()
+
+
+def age_weights(oof_ages: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return simplex_weights(oof_ages, lambda p: float(np.mean((p - y) ** 2)))
+
+
+def gender_weights(oof_probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def logloss(p):
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+    return simplex_weights(oof_probs, logloss)
+
+
+def best_threshold(prob: np.ndarray, y: np.ndarray) -> float:
+    """The decision threshold with the highest OOF macro-F1 (ties: closest to 0.5)."""
+    grid = np.round(np.arange(0.2, 0.801, 0.01), 2)
+    scores = np.array([f1_score(y, (prob >= t).astype(int), average="macro") for t in grid])
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    return float(grid[best[np.argmin(np.abs(grid[best] - 0.5))]])
+
+
+def load_model_predictions(exp_dir: Path, model: str, n_splits: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A model's OOF rows over all folds, and its test predictions averaged over folds."""
+    oofs, tests = [], []
+    for k in range(n_splits):
+        d = exp_dir / model / f"fold{k}"
+        if not (d / "predict_done.json").is_file():
+            raise PipelineError(f"{d}: no predictions yet; run train and predict for model={model} fold={k}")
+        oofs.append(pd.read_csv(d / "oof.csv", dtype={"id": str}))
+        tests.append(pd.read_csv(d / "test.csv", dtype={"id": str}))
+    oof = pd.concat(oofs, ignore_index=True)
+    test = tests[0][["id"]].copy()
+    test["age"] = np.mean([t.age.to_numpy() for t in tests], axis=0)
+    test["gender_prob"] = np.mean([t.gender_prob.to_numpy() for t in tests], axis=0)
+    return oof, test
+
+
+def validate_submission(sub: pd.DataFrame, test_ids: list[str], id_col: str, age_col: str, gender_col: str) -> None:
+    problems = []
+    ids = sub[id_col].astype(str)
+    if ids.duplicated().any():
+        problems.append(f"duplicate ids, e.g. {ids[ids.duplicated()].iloc[0]!r}")
+    missing = set(test_ids) - set(ids)
+    if missing:
+        problems.append(f"{len(missing)} test ids missing, e.g. {sorted(missing)[0]!r}")
+    extra = set(ids) - set(test_ids)
+    if extra:
+        problems.append(f"{len(extra)} ids not in the test set, e.g. {sorted(extra)[0]!r}")
+    if not np.isfinite(sub[age_col].to_numpy(dtype=float)).all():
+        problems.append("non-finite ages")
+    if not sub[gender_col].isin([0, 1]).all():
+        problems.append("gender values other than 0/1")
+    if problems:
+        raise PipelineError("submission failed validation: " + "; ".join(problems))
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    cols = ["mae", "rmse", "accuracy", "f1", "score"]
+    width = max(len(k) for k in rows) + 2
+    lines = [f"{'model':<{width}}" + "".join(f"{c:>10}" for c in cols)]
+    for name, m in rows.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{m[c]:>10.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path = Path("submissions")) -> Path | None:
+    names = [m.name for m in cfg.models]
+    preds = {n: load_model_predictions(exp_dir, n, cfg.folds.n_splits) for n in names}
+    oof = preds[names[0]][0][["id", "age_true", "gender_true"]]
+    for n in names:
+        o = preds[n][0].set_index("id")
+        oof = oof.join(
+            o[["age", "gender_prob"]].rename(columns={"age": f"age:{n}", "gender_prob": f"prob:{n}"}), on="id"
+        )
+    oof = oof.dropna()
+    y_age = oof.age_true.to_numpy(float)
+    y_gender = oof.gender_true.to_numpy(int)
+    ages = oof[[f"age:{n}" for n in names]].to_numpy(float)
+    probs = oof[[f"prob:{n}" for n in names]].to_numpy(float)
+
+    w_age = age_weights(ages, y_age)
+    w_gender = gender_weights(probs, y_gender)
+    blend_age, blend_prob = ages @ w_age, probs @ w_gender
+    threshold = best_threshold(blend_prob, y_gender)
+
+    table = {n: evaluate(y_age, ages[:, i], y_gender, probs[:, i]) for i, n in enumerate(names)}
+    table["blend"] = evaluate(y_age, blend_age, y_gender, blend_prob, threshold)
+    print(f"\nOOF results ({len(oof)} rows, {cfg.folds.n_splits} folds; blend weights and threshold chosen on OOF):")
+    print(format_table(table))
+    print("age weights:    " + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, w_age)))
+    print(
+        "gender weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, w_gender)) + f"; threshold {threshold:.2f}"
+    )
+    cv = table["blend"][cfg.metric]
+    print(f"CV {cfg.metric}: {cv:.4f}")
+
+    summary = {
+        "oof_rows": len(oof),
+        "metric": cfg.metric,
+        "cv": cv,
+        "table": table,
+        "threshold": threshold,
+        "age_weights": dict(zip(names, w_age.tolist())),
+        "gender_weights": dict(zip(names, w_gender.tolist())),
+    }
+    write_csv(oof.assign(age_blend=blend_age, prob_blend=blend_prob), exp_dir / "oof_blend.csv")
+
+    if len(comp.test) == 0:
+        print("no test set (no test.csv / sample_submission.csv, data.holdout=0): no submission written")
+        write_text(json.dumps(summary, indent=2), exp_dir / "blend.json")
+        return None
+    test = preds[names[0]][1][["id"]].copy()
+    test_age = np.column_stack([preds[n][1].set_index("id").loc[test.id, "age"] for n in names]) @ w_age
+    test_prob = np.column_stack([preds[n][1].set_index("id").loc[test.id, "gender_prob"] for n in names]) @ w_gender
+    sub = pd.DataFrame(
+        {
+            comp.id_col: test.id,
+            comp.age_col: np.clip(test_age, 0, cfg.data.max_age),
+            comp.gender_col: (test_prob >= threshold).astype(int),
+        }
+    )
+    order = comp.test.id.tolist()
+    sub = sub.set_index(comp.id_col).loc[order].reset_index()
+    validate_submission(sub, order, comp.id_col, comp.age_col, comp.gender_col)
+
+    submissions_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = submissions_dir / f"{cfg.experiment}-{stamp}.csv"
+    n = 1
+    while path.exists():  # never overwrite an earlier submission
+        path = submissions_dir / f"{cfg.experiment}-{stamp}-{n}.csv"
+        n += 1
+    with atomic_path(path) as tmp:
+        sub.to_csv(tmp, index=False)
+    summary["submission"] = str(path)
+
+    if comp.holdout_labels is not None:  # read only now, after every choice has been made
+        h = comp.holdout_labels.set_index("id").loc[sub[comp.id_col]]
+        held = evaluate(
+            h.age.to_numpy(float),
+            sub[comp.age_col].to_numpy(float),
+            h.gender.to_numpy(int),
+            sub[comp.gender_col].to_numpy(float),
+            0.5,
+        )
+        summary["holdout"] = held
+        print(
+            f"held-out test ({len(h)} images, labels read only after writing the submission): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in held.items())
+        )
+    write_text(json.dumps(summary, indent=2), exp_dir / "blend.json")
+    print(f"submission: {path}")
+    return path

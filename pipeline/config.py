@@ -1,0 +1,252 @@
+"""Typed experiment config: YAML file + dotted `key=value` overrides, validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import PipelineError
+
+
+class ConfigError(PipelineError):
+    """A config key or value the pipeline cannot use; the message names it and the valid choices."""
+
+
+CHOICES = {
+    "data.layout": ("auto", "utkface", "kaggle"),
+    "data.on_error": ("skip", "fail"),
+    "train.age_loss": ("l1", "smoothl1", "mse"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "metric": ("score", "mae", "rmse", "accuracy", "f1"),
+    "tta": ("none", "hflip"),
+}
+
+
+@dataclass
+class DataConfig:
+    root: str = "demo"  # competition folder; "demo" = the built-in synthetic competition
+    name: str = ""  # dataset name for folds/ and the cache; default: the folder's name
+    layout: str = "auto"
+    img_size: int = 128  # images are decoded once, resized to this square and cached as uint8
+    image_col: str = ""  # Kaggle layout: detected when empty
+    age_col: str = "age"
+    gender_col: str = "gender"
+    train_csv: str = "train.csv"
+    test_csv: str = "test.csv"
+    sample_submission: str = "sample_submission.csv"
+    train_dir: str = "train"
+    test_dir: str = "test"
+    holdout: float = 0.0  # no test set (UTKFace): keep this fraction aside as a labelled test set
+    on_error: str = "skip"  # unreadable / badly labelled training rows: skip them or stop
+    max_age: float = 120.0
+    limit: int = 0  # use only the first N training images (0 = all); for quick trials
+    cache_dir: str = "runs/cache"
+
+
+@dataclass
+class FoldsConfig:
+    n_splits: int = 5
+    seed: int = 42
+    age_bins: list[float] = field(default_factory=lambda: [0, 5, 12, 18, 25, 32, 40, 50, 60, 75])
+
+
+@dataclass
+class Phase:
+    epochs: int = 1
+    train: str = "all"  # "head", "last:N" (last N backbone stages + head) or "all"
+    lr: float = 1e-3
+
+
+@dataclass
+class ModelConfig:
+    name: str = "scratch_cnn"  # any timm model name, or scratch_cnn
+    pretrained: bool = True  # lite0/1/2: offline package weights; others need `weights`
+    weights: str = ""  # local weights file or directory (Kaggle-style offline weights)
+    img_size: int = 0  # 0 = data.img_size
+    drop_rate: float = 0.1
+    batch_size: int = 0  # 0 = train.batch_size
+    phases: list[Phase] = field(default_factory=list)  # empty = train.phases
+
+
+@dataclass
+class TrainConfig:
+    phases: list[Phase] = field(default_factory=lambda: [Phase(1, "head", 3e-3), Phase(4, "all", 1e-3)])
+    batch_size: int = 64
+    num_workers: int = -1  # -1 = auto
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.1  # of each phase's steps
+    grad_clip: float = 2.0
+    ema: float = 0.0  # EMA decay, 0 = off
+    age_loss: str = "smoothl1"
+    normalize_age: bool = True
+    gender_weight: float = 1.0  # total loss = age loss + gender_weight * gender BCE
+    device: str = "auto"
+    amp: bool = True  # CUDA only
+    channels_last: bool = True  # faster on CPU (oneDNN) and CUDA alike
+    seed: int = 42
+    hflip: float = 0.5
+    shift_scale_rotate: float = 0.5
+    brightness_contrast: float = 0.3
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = True  # offline unless logged in; WANDB_MODE is honoured
+    project: str = "age-gender"
+
+
+@dataclass
+class Config:
+    experiment: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])
+    metric: str = "score"  # checkpoint selection and the headline CV figure
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"model={name!r} is not in this config; models: {[m.name for m in self.models]}")
+
+    def phases(self, m: ModelConfig) -> list[Phase]:
+        return m.phases or self.train.phases
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, raw, path: str):
+    """Turn plain YAML data into dataclass `cls`, refusing unknown keys and wrong types."""
+    origin = typing.get_origin(cls)
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {raw!r}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in raw if k not in names]
+        if unknown:
+            raise ConfigError(f"unknown config key {_join(path, unknown[0])!r}; valid keys here: {', '.join(names)}")
+        return cls(**{k: _build(hints[k], v, _join(path, k)) for k, v in raw.items()})
+    if origin is list:
+        (item,) = typing.get_args(cls)
+        if not isinstance(raw, list):
+            raise ConfigError(f"{path}: expected a list, got {raw!r}")
+        return [_build(item, v, f"{path}.{i}") for i, v in enumerate(raw)]
+    if cls is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{path}: expected true/false, got {raw!r}")
+        return raw
+    if cls is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    if cls is int and isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if cls is str and isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+        return str(raw)
+    raise ConfigError(f"{path}: expected {cls.__name__}, got {raw!r}")
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _validate(cfg: Config) -> None:
+    def check(key: str, value) -> None:
+        if value not in CHOICES[key]:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(CHOICES[key])}")
+
+    check("data.layout", cfg.data.layout)
+    check("data.on_error", cfg.data.on_error)
+    check("train.age_loss", cfg.train.age_loss)
+    check("train.device", cfg.train.device)
+    check("metric", cfg.metric)
+    for t in cfg.tta:
+        check("tta", t)
+    if not cfg.models:
+        raise ConfigError("models: the config names no model")
+    names = [m.name for m in cfg.models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"models: each model name may appear once, got {names}")
+    if cfg.folds.n_splits < 2:
+        raise ConfigError(f"folds.n_splits={cfg.folds.n_splits}: need at least 2")
+    if not 0 <= cfg.data.holdout < 0.9:
+        raise ConfigError(f"data.holdout={cfg.data.holdout}: use a fraction in [0, 0.9)")
+    if not cfg.experiment or "/" in cfg.experiment:
+        raise ConfigError(f"experiment={cfg.experiment!r}: use a plain, non-empty name")
+    for m in cfg.models:
+        phases = cfg.phases(m)
+        if not phases:
+            raise ConfigError(f"model {m.name}: no training phases")
+        for p in phases:
+            ok = p.train in ("head", "all") or (p.train.startswith("last:") and p.train[5:].isdigit())
+            if not ok:
+                raise ConfigError(f"phase train={p.train!r} is not valid; choose head, all or last:N (e.g. last:2)")
+            if p.epochs < 0 or p.lr <= 0:
+                raise ConfigError(f"phase {p}: epochs must be >= 0 and lr > 0")
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        while len(node) <= idx:
+            node.append({})
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (None = defaults), apply `a.b.c=value` overrides and validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        raw = yaml.safe_load(p.read_text()) or {}
+    # Start from the full defaults so that `models.0.name=x` works on a file that omits models.
+    merged = asdict(Config())
+    _deep_update(merged, raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: use key=value, e.g. train.batch_size=32")
+        key, value = item.split("=", 1)
+        try:
+            _set_dotted(merged, key, yaml.safe_load(value) if value else "")
+        except (IndexError, ValueError, TypeError):
+            raise ConfigError(f"override {item!r}: no such config entry") from None
+    cfg = _build(Config, merged, "")
+    _validate(cfg)
+    return cfg
+
+
+def _deep_update(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        elif k == "models" and isinstance(v, list):
+            # each model entry starts from ModelConfig defaults
+            base[k] = [{**asdict(ModelConfig()), **(m if isinstance(m, dict) else {"name": m})} for m in v]
+        else:
+            base[k] = v
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,355 @@
+"""Find the competition's images and labels, decode every image once, cache it as uint8 on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+from .config import Config, DataConfig
+from .errors import DataError
+from .files import atomic_path
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
+ID_COLS = ("id", "image_id", "image", "file", "filename", "file_name")
+UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_\d+")
+CACHE_VERSION = 1
+cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe
+
+
+@dataclass
+class Competition:
+    """Training rows (id, path, age, gender[, group]) and test rows (id, path) of one competition."""
+
+    name: str
+    train: pd.DataFrame
+    test: pd.DataFrame
+    id_col: str = "id"
+    age_col: str = "age"
+    gender_col: str = "gender"
+    holdout_labels: pd.DataFrame | None = None  # labels of a held-out test split; read only after submitting
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or row, reason)
+
+    def report(self) -> dict:
+        reasons: dict[str, int] = {}
+        for _, why in self.skipped:
+            reasons[why] = reasons.get(why, 0) + 1
+        return {
+            "dataset": self.name,
+            "train_images": len(self.train),
+            "test_images": len(self.test),
+            "skipped": len(self.skipped),
+            "skipped_by_reason": reasons,
+            "skipped_files": [{"file": f, "reason": r} for f, r in self.skipped],
+        }
+
+
+def parse_utkface_name(name: str) -> tuple[int, int, int] | None:
+    """`age_gender_race_date.jpg.chip.jpg` -> (age, gender, race); None when the name does not parse."""
+    m = UTK_NAME.match(name)
+    if not m:
+        return None
+    age, gender, race = (int(g) for g in m.groups())
+    if gender not in (0, 1):
+        return None
+    return age, gender, race
+
+
+def detect_layout(root: Path, cfg: DataConfig) -> str:
+    if cfg.layout != "auto":
+        return cfg.layout
+    if (root / cfg.train_csv).is_file():
+        return "kaggle"
+    if any(parse_utkface_name(p.name) for p in _images_in(root, limit=50)):
+        return "utkface"
+    raise DataError(
+        f"{root}: cannot tell the layout; expected {cfg.train_csv} (Kaggle layout) "
+        "or UTKFace-style image names (age_gender_race_date.jpg.chip.jpg)"
+    )
+
+
+def _images_in(folder: Path, limit: int | None = None) -> list[Path]:
+    out = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTS):
+            out.append(Path(entry.path))
+            if limit and len(out) >= limit:
+                break
+    return out
+
+
+def load_competition(cfg: Config) -> Competition:
+    d = cfg.data
+    root = Path(d.root)
+    if not root.is_dir():
+        raise DataError(f"data.root={d.root}: folder not found")
+    name = d.name or root.resolve().name
+    layout = detect_layout(root, d)
+    comp = _load_utkface(root, name) if layout == "utkface" else _load_kaggle(root, name, d)
+    comp.train = _check_labels(comp, d)
+    if d.limit:
+        comp.train = comp.train.iloc[: d.limit].reset_index(drop=True)
+    if len(comp.test) == 0 and d.holdout > 0:
+        comp = _hold_out(comp, d.holdout, cfg.folds.seed, cfg.folds.age_bins)
+    if len(comp.train) < cfg.folds.n_splits * 2:
+        raise DataError(
+            f"{root}: only {len(comp.train)} usable training images; need more than {cfg.folds.n_splits * 2}"
+        )
+    return comp
+
+
+def _load_utkface(root: Path, name: str) -> Competition:
+    rows, skipped = [], []
+    for p in _images_in(root):
+        parsed = parse_utkface_name(p.name)
+        if parsed is None:
+            skipped.append((p.name, "file name does not parse as age_gender_race_date"))
+            continue
+        rows.append((p.name, str(p), *parsed))
+    train = pd.DataFrame(rows, columns=["id", "path", "age", "gender", "group"])
+    test = pd.DataFrame(columns=["id", "path"])
+    return Competition(name, train, test, skipped=skipped)
+
+
+def _detect_column(df: pd.DataFrame, wanted: str, candidates: tuple[str, ...], what: str, csv: Path) -> str:
+    if wanted:
+        if wanted not in df.columns:
+            raise DataError(f"{csv}: no column {wanted!r}; columns are {list(df.columns)}")
+        return wanted
+    lower = {c.lower(): c for c in df.columns}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    raise DataError(f"{csv}: cannot find the {what} column (tried {', '.join(candidates)}); set it in config")
+
+
+def _resolve_image(value: str, folders: list[Path]) -> Path | None:
+    for folder in folders:
+        p = folder / value
+        if p.is_file():
+            return p
+        for ext in IMAGE_EXTS:
+            q = folder / f"{value}{ext}"
+            if q.is_file():
+                return q
+    return None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
+    return df
+
+
+def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
+    train_csv = root / d.train_csv
+    df = _read_csv(train_csv)
+    if df.empty:
+        raise DataError(f"{train_csv}: has a header but no rows")
+    image_col = _detect_column(df, d.image_col, IMAGE_COLS, "image", train_csv)
+    age_col = _detect_column(
+        df, d.age_col if d.age_col in df.columns else "", (d.age_col.lower(), "age"), "age", train_csv
+    )
+    gender_col = _detect_column(
+        df,
+        d.gender_col if d.gender_col in df.columns else "",
+        (d.gender_col.lower(), "gender", "sex"),
+        "gender",
+        train_csv,
+    )
+    folders = [root / d.train_dir, root]
+    rows, skipped = [], []
+    for i, r in enumerate(df.itertuples(index=False)):
+        value = str(getattr(r, image_col) if image_col.isidentifier() else r[df.columns.get_loc(image_col)])
+        path = _resolve_image(value, folders)
+        if path is None:
+            skipped.append((f"{train_csv.name} row {i + 2} ({value})", "image file not found"))
+            continue
+        rows.append((value, str(path), df.at[i, age_col], df.at[i, gender_col]))
+    train = pd.DataFrame(rows, columns=["id", "path", "age", "gender"])
+
+    sub_path = root / d.sample_submission
+    test_csv = root / d.test_csv
+    id_col = "id"
+    if sub_path.is_file():
+        sub = _read_csv(sub_path)
+        id_col = sub.columns[0]
+        test_ids = sub[id_col].astype(str).tolist()
+    elif test_csv.is_file():
+        t = _read_csv(test_csv)
+        id_col = _detect_column(t, "", ID_COLS + IMAGE_COLS, "id", test_csv)
+        test_ids = t[id_col].astype(str).tolist()
+    else:
+        test_ids = []
+    test_folders = [root / d.test_dir, root]
+    test_rows = []
+    for tid in test_ids:
+        path = _resolve_image(tid, test_folders)
+        test_rows.append((tid, str(path) if path else ""))
+    test = pd.DataFrame(test_rows, columns=["id", "path"])
+    missing = test[test.path == ""]
+    if len(missing):
+        print(
+            f"WARNING: {len(missing)} test ids have no image (e.g. {missing.id.iloc[0]!r}); "
+            "they still get a row in the submission, predicted from a blank image"
+        )
+    return Competition(name, train, test, id_col=id_col, age_col=age_col, gender_col=gender_col, skipped=skipped)
+
+
+def _check_labels(comp: Competition, d: DataConfig) -> pd.DataFrame:
+    df = comp.train
+    age = pd.to_numeric(df.age, errors="coerce")
+    gender = pd.to_numeric(df.gender, errors="coerce")
+    bad = []
+    for i in range(len(df)):
+        a, g = age.iat[i], gender.iat[i]
+        if not np.isfinite(a):
+            bad.append((i, f"age {df.age.iat[i]!r} is not a number"))
+        elif a < 0 or a > d.max_age:
+            bad.append((i, f"age {a:g} outside [0, {d.max_age:g}] (data.max_age)"))
+        elif g not in (0, 1):
+            bad.append((i, f"gender {df.gender.iat[i]!r} is not 0 or 1"))
+    dup = df.id.duplicated(keep="first")
+    bad += [(i, "duplicate id") for i in np.flatnonzero(dup.to_numpy())]
+    if bad and d.on_error == "fail":
+        i, why = bad[0]
+        raise DataError(f"training row {df.id.iat[i]!r}: {why} ({len(bad)} bad rows; data.on_error=skip skips them)")
+    drop = sorted({i for i, _ in bad})
+    comp.skipped += [(df.id.iat[i], why) for i, why in bad]
+    out = df.assign(age=age.astype("float32"), gender=gender.fillna(-1).astype("int64"))
+    return out.drop(index=drop).reset_index(drop=True)
+
+
+def age_gender_strata(age: np.ndarray, gender: np.ndarray, bins: list[float]) -> np.ndarray:
+    return np.digitize(age, bins[1:]) * 2 + gender
+
+
+def _hold_out(comp: Competition, frac: float, seed: int, bins: list[float]) -> Competition:
+    strata = age_gender_strata(comp.train.age.to_numpy(), comp.train.gender.to_numpy(), bins)
+    keep, held = train_test_split(np.arange(len(comp.train)), test_size=frac, random_state=seed, stratify=strata)
+    held_df = comp.train.iloc[np.sort(held)].reset_index(drop=True)
+    comp.train = comp.train.iloc[np.sort(keep)].reset_index(drop=True)
+    comp.test = held_df[["id", "path"]].copy()
+    comp.holdout_labels = held_df
+    return comp
+
+
+# ---------------------------------------------------------------- decoding and cache
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Any image file -> size x size x 3 RGB uint8. Raises DataError with the reason."""
+    if not path:
+        raise DataError("no image file")
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise DataError(f"cannot read file ({e.strerror})") from None
+    if raw.size == 0:
+        raise DataError("empty file (0 bytes)")
+    img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise DataError("not a readable image (corrupt, truncated or not an image)")
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 2 or img.shape[2] == 1:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    else:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    h, w = img.shape[:2]
+    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def _cache_key(paths: list[str], size: int) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{size}".encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}|missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cached_images(paths: list[str], size: int, cache_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode `paths` once into a memory-mapped N x size x size x 3 uint8 array (rebuilt when any source
+    file or the size changes). Returns (images, ok mask, error per image or '')."""
+    key = _cache_key(paths, size)
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    arr_path = folder / f"{tag}-{size}px-{key}.npy"
+    meta_path = folder / f"{tag}-{size}px-{key}.json"
+    if arr_path.is_file() and meta_path.is_file():
+        errors = json.loads(meta_path.read_text())["errors"]
+        return np.load(arr_path, mmap_mode="r"), np.array([not e for e in errors]), errors
+    errors = [""] * len(paths)
+    with atomic_path(arr_path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+
+        def work(i: int, out: np.ndarray = arr) -> None:
+            try:
+                out[i] = decode_image(paths[i], size)
+            except DataError as e:
+                errors[i] = str(e)
+                out[i] = 0
+
+        workers = max(1, min(8, (os.cpu_count() or 2)))
+        with ThreadPoolExecutor(workers) as pool:
+            list(tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"cache {tag} {size}px", unit="img"))
+        arr.flush()
+        del arr
+    with atomic_path(meta_path) as tmp:
+        Path(tmp).write_text(json.dumps({"errors": errors}))
+    return np.load(arr_path, mmap_mode="r"), np.array([not e for e in errors]), errors
+
+
+@dataclass
+class Images:
+    train: np.ndarray  # N x S x S x 3 uint8, rows aligned with Competition.train
+    test: np.ndarray
+
+
+def prepare_images(comp: Competition, cfg: Config, size: int) -> Images:
+    """Decode and cache train and test images at `size`; drop unreadable training rows (or stop)."""
+    tr, ok, errors = cached_images(comp.train.path.tolist(), size, cfg.data.cache_dir, f"{comp.name}-train")
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        first = comp.train.path.iat[bad[0]]
+        if cfg.data.on_error == "fail":
+            raise DataError(f"{first}: {errors[bad[0]]} ({len(bad)} unreadable training images)")
+        for i in bad:
+            comp.skipped.append((comp.train.path.iat[i], errors[i]))
+        print(f"skipping {len(bad)} unreadable training images, e.g. {first}: {errors[bad[0]]}")
+        comp.train = comp.train.iloc[np.flatnonzero(ok)].reset_index(drop=True)
+        tr = tr[ok]
+    te = np.zeros((0, size, size, 3), np.uint8)
+    if len(comp.test):
+        te, ok_t, errors_t = cached_images(comp.test.path.tolist(), size, cfg.data.cache_dir, f"{comp.name}-test")
+        if not ok_t.all():
+            bad = np.flatnonzero(~ok_t)
+            print(
+                f"WARNING: {len(bad)} TEST images are unreadable "
+                f"(e.g. {comp.test.id.iat[bad[0]]}: {errors_t[bad[0]]}); "
+                "they keep their row in the submission, predicted from a blank image"
+            )
+    return Images(train=tr, test=te)

@@ -1,0 +1,58 @@
+"""Stratified K-fold over age bins x gender, written once to folds/<dataset>-k<K>-s<seed>.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold
+
+from .config import Config
+from .data import Competition, age_gender_strata
+from .errors import PipelineError
+from .files import write_csv
+
+FOLDS_DIR = Path("folds")
+
+
+def folds_path(cfg: Config, name: str) -> Path:
+    return FOLDS_DIR / f"{name}-k{cfg.folds.n_splits}-s{cfg.folds.seed}.csv"
+
+
+def make_folds(train: pd.DataFrame, n_splits: int, seed: int, bins: list[float]) -> pd.DataFrame:
+    strata = age_gender_strata(train.age.to_numpy(), train.gender.to_numpy(), bins)
+    # A stratum smaller than K cannot be split K ways: merge it into the nearest age bin of the same gender.
+    while True:
+        counts = pd.Series(strata).value_counts()
+        small = counts[counts < n_splits]
+        if small.empty or len(counts) == 1:
+            break
+        s = small.idxmin()
+        others = [o for o in counts.index if o != s]
+        target = min(others, key=lambda o: (o % 2 != s % 2, abs(o // 2 - s // 2)))
+        strata[strata == s] = target
+    fold = np.zeros(len(train), np.int64)
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for k, (_, val) in enumerate(splitter.split(np.zeros(len(strata)), strata)):
+        fold[val] = k
+    return pd.DataFrame({"id": train.id.to_numpy(), "fold": fold})
+
+
+def ensure_folds(cfg: Config, comp: Competition) -> pd.DataFrame:
+    """Create the folds file, or reuse the existing one after checking it covers exactly these ids."""
+    path = folds_path(cfg, comp.name)
+    if path.is_file():
+        folds = pd.read_csv(path, dtype={"id": str})
+        if set(folds.id) != set(comp.train.id):
+            raise PipelineError(
+                f"{path} was made for different training ids ({len(folds)} ids in the file, {len(comp.train)} now). "
+                "Folds are never changed silently: delete the file to re-split, or set data.name to a new dataset name"
+            )
+        print(f"folds: reusing {path}")
+        return folds
+    folds = make_folds(comp.train, cfg.folds.n_splits, cfg.folds.seed, cfg.folds.age_bins)
+    write_csv(folds, path)
+    sizes = folds.fold.value_counts().sort_index().tolist()
+    print(f"folds: wrote {path} ({len(folds)} ids, fold sizes {sizes})")
+    return folds

@@ -1,0 +1,104 @@
+"""The stages end to end: folds -> train -> predict -> blend; each one can also run alone."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .blend import blend
+from .config import Config, dump_config
+from .data import load_competition, prepare_images
+from .demo import make_demo
+from .errors import PipelineError
+from .files import write_text
+from .folds import ensure_folds
+from .models import check_weights
+from .predict import predict_fold
+from .train import pick_device, train_fold
+
+RUNS = Path("runs")
+DEMO_ROOT = RUNS / "demo-data"
+STAGES = ("folds", "train", "predict", "blend", "run")
+IGNORED_FOR_IDENTITY = {"train.num_workers", "train.device", "tracking", "data.cache_dir"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def claim_experiment(cfg: Config) -> Path:
+    """Save the resolved config with the run; refuse to mix a changed config into an existing experiment."""
+    exp_dir = RUNS / cfg.experiment
+    saved = exp_dir / "config.json"
+    current = cfg.to_dict()
+    if saved.is_file():
+        old = _flatten(json.loads(saved.read_text()))
+        new = _flatten(current)
+        changed = [
+            k
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_IDENTITY)
+        ]
+        if changed:
+            raise PipelineError(
+                f"experiment {cfg.experiment!r} already exists in {exp_dir} with a different config "
+                f"(changed: {', '.join(changed[:6])}). Results are never mixed: pass experiment=NEW_NAME "
+                "for a new experiment, or delete that folder"
+            )
+    else:
+        write_text(json.dumps(current, indent=1), saved)
+        write_text(dump_config(cfg), exp_dir / "config.yaml")
+    return exp_dir
+
+
+def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = None) -> Path | None:
+    if stage not in STAGES:
+        raise PipelineError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if cfg.data.root == "demo":
+        cfg.data.root = str(make_demo(DEMO_ROOT))
+        cfg.data.name = cfg.data.name or "demo"
+    models = [cfg.model(model)] if model else cfg.models
+    if fold is not None and not 0 <= fold < cfg.folds.n_splits:
+        raise PipelineError(f"fold={fold}: folds are 0..{cfg.folds.n_splits - 1}")
+    folds_to_run = [fold] if fold is not None else list(range(cfg.folds.n_splits))
+    for m in models:
+        check_weights(m)
+    t0 = time.perf_counter()
+    exp_dir = claim_experiment(cfg)
+    comp = load_competition(cfg)
+    print(
+        f"data: {comp.name}: {len(comp.train)} training images, {len(comp.test)} test images, "
+        f"{len(comp.skipped)} skipped"
+    )
+    folds = ensure_folds(cfg, comp)
+    if stage == "folds":
+        return None
+
+    if stage in ("train", "predict", "run"):
+        device = pick_device(cfg)
+        for m in models:
+            size = m.img_size or cfg.data.img_size
+            images = prepare_images(comp, cfg, size)
+            for k in folds_to_run:
+                out = exp_dir / m.name / f"fold{k}"
+                if stage in ("train", "run"):
+                    train_fold(cfg, m, k, comp, images.train, folds, out, device)
+                if stage in ("predict", "run"):
+                    predict_fold(cfg, m, k, comp, images.train, images.test, folds, out, device)
+        write_text(json.dumps(comp.report(), indent=1), exp_dir / "data_report.json")
+        if comp.skipped:
+            print(f"data report: {len(comp.skipped)} skipped rows/files, listed in {exp_dir / 'data_report.json'}")
+    if stage in ("blend", "run"):
+        path = blend(cfg, comp, exp_dir)
+        print(f"{stage} finished in {time.perf_counter() - t0:.0f}s")
+        return path
+    print(f"{stage} finished in {time.perf_counter() - t0:.0f}s")
+    return None

@@ -1,0 +1,220 @@
+"""Train one backbone on one fold: gradual-unfreezing phases, AdamW + per-phase cosine, best
+checkpoint by the fold's validation metric, per-epoch metrics CSV, resumable from the last epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from .config import Config, ModelConfig, Phase
+from .data import Competition
+from .files import save_torch, write_csv, write_text
+from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform
+from .metrics import evaluate, is_better
+from .models import create_model, set_trainable
+from .predict import predict_arrays
+from .tracking import Tracker
+
+SMOOTH_L1_BETA = 0.25  # on the normalised age scale (about 5 years on UTKFace)
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def age_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    return F.smooth_l1_loss(pred, target, beta=SMOOTH_L1_BETA)
+
+
+def warmup_cosine(steps: int, warmup_frac: float):
+    warm = max(1, int(steps * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return factor
+
+
+def fold_rows(comp: Competition, folds: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    fold_of = dict(zip(folds.id, folds.fold))
+    f = np.array([fold_of.get(i, -1) for i in comp.train.id])
+    return np.flatnonzero((f != fold) & (f >= 0)), np.flatnonzero(f == fold)
+
+
+def train_fold(
+    cfg: Config,
+    mcfg: ModelConfig,
+    fold: int,
+    comp: Competition,
+    images: np.ndarray,
+    folds: pd.DataFrame,
+    out: Path,
+    device: torch.device,
+) -> None:
+    if (out / "train_done.json").is_file():
+        print(f"{mcfg.name} fold {fold}: already trained, skipping")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    seed = t.seed * 1000 + fold
+    seed_everything(seed)
+    tr_rows, va_rows = fold_rows(comp, folds, fold)
+    age = comp.train.age.to_numpy(np.float32)
+    gender = comp.train.gender.to_numpy(np.float32)
+    age_mean, age_std = (
+        (float(age[tr_rows].mean()), float(age[tr_rows].std() + 1e-6)) if t.normalize_age else (0.0, 1.0)
+    )
+
+    model = create_model(mcfg).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=t.ema) if t.ema > 0 else None
+    phases: list[Phase] = [p for p in cfg.phases(mcfg) if p.epochs > 0]
+    batch_size = mcfg.batch_size or t.batch_size
+    workers = auto_workers(t.num_workers)
+    train_ds = FaceDataset(
+        images, tr_rows, (age[tr_rows] - age_mean) / age_std, gender[tr_rows], train_transform(t, seed)
+    )
+
+    history: list[dict] = []
+    best: float | None = None
+    done_epochs = 0
+    resume = None
+    if (out / "last.pt").is_file():
+        resume = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(resume["model"])
+        if ema is not None and resume.get("ema") is not None:
+            ema.load_state_dict(resume["ema"])
+        history, best, done_epochs = resume["history"], resume["best"], resume["epoch"]
+        print(f"{mcfg.name} fold {fold}: resuming after epoch {done_epochs}")
+
+    tracker = Tracker(cfg, f"{mcfg.name}-fold{fold}", "train", out.parent.parent / "wandb")
+    amp = device.type == "cuda" and t.amp
+    epoch = 0
+    for pi, phase in enumerate(phases):
+        if epoch + phase.epochs <= done_epochs:
+            epoch += phase.epochs
+            continue
+        n_trainable = set_trainable(model, phase.train)
+        opt = create_optimizer_v2(model, "adamw", lr=phase.lr, weight_decay=t.weight_decay)
+        steps_per_epoch = max(1, len(train_ds) // batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(phase.epochs * steps_per_epoch, t.warmup_frac))
+        if resume is not None and resume["phase"] == pi and done_epochs > epoch:
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+        print(
+            f"{mcfg.name} fold {fold}: phase {pi + 1}/{len(phases)} train={phase.train} lr={phase.lr:g} "
+            f"epochs={phase.epochs} trainable params={n_trainable:,}"
+        )
+        for _ in range(phase.epochs):
+            if epoch < done_epochs:
+                epoch += 1
+                continue
+            epoch_seed = seed * 100 + epoch
+            seed_everything(epoch_seed)
+            set_trainable(model, phase.train)  # re-applies eval mode to frozen modules
+            loader = make_loader(train_ds, batch_size, True, workers, epoch_seed)
+            t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+            bar = tqdm(
+                loader, desc=f"{mcfg.name} f{fold} e{epoch + 1}", unit="batch", leave=False, mininterval=1, disable=None
+            )
+            for x, y_age, y_gender in bar:
+                x = to_model_input(x, device)
+                y_age, y_gender = y_age.to(device), y_gender.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    pred_age, logit = model(x)
+                loss = age_loss(
+                    t.age_loss, pred_age.float(), y_age
+                ) + t.gender_weight * F.binary_cross_entropy_with_logits(logit.float(), y_gender)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    ema.update(model)
+                seen += len(x)
+                loss_sum += loss.item() * len(x)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            train_time = time.perf_counter() - t0
+            eval_model = ema.module if ema is not None else model
+            va_age, va_prob = predict_arrays(
+                eval_model, images, va_rows, ["none"], batch_size * 2, device, age_mean, age_std
+            )
+            m = evaluate(age[va_rows], va_age, gender[va_rows], va_prob)
+            epoch += 1
+            row = {
+                "epoch": epoch,
+                "phase": pi + 1,
+                "train": phase.train,
+                "lr": phase.lr,
+                "train_loss": loss_sum / max(1, seen),
+                **{f"val_{k}": v for k, v in m.items()},
+                "img_per_s": seen / train_time,
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(row)
+            improved = is_better(cfg.metric, m[cfg.metric], best)
+            if improved:
+                best = m[cfg.metric]
+                save_torch(
+                    {
+                        "model": eval_model.state_dict(),
+                        "age_mean": age_mean,
+                        "age_std": age_std,
+                        "epoch": epoch,
+                        cfg.metric: best,
+                    },
+                    out / "best.pt",
+                )
+            save_torch(
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "phase": pi,
+                    "epoch": epoch,
+                    "best": best,
+                    "history": history,
+                },
+                out / "last.pt",
+            )
+            write_csv(pd.DataFrame(history), out / "metrics.csv")
+            tracker.log({**row, "fold": fold}, step=epoch)
+            print(
+                f"{mcfg.name} fold {fold} epoch {epoch}: loss {row['train_loss']:.4f} val MAE {m['mae']:.2f} "
+                f"acc {m['accuracy']:.3f} {cfg.metric} {m[cfg.metric]:.4f}{' *' if improved else ''} "
+                f"({row['img_per_s']:.0f} img/s, {row['seconds']:.0f}s)"
+            )
+    best_row = max(history, key=lambda r: r[f"val_{cfg.metric}"] * (1 if is_better(cfg.metric, 1, 0) else -1))
+    tracker.summary({f"best_{k}": v for k, v in best_row.items()})
+    tracker.finish()
+    write_text(json.dumps({"best_epoch": best_row["epoch"], cfg.metric: best}), out / "train_done.json")
+    (out / "last.pt").unlink(missing_ok=True)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# ./run.sh                         demo competition, whole pipeline, CPU, a few minutes
+# ./run.sh test [pytest args]      the test suite
+# ./run.sh CONFIG [key=value ...]  a real run, e.g. ./run.sh configs/utkface_cpu.yaml data.root=../shared/data/utkface
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! cmp -s requirements.txt .venv/.installed-requirements; then
+  echo "installing requirements into .venv ..."
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r requirements.txt
+  cp requirements.txt .venv/.installed-requirements
+fi
+
+case "${1:-}" in
+  "")
+    .venv/bin/python -m pipeline run configs/demo.yaml
+    ;;
+  test)
+    shift
+    .venv/bin/python -m pytest "$@"
+    ;;
+  -h|--help)
+    sed -n '2,4p' "$0"
+    ;;
+  *)
+    .venv/bin/python -m pipeline run "$@"
+    ;;
+esac

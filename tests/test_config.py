@@ -1,0 +1,43 @@
+import pytest
+
+from pipeline.__main__ import main
+from pipeline.config import ConfigError, load_config
+
+
+def test_defaults_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("experiment: x\nmodels:\n  - name: scratch_cnn\n    pretrained: false\n")
+    cfg = load_config(path, ["train.batch_size=8", "models.0.img_size=32", "train.phases.0.epochs=3", "tta=[none]"])
+    assert cfg.train.batch_size == 8
+    assert cfg.models[0].img_size == 32 and cfg.models[0].pretrained is False
+    assert cfg.train.phases[0].epochs == 3
+    assert cfg.tta == ["none"]
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.batch_sise=8", ["train.batch_sise", "batch_size"]),
+        ("train.age_loss=huber", ["huber", "l1", "smoothl1", "mse"]),
+        ("data.on_error=ignore", ["skip", "fail"]),
+        ("train.phases.0.train=middle", ["head", "all", "last:N"]),
+        ("tta=[rot90]", ["rot90", "hflip"]),
+        ("train.batch_size=many", ["train.batch_size", "int"]),
+        ("folds.n_splits=1", ["n_splits"]),
+    ],
+)
+def test_bad_keys_and_values_are_refused_with_choices(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_cli_refuses_bad_config_without_traceback(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("experiment: x\nmetric: auc\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: metric='auc' is not valid") and "Traceback" not in err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err

@@ -1,0 +1,160 @@
+import time
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.data import cached_images, decode_image, load_competition, parse_utkface_name, prepare_images
+from pipeline.errors import DataError
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("26_1_0_20170116171048641.jpg.chip.jpg", (26, 1, 0)),
+        ("1_0_2_20161219140530307.jpg.chip.jpg", (1, 0, 2)),
+        ("116_1_0_20170120134921760.jpg", (116, 1, 0)),
+        ("39_1_20170116174525125.jpg.chip.jpg", None),  # race missing: one of UTKFace's malformed names
+        ("61_3_20170109150557335.jpg.chip.jpg", None),
+        ("26_2_0_20170116171048641.jpg.chip.jpg", None),  # gender must be 0/1
+        ("face.jpg", None),
+    ],
+)
+def test_parse_utkface_name(name, expected):
+    assert parse_utkface_name(name) == expected
+
+
+def _write(path, rgb):
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def test_utkface_layout_skips_and_counts_bad_names(tmp_path):
+    img = np.full((20, 20, 3), 128, np.uint8)
+    for i in range(12):
+        _write(tmp_path / f"{20 + i}_{i % 2}_0_2017011617104{i:04d}.jpg.chip.jpg", img)
+    _write(tmp_path / "39_1_20170116174525125.jpg.chip.jpg", img)
+    cfg = load_config(None, [f"data.root={tmp_path}", "folds.n_splits=2"])
+    comp = load_competition(cfg)
+    assert len(comp.train) == 12 and len(comp.test) == 0
+    assert comp.train.age.min() == 20 and set(comp.train.gender) == {0, 1}
+    assert comp.report()["skipped"] == 1
+    assert "does not parse" in comp.skipped[0][1]
+
+
+@pytest.mark.parametrize(
+    "image_col, value_fmt, subdir",
+    [
+        ("image", "{i}.png", "train"),
+        ("file", "{i}", "train"),  # no extension: found by trying the usual ones
+        ("full_path", "imgs/{i}.png", ""),
+        ("id", "{i}", "train"),
+    ],
+)
+def test_kaggle_layout_detects_columns_and_paths(tmp_path, image_col, value_fmt, subdir):
+    folder = tmp_path / (subdir or "imgs")
+    folder.mkdir()
+    (tmp_path / "test").mkdir()
+    rows = []
+    for i in range(10):
+        _write(folder / f"{i}.png", np.full((16, 16, 3), i * 20, np.uint8))
+        rows.append({image_col: value_fmt.format(i=i), "Age": 10 + i, "Gender": i % 2})
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    for i in range(3):
+        _write(tmp_path / "test" / f"t{i}.png", np.zeros((16, 16, 3), np.uint8))
+    pd.DataFrame({"ImageId": ["t2", "t0", "t1"], "age": 0, "gender": 0}).to_csv(
+        tmp_path / "sample_submission.csv", index=False
+    )
+    comp = load_competition(load_config(None, [f"data.root={tmp_path}", "folds.n_splits=2"]))
+    assert len(comp.train) == 10 and comp.train.age.tolist() == [float(10 + i) for i in range(10)]
+    assert comp.id_col == "ImageId" and comp.age_col == "Age" and comp.gender_col == "Gender"
+    assert comp.test.id.tolist() == ["t2", "t0", "t1"] and all(comp.test.path != "")
+
+
+def test_bad_labels_are_skipped_or_stop(tmp_path):
+    (tmp_path / "train").mkdir()
+    ages = [20, 30, None, -3, 400, 40, 50, 60, 25, 35, 45, 55]
+    genders = [0, 1, 0, 1, 0, 2, 1, 0, 1, 0, 1, 0]
+    for i in range(len(ages)):
+        _write(tmp_path / "train" / f"{i}.jpg", np.zeros((8, 8, 3), np.uint8))
+    ids = [str(i) for i in range(len(ages))]
+    ids[-1] = "0"  # duplicate id
+    pd.DataFrame({"id": ids, "age": ages, "gender": genders}).to_csv(tmp_path / "train.csv", index=False)
+    comp = load_competition(load_config(None, [f"data.root={tmp_path}", "folds.n_splits=2"]))
+    reasons = [r for _, r in comp.skipped]
+    assert len(comp.train) == 7
+    assert any("not a number" in r for r in reasons) and any("outside" in r for r in reasons)
+    assert any("not 0 or 1" in r for r in reasons) and any("duplicate" in r for r in reasons)
+    with pytest.raises(DataError, match="data.on_error=skip"):
+        load_competition(load_config(None, [f"data.root={tmp_path}", "data.on_error=fail"]))
+
+
+def test_decode_handles_odd_images(tmp_path):
+    rgb = np.zeros((30, 40, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=98)
+    Image.fromarray(np.dstack([rgb, np.full((30, 40), 90, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    cv2.imwrite(str(tmp_path / "gray16.png"), np.full((30, 40), 200 * 257, np.uint16))
+    for name in ("rgb.png", "cmyk.jpg", "rgba.png"):
+        out = decode_image(str(tmp_path / name), 24)
+        assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+        assert abs(int(out[..., 0].mean()) - 200) < 12 and out[..., 1:].mean() < 12, name
+    for name in ("gray.png", "gray16.png"):
+        out = decode_image(str(tmp_path / name), 24)
+        assert out.shape == (24, 24, 3) and abs(int(out.mean()) - 200) < 3
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty file"),
+        (b"this is not an image", "not a readable image"),
+        (None, "cannot read file"),
+    ],
+)
+def test_decode_errors_say_why(tmp_path, content, reason):
+    path = tmp_path / "x.jpg"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=reason):
+        decode_image(str(path), 16)
+
+
+def test_cache_is_reused_and_rebuilt_when_a_source_changes(tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        _write(p, np.full((10, 10, 3), 50 * i, np.uint8))
+        paths.append(str(p))
+    (tmp_path / "bad.jpg").write_bytes(b"junk")
+    paths.append(str(tmp_path / "bad.jpg"))
+    arr, ok, errors = cached_images(paths, 8, str(tmp_path / "cache"), "t")
+    assert arr.shape == (4, 8, 8, 3) and ok.tolist() == [True, True, True, False] and errors[3]
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    arr2, _, _ = cached_images(paths, 8, str(tmp_path / "cache"), "t")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1 and np.array_equal(arr, arr2)
+    time.sleep(0.01)
+    _write(tmp_path / "1.png", np.full((10, 10, 3), 255, np.uint8))
+    arr3, _, _ = cached_images(paths, 8, str(tmp_path / "cache"), "t")
+    assert arr3[1].min() == 255 and len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    cached_images(paths, 12, str(tmp_path / "cache"), "t")  # another resolution: another cache
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+def test_unreadable_training_image_skipped_and_test_image_kept(demo_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "comp"
+    shutil.copytree(demo_root, root)
+    (root / "train" / "train_00003.jpg").write_bytes(b"\xff\xd8\xff broken")
+    (root / "test" / "test_00001.jpg").write_bytes(b"")
+    cfg = load_config(None, [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "folds.n_splits=2"])
+    comp = load_competition(cfg)
+    images = prepare_images(comp, cfg, 32)
+    assert "train_00003" not in set(comp.train.id) and len(images.train) == len(comp.train) == 89
+    assert len(images.test) == len(comp.test) == 24 and images.test[1].max() == 0
+    assert any("train_00003" in f for f, _ in comp.skipped)

@@ -1,0 +1,90 @@
+import time
+
+import cv2
+import numpy as np
+import pytest
+import timm
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.models import (
+    backbone_groups,
+    check_weights,
+    convert_lite_keys,
+    create_model,
+    lite_weights_file,
+    set_trainable,
+)
+
+
+def _imagenet_top5(model, rgb):
+    x = cv2.resize(rgb, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    x = torch.from_numpy((x - 0.5) / 0.5).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return model.eval()(x).topk(5).indices[0].tolist()
+
+
+def test_lite_keys_convert_and_classify_a_natural_image():
+    from skimage import data
+
+    model = timm.create_model("tf_efficientnet_lite0")
+    src = torch.load(lite_weights_file("tf_efficientnet_lite0"), map_location="cpu")
+    converted = convert_lite_keys(src, model)
+    assert set(converted) == set(model.state_dict())
+    model.load_state_dict(converted, strict=True)
+    cat = _imagenet_top5(model, data.chelsea())
+    assert cat[0] in range(281, 286)  # tabby / tiger cat / Egyptian cat ...
+    assert _imagenet_top5(model, data.coffee())[0] in (967, 968)  # espresso, cup
+
+
+def test_lite_backbone_gets_the_package_weights():
+    m = create_model(ModelConfig(name="tf_efficientnet_lite1"))
+    src = torch.load(lite_weights_file("tf_efficientnet_lite1"), map_location="cpu")
+    assert torch.equal(m.backbone.conv_stem.weight, src["_conv_stem.weight"])
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    donor = timm.create_model("resnet18", num_classes=1000)
+    torch.save(donor.state_dict(), tmp_path / "resnet18.pth")
+    m = create_model(ModelConfig(name="resnet18", weights=str(tmp_path)))  # a folder works too
+    assert torch.equal(m.backbone.conv1.weight, donor.conv1.weight)
+
+
+def test_hub_weights_are_refused_quickly():
+    t0 = time.perf_counter()
+    with pytest.raises(PipelineError, match="local file"):
+        check_weights(ModelConfig(name="resnet18"))
+    with pytest.raises(PipelineError, match="not a timm model"):
+        check_weights(ModelConfig(name="resnet_nonexistent"))
+    with pytest.raises(PipelineError, match="no such file"):
+        check_weights(ModelConfig(name="resnet18", weights="/nowhere/w.pth"))
+    assert time.perf_counter() - t0 < 5
+    check_weights(ModelConfig(name="resnet18", pretrained=False))
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "scratch_cnn"])
+def test_phases_freeze_the_right_parameters(name):
+    m = create_model(ModelConfig(name=name), load_weights=False)
+    groups = backbone_groups(m)
+
+    def trainable():
+        return {n for n, p in m.named_parameters() if p.requires_grad}
+
+    heads = {n for n, _ in m.named_parameters() if not n.startswith("backbone.")}
+    set_trainable(m, "head")
+    assert trainable() == heads
+    assert all(not mod.training for mod in m.backbone.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+    set_trainable(m, "last:2")
+    assert trainable() == heads | {f"backbone.{n}" for g in groups[-2:] for n in g}
+    stem = m.backbone.get_submodule(groups[0][0].rsplit(".", 1)[0])
+    assert not stem.training
+    set_trainable(m, "all")
+    assert trainable() == {n for n, _ in m.named_parameters()} and m.training
+
+    set_trainable(m, "last:1")
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    age, logit = m(x)
+    (age.sum() + logit.sum()).backward()
+    for n, p in m.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n

@@ -1,0 +1,76 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.blend import age_weights, best_threshold, gender_weights, validate_submission
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.metrics import competition_score, evaluate
+from pipeline.models import create_model
+from pipeline.predict import apply_tta, predict_arrays
+
+
+def test_tta_averages_the_flipped_view():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="scratch_cnn"), load_weights=False).eval()
+    with torch.no_grad():  # make the outputs depend visibly on the input
+        model.age_head.weight.mul_(1000)
+        model.gender_head.weight.mul_(1000)
+    images = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    rows = np.array([4, 0, 2])
+    x = torch.from_numpy(images[rows]).permute(0, 3, 1, 2)
+    assert torch.equal(apply_tta(x, "hflip"), x.flip(3)) and torch.equal(apply_tta(x, "none"), x)
+    with torch.no_grad():
+        a0, g0 = model(x)
+        a1, g1 = model(x.flip(3))
+    age, prob = predict_arrays(model, images, rows, ["none", "hflip"], 2, torch.device("cpu"), 30.0, 10.0)
+    assert np.allclose(age, ((a0 + a1) / 2).numpy() * 10 + 30, rtol=1e-4, atol=1e-3)
+    assert np.allclose(prob, ((torch.sigmoid(g0) + torch.sigmoid(g1)) / 2).numpy(), rtol=1e-4, atol=1e-4)
+    age_plain, _ = predict_arrays(model, images, rows, ["none"], 4, torch.device("cpu"), 30.0, 10.0)
+    assert np.allclose(age_plain, a0.numpy() * 10 + 30, rtol=1e-4, atol=1e-3) and not np.allclose(age_plain, age)
+
+
+def test_blend_recovers_a_known_mix():
+    rng = np.random.default_rng(0)
+    n = 4000
+    a, b, c = (rng.normal(40, 15, n) for _ in range(3))
+    y = 0.6 * a + 0.4 * b  # c is useless
+    w = age_weights(np.column_stack([a, b, c]), y)
+    assert np.allclose(w, [0.6, 0.4, 0.0], atol=0.01) and w.min() >= 0 and abs(w.sum() - 1) < 1e-9
+
+    truth = rng.integers(0, 2, n)
+    good = np.clip(truth * 0.7 + 0.15 + rng.normal(0, 0.1, n), 0.01, 0.99)
+    noise = rng.uniform(0.01, 0.99, n)
+    wg = gender_weights(np.column_stack([noise, good]), truth)
+    assert wg[1] > 0.9
+
+
+def test_threshold_maximises_macro_f1():
+    y = np.array([0] * 50 + [1] * 50)
+    prob = np.concatenate([np.linspace(0.0, 0.6, 50), np.linspace(0.65, 1.0, 50)])
+    t = best_threshold(prob, y)
+    assert 0.6 < t <= 0.65 and evaluate(np.zeros(100), np.zeros(100), y, prob, t)["f1"] == 1.0
+
+
+def test_competition_score():
+    assert competition_score(0.0, 1.0) == 1.0
+    assert competition_score(45.0, 1.0) == 0.0
+    assert competition_score(6.0, 0.9) == pytest.approx(2 * 0.8 * 0.9 / 1.7)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.iloc[:-1], "missing"),
+        (lambda s: pd.concat([s, s.iloc[:1]]), "duplicate"),
+        (lambda s: s.assign(age=[np.nan, 1.0, 2.0]), "non-finite"),
+        (lambda s: s.assign(gender=[0, 2, 1]), "0/1"),
+        (lambda s: s.assign(id=["a", "b", "zzz"]), "not in the test set"),
+    ],
+)
+def test_submission_validation(change, message):
+    sub = pd.DataFrame({"id": ["a", "b", "c"], "age": [1.0, 2.0, 3.0], "gender": [0, 1, 1]})
+    validate_submission(sub, ["a", "b", "c"], "id", "age", "gender")
+    with pytest.raises(PipelineError, match=message):
+        validate_submission(change(sub), ["a", "b", "c"], "id", "age", "gender")
