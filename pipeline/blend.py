@@ -16,6 +16,8 @@ from .data import Competition
 from .errors import PipelineError
 from .files import atomic_path, write_csv, write_text
 from .metrics import evaluate
+from .report import write_report
+from .tracking import Tracker
 
 
 def simplex_weights(preds: np.ndarray, loss) -> np.ndarray:
@@ -139,11 +141,14 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
         "age_weights": dict(zip(names, w_age.tolist())),
         "gender_weights": dict(zip(names, w_gender.tolist())),
     }
-    write_csv(oof.assign(age_blend=blend_age, prob_blend=blend_prob), exp_dir / "oof_blend.csv")
+    oof = oof.assign(age_blend=blend_age, prob_blend=blend_prob)
+    if "group" in comp.train.columns:
+        oof = oof.join(comp.train.set_index("id")["group"], on="id")
+    write_csv(oof, exp_dir / "oof_blend.csv")
 
     if len(comp.test) == 0:
         print("no test set (no test.csv / sample_submission.csv, data.holdout=0): no submission written")
-        write_text(json.dumps(summary, indent=2), exp_dir / "blend.json")
+        _finish(cfg, exp_dir, summary, names)
         return None
     test = preds[names[0]][1][["id"]].copy()
     test_age = np.column_stack([preds[n][1].set_index("id").loc[test.id, "age"] for n in names]) @ w_age
@@ -184,6 +189,25 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
             f"held-out test ({len(h)} images, labels read only after writing the submission): "
             + ", ".join(f"{k} {v:.4f}" for k, v in held.items())
         )
-    write_text(json.dumps(summary, indent=2), exp_dir / "blend.json")
+    _finish(cfg, exp_dir, summary, names, path)
     print(f"submission: {path}")
     return path
+
+
+def _finish(cfg: Config, exp_dir: Path, summary: dict, names: list[str], submission: Path | None = None) -> None:
+    """blend.json, the HTML report and the W&B blend run."""
+    write_text(json.dumps(summary, indent=2), exp_dir / "blend.json")
+    report = write_report(exp_dir, names, cfg.folds.n_splits, cfg.metric)
+    print(f"report: {report}")
+    tracker = Tracker(cfg, "blend", "blend", exp_dir / "wandb")
+    flat = {f"oof/{model}/{k}": v for model, m in summary["table"].items() for k, v in m.items()}
+    flat.update({f"weights/age/{n}": w for n, w in summary["age_weights"].items()})
+    flat.update({f"weights/gender/{n}": w for n, w in summary["gender_weights"].items()})
+    flat.update({"threshold": summary["threshold"], f"cv_{cfg.metric}": summary["cv"]})
+    flat.update({f"holdout/{k}": v for k, v in summary.get("holdout", {}).items()})
+    tracker.log(flat)
+    tracker.summary(flat)
+    tracker.table("oof_table", summary["table"])
+    if submission is not None:
+        tracker.artifact(f"{cfg.experiment}-submission", "submission", [submission, exp_dir / "oof_blend.csv"])
+    tracker.finish()

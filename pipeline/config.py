@@ -63,7 +63,8 @@ class Phase:
 
 @dataclass
 class ModelConfig:
-    name: str = "scratch_cnn"  # any timm model name, or scratch_cnn
+    name: str = "scratch_cnn"  # any timm model name, or scratch_cnn; also the run's folder name
+    arch: str = ""  # the timm model when `name` is only a label (two variants of one backbone); default: name
     pretrained: bool = True  # lite0/1/2: offline package weights; others need `weights`
     weights: str = ""  # local weights file or directory (Kaggle-style offline weights)
     img_size: int = 0  # 0 = data.img_size
@@ -80,6 +81,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_frac: float = 0.1  # of each phase's steps
     grad_clip: float = 2.0
+    cache_frozen: bool = True  # head / last:N phases: run the frozen trunk once per phase, reuse it per epoch
     ema: float = 0.0  # EMA decay, 0 = off
     age_loss: str = "smoothl1"
     normalize_age: bool = True
@@ -117,6 +119,7 @@ class Config:
         raise ConfigError(f"model={name!r} is not in this config; models: {[m.name for m in self.models]}")
 
     def phases(self, m: ModelConfig) -> list[Phase]:
+        """A model's own phases, else train.phases."""
         return m.phases or self.train.phases
 
     def to_dict(self) -> dict:

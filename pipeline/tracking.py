@@ -59,6 +59,23 @@ class Tracker:
         if self.run is not None:
             self.run.summary.update(data)
 
+    def table(self, key: str, rows: dict[str, dict]) -> None:
+        """Log {row name: {column: value}} as a W&B table."""
+        if self.run is not None:
+            import wandb
+
+            cols = list(next(iter(rows.values())))
+            self.run.log({key: wandb.Table(columns=["name", *cols], data=[[n, *r.values()] for n, r in rows.items()])})
+
+    def artifact(self, name: str, kind: str, files: list[Path]) -> None:
+        if self.run is not None:
+            import wandb
+
+            art = wandb.Artifact(name, type=kind)
+            for f in files:
+                art.add_file(str(f))
+            self.run.log_artifact(art)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

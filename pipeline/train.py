@@ -22,7 +22,7 @@ from .data import Competition
 from .files import save_torch, write_csv, write_text
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform
 from .metrics import evaluate, is_better
-from .models import create_model, set_trainable
+from .models import AgeGenderNet, create_model, frozen_prefix_length, set_trainable, trunk_stages
 from .predict import predict_arrays
 from .tracking import Tracker
 
@@ -58,6 +58,99 @@ def warmup_cosine(steps: int, warmup_frac: float):
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
     return factor
+
+
+class CachedTrunk:
+    """Outputs of a phase's frozen trunk prefix, computed once (eval mode, no augmentation) and reused by
+    every epoch of the phase. Augmentation on them: a random horizontal flip of the feature maps."""
+
+    def __init__(self, k: int, train: torch.Tensor, val: torch.Tensor):
+        self.k, self.train, self.val = k, train, val
+
+    def forward(self, model: AgeGenderNet, h: torch.Tensor):
+        h = h.float()
+        for stage in trunk_stages(model)[self.k :]:
+            h = stage(h)
+        return model.heads(h)
+
+    def batches(self, age: np.ndarray, gender: np.ndarray, batch_size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.train), generator=g)
+        flip = torch.rand(len(self.train), generator=g) < 0.5
+        age_t, gender_t = torch.from_numpy(age), torch.from_numpy(gender)
+        n_full = len(order) // batch_size * batch_size if len(order) > batch_size else len(order)
+        for i in range(0, n_full, batch_size):
+            idx = order[i : i + batch_size]
+            h = self.train[idx]
+            if h.ndim == 4:
+                h = torch.where(flip[idx].view(-1, 1, 1, 1), h.flip(3), h)
+            yield h, age_t[idx], gender_t[idx]
+
+    @torch.no_grad()
+    def predict_val(self, model: AgeGenderNet, batch_size: int, age_mean: float, age_std: float):
+        was_training = model.training
+        model.eval()
+        ages, probs = [], []
+        for i in range(0, len(self.val), batch_size):
+            a, g = self.forward(model, self.val[i : i + batch_size])
+            ages.append(a.float().cpu().numpy() * age_std + age_mean)
+            probs.append(torch.sigmoid(g.float()).cpu().numpy())
+        model.train(was_training)
+        return np.concatenate(ages), np.concatenate(probs)
+
+
+class TrunkCache:
+    """Frozen-trunk outputs shared by a fold's head / last:N phases. The prefix is computed once at the
+    deepest cut that the coming cached phases need; a later phase with a shallower trainable part derives its
+    inputs from it (running only the stages in between), as long as those stages have not been trained since."""
+
+    def __init__(self, model: AgeGenderNet, images: np.ndarray, tr_rows, va_rows, batch_size: int, device):
+        self.model, self.images, self.rows = model, images, (tr_rows, va_rows)
+        self.batch_size, self.device = batch_size, device
+        self.stages = trunk_stages(model)
+        self.base: CachedTrunk | None = None
+        self.trained_from = 10**9  # lowest stage index trained since `base` was computed
+
+    @torch.no_grad()
+    def for_phase(self, k: int, k_min_ahead: int) -> CachedTrunk | None:
+        """Cached inputs for a phase that keeps the first k stages frozen (None: no caching)."""
+        if self.stages is None or k == 0:
+            self.trained_from = 0
+            return None
+        t0 = time.perf_counter()
+        if self.base is None or self.base.k > k or self.trained_from < k:
+            k0 = min(k, k_min_ahead)
+            self.base = CachedTrunk(k0, self._from_images(self.rows[0], k0), self._from_images(self.rows[1], k0))
+            self.trained_from = 10**9
+        if self.base.k == k:
+            trunk = self.base
+        else:
+            trunk = CachedTrunk(k, self._derive(self.base.train, k), self._derive(self.base.val, k))
+        self.trained_from = min(self.trained_from, k)
+        mb = (trunk.train.numel() + trunk.val.numel()) * 2 / 2**20
+        print(
+            f"  frozen trunk ({k} stages) run once for the phase: {tuple(trunk.train.shape[1:])} per image, "
+            f"{mb:.0f} MB, {time.perf_counter() - t0:.0f}s"
+        )
+        return trunk
+
+    def _from_images(self, rows: np.ndarray, k: int) -> torch.Tensor:
+        out = []
+        for x, _, _ in make_loader(FaceDataset(self.images, rows), self.batch_size * 2, False, 0, 0):
+            h = (to_model_input(x, self.device).float() - self.model.mean) / self.model.std
+            for stage in self.stages[:k]:
+                h = stage(h)
+            out.append(h.to(torch.float16))
+        return torch.cat(out)
+
+    def _derive(self, base: torch.Tensor, k: int) -> torch.Tensor:
+        out = []
+        for i in range(0, len(base), self.batch_size * 2):
+            h = base[i : i + self.batch_size * 2].float()
+            for stage in self.stages[self.base.k : k]:
+                h = stage(h)
+            out.append(h.to(torch.float16))
+        return torch.cat(out)
 
 
 def fold_rows(comp: Competition, folds: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +208,7 @@ def train_fold(
 
     tracker = Tracker(cfg, f"{mcfg.name}-fold{fold}", "train", out.parent.parent / "wandb")
     amp = device.type == "cuda" and t.amp
+    trunk_cache = TrunkCache(model, images, tr_rows, va_rows, batch_size, device)
     epoch = 0
     for pi, phase in enumerate(phases):
         if epoch + phase.epochs <= done_epochs:
@@ -131,6 +225,11 @@ def train_fold(
             f"{mcfg.name} fold {fold}: phase {pi + 1}/{len(phases)} train={phase.train} lr={phase.lr:g} "
             f"epochs={phase.epochs} trainable params={n_trainable:,}"
         )
+        trunk = None
+        if t.cache_frozen:
+            ahead = [frozen_prefix_length(model, q.train) for q in phases[pi:]]
+            ahead = ahead[: ahead.index(0)] if 0 in ahead else ahead
+            trunk = trunk_cache.for_phase(frozen_prefix_length(model, phase.train), min(ahead or [0]))
         for _ in range(phase.epochs):
             if epoch < done_epochs:
                 epoch += 1
@@ -138,19 +237,18 @@ def train_fold(
             epoch_seed = seed * 100 + epoch
             seed_everything(epoch_seed)
             set_trainable(model, phase.train)  # re-applies eval mode to frozen modules
-            loader = make_loader(train_ds, batch_size, True, workers, epoch_seed)
+            if trunk is None:
+                batches = make_loader(train_ds, batch_size, True, workers, epoch_seed)
+            else:
+                batches = trunk.batches(train_ds.age, train_ds.gender, batch_size, epoch_seed)
             t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-            bar = tqdm(
-                loader, desc=f"{mcfg.name} f{fold} e{epoch + 1}", unit="batch", leave=False, mininterval=1, disable=None
-            )
+            bar = tqdm(batches, desc=f"{mcfg.name} f{fold} e{epoch + 1}", unit="batch", leave=False, disable=None)
             for x, y_age, y_gender in bar:
-                x = to_model_input(x, device)
                 y_age, y_gender = y_age.to(device), y_gender.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    pred_age, logit = model(x)
-                loss = age_loss(
-                    t.age_loss, pred_age.float(), y_age
-                ) + t.gender_weight * F.binary_cross_entropy_with_logits(logit.float(), y_gender)
+                    pred_age, logit = model(to_model_input(x, device)) if trunk is None else trunk.forward(model, x)
+                loss = age_loss(t.age_loss, pred_age.float(), y_age)
+                loss = loss + t.gender_weight * F.binary_cross_entropy_with_logits(logit.float(), y_gender)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.grad_clip > 0:
@@ -164,9 +262,12 @@ def train_fold(
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
             train_time = time.perf_counter() - t0
             eval_model = ema.module if ema is not None else model
-            va_age, va_prob = predict_arrays(
-                eval_model, images, va_rows, ["none"], batch_size * 2, device, age_mean, age_std
-            )
+            if trunk is None:
+                va_age, va_prob = predict_arrays(
+                    eval_model, images, va_rows, ["none"], batch_size * 2, device, age_mean, age_std
+                )
+            else:
+                va_age, va_prob = trunk.predict_val(eval_model, batch_size * 2, age_mean, age_std)
             m = evaluate(age[va_rows], va_age, gender[va_rows], va_prob)
             epoch += 1
             row = {
