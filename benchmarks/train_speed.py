@@ -34,9 +34,12 @@ from pipeline.predict import predict_arrays  # noqa: E402
 from pipeline.train import TrunkCache  # noqa: E402
 
 
-def step_fn(model, opt):
+def step_fn(model, opt, forward=None):
+    """One optimiser step; `forward` maps the batch to (age, logit), by default the model itself."""
+    forward = forward or model
+
     def step(x, y_age, y_gender):
-        age, logit = model(x)
+        age, logit = forward(x)
         loss = torch.nn.functional.smooth_l1_loss(age, y_age) + torch.nn.functional.binary_cross_entropy_with_logits(
             logit, y_gender
         )
@@ -70,22 +73,6 @@ class NaiveDataset(Dataset):
     def __getitem__(self, i):
         img = Image.open(self.paths[i]).convert("RGB")
         return self.tf(img), torch.tensor(30.0), torch.tensor(1.0)
-
-
-def naive_model_step(model, opt):
-    """The seeds' model takes normalised float NCHW input: bypass our in-model normalisation."""
-
-    def step(x, y_age, y_gender):
-        feats = model.backbone(x)
-        age, logit = model.heads(feats)
-        loss = torch.nn.functional.smooth_l1_loss(age, y_age) + torch.nn.functional.binary_cross_entropy_with_logits(
-            logit, y_gender
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def loop_speed(loader, step, max_batches: int, batch: int) -> float:
@@ -151,7 +138,9 @@ def main() -> None:
     set_trainable(naive_model, "all")
     naive_opt = torch.optim.AdamW(naive_model.parameters(), 1e-4)
     naive_loader = DataLoader(NaiveDataset(paths, args.size, True), bs, shuffle=True, num_workers=2)
-    c = loop_speed(naive_loader, naive_model_step(naive_model, naive_opt), n_batches, bs)
+    # the seeds' model takes normalised float NCHW input: bypass our in-model normalisation
+    naive_step = step_fn(naive_model, naive_opt, lambda x: naive_model.heads(naive_model.backbone(x)))
+    c = loop_speed(naive_loader, naive_step, n_batches, bs)
 
     print("\ntraining images/s")
     print(f"  (a) pure model step, batch in memory : {a:8.1f}")

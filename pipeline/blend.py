@@ -199,7 +199,7 @@ def _finish(cfg: Config, exp_dir: Path, summary: dict, names: list[str], submiss
     write_text(json.dumps(summary, indent=2), exp_dir / "blend.json")
     report = write_report(exp_dir, names, cfg.folds.n_splits, cfg.metric)
     print(f"report: {report}")
-    tracker = Tracker(cfg, "blend", "blend", exp_dir / "wandb")
+    tracker = Tracker(cfg, "blend", "blend", exp_dir)
     flat = {f"oof/{model}/{k}": v for model, m in summary["table"].items() for k, v in m.items()}
     flat.update({f"weights/age/{n}": w for n, w in summary["age_weights"].items()})
     flat.update({f"weights/gender/{n}": w for n, w in summary["gender_weights"].items()})

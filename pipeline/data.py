@@ -309,7 +309,7 @@ def cached_images(paths: list[str], size: int, cache_dir: str, tag: str) -> tupl
     if arr_path.is_file() and meta_path.is_file():
         errors = json.loads(meta_path.read_text())["errors"]
         return np.load(arr_path, mmap_mode="r"), np.array([not e for e in errors]), errors
-    remove_stale_temporaries(arr_path)
+    remove_stale_temporaries(folder)
     errors = [""] * len(paths)
     with atomic_path(arr_path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))

@@ -43,13 +43,17 @@ def save_torch(obj, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def remove_stale_temporaries(path: str | Path) -> None:
-    """Delete temporaries of `path` left by a killed process (their pid is no longer alive)."""
-    path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp(\d+)")
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        m = pattern.match(tmp.name)
-        if m and not _alive(int(m.group(1))):
+TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)")
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete temporaries (see atomic_path) under `folder` left by killed processes: their pid is gone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for tmp in folder.rglob(".*.tmp*"):
+        m = TEMP_NAME.match(tmp.name)
+        if m and tmp.is_file() and not _alive(int(m.group(1))):
             tmp.unlink(missing_ok=True)
 
 

@@ -123,9 +123,7 @@ def check_weights(m: ModelConfig) -> None:
         return
     if arch not in timm.list_models():
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
-        raise PipelineError(
-            f"model {arch!r}: not a timm model or scratch_cnn (similar: {', '.join(close) or 'none'})"
-        )
+        raise PipelineError(f"model {arch!r}: not a timm model or scratch_cnn (similar: {', '.join(close) or 'none'})")
     if m.weights:
         _find_weight_file(Path(m.weights))
     elif m.pretrained and arch not in LITE_PACKAGES:

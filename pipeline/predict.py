@@ -15,7 +15,9 @@ from .data import Competition
 from .errors import PipelineError
 from .files import write_csv, write_text
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input
+from .metrics import evaluate
 from .models import AgeGenderNet, create_model
+from .tracking import Tracker
 
 
 def apply_tta(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -76,6 +78,7 @@ def predict_fold(
     folds: pd.DataFrame,
     fold_dir: Path,
     device: torch.device,
+    tracker: Tracker | None = None,
 ) -> None:
     """Write fold_dir/oof.csv (id, age, gender_prob) and fold_dir/test.csv, unless already there."""
     done = fold_dir / "predict_done.json"
@@ -100,6 +103,9 @@ def predict_fold(
     test_rows = np.arange(len(comp.test))
     age_t, prob_t = predict_arrays(model, test_images, test_rows, desc=f"{mcfg.name} fold {fold} test", **kw)
     test = pd.DataFrame({"id": comp.test.id.to_numpy(), "age": age_t, "gender_prob": prob_t})
+    oof_metrics = evaluate(oof.age_true, oof.age, oof.gender_true, oof.gender_prob)
+    if tracker is not None:
+        tracker.summary({f"oof_tta_{k}": v for k, v in oof_metrics.items()})
     write_csv(oof, fold_dir / "oof.csv")
     write_csv(test, fold_dir / "test.csv")
     write_text(json.dumps({"tta": cfg.tta, "oof_rows": len(oof), "test_rows": len(test)}), done)

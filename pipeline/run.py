@@ -11,13 +11,15 @@ from .config import Config, dump_config
 from .data import load_competition, prepare_images
 from .demo import make_demo
 from .errors import PipelineError
-from .files import exclusive, write_text
-from .folds import ensure_folds
+from .files import exclusive, remove_stale_temporaries, write_text
+from .folds import FOLDS_DIR, ensure_folds
 from .models import check_weights
 from .predict import predict_fold
+from .tracking import Tracker
 from .train import pick_device, train_fold
 
 RUNS = Path("runs")
+SUBMISSIONS = Path("submissions")
 DEMO_ROOT = RUNS / "demo-data"
 STAGES = ("folds", "train", "predict", "blend", "run")
 IGNORED_FOR_IDENTITY = {"train.num_workers", "train.device", "tracking", "data.cache_dir"}
@@ -81,6 +83,8 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
 
 def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: float) -> Path | None:
     exp_dir = claim_experiment(cfg)
+    for folder in (exp_dir, FOLDS_DIR, SUBMISSIONS):  # leftovers of a killed run
+        remove_stale_temporaries(folder)
     comp = load_competition(cfg)
     print(
         f"data: {comp.name}: {len(comp.train)} training images, {len(comp.test)} test images, "
@@ -97,16 +101,21 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
             images = prepare_images(comp, cfg, size)
             for k in folds_to_run:
                 out = exp_dir / m.name / f"fold{k}"
+                todo = (stage != "predict" and not (out / "train_done.json").is_file()) or (
+                    stage != "train" and not (out / "predict_done.json").is_file()
+                )
                 with exclusive(out.parent / f".fold{k}.lock", f"{cfg.experiment}/{m.name} fold {k}"):
+                    tracker = Tracker(cfg if todo else None, f"{m.name}-fold{k}", stage, exp_dir)
                     if stage in ("train", "run"):
-                        train_fold(cfg, m, k, comp, images.train, folds, out, device)
+                        train_fold(cfg, m, k, comp, images.train, folds, out, device, tracker)
                     if stage in ("predict", "run"):
-                        predict_fold(cfg, m, k, comp, images.train, images.test, folds, out, device)
+                        predict_fold(cfg, m, k, comp, images.train, images.test, folds, out, device, tracker)
+                    tracker.finish()
         write_text(json.dumps(comp.report(), indent=1), exp_dir / "data_report.json")
         if comp.skipped:
             print(f"data report: {len(comp.skipped)} skipped rows/files, listed in {exp_dir / 'data_report.json'}")
     if stage in ("blend", "run"):
-        path = blend(cfg, comp, exp_dir)
+        path = blend(cfg, comp, exp_dir, SUBMISSIONS)
         print(f"{stage} finished in {time.perf_counter() - t0:.0f}s")
         return path
     print(f"{stage} finished in {time.perf_counter() - t0:.0f}s")

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from .config import Config, ModelConfig, Phase
+from .config import Config, ModelConfig, Phase, TrainConfig
 from .data import Competition
 from .files import save_torch, write_csv, write_text
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform
@@ -153,6 +154,31 @@ class TrunkCache:
         return torch.cat(out)
 
 
+def train_one_epoch(model, forward, batches, opt, sched, ema, t: TrainConfig, device, desc: str) -> tuple[int, float]:
+    """One pass over `batches` (images or cached trunk outputs). Returns (images seen, summed loss)."""
+    amp = device.type == "cuda" and t.amp
+    t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)
+    for x, y_age, y_gender in bar:
+        y_age, y_gender = y_age.to(device), y_gender.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred_age, logit = forward(x)
+        loss = age_loss(t.age_loss, pred_age.float(), y_age)
+        loss = loss + t.gender_weight * F.binary_cross_entropy_with_logits(logit.float(), y_gender)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update(model)
+        seen += len(x)
+        loss_sum += loss.item() * len(x)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    return seen, loss_sum
+
+
 def fold_rows(comp: Competition, folds: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
     fold_of = dict(zip(folds.id, folds.fold))
     f = np.array([fold_of.get(i, -1) for i in comp.train.id])
@@ -168,6 +194,7 @@ def train_fold(
     folds: pd.DataFrame,
     out: Path,
     device: torch.device,
+    tracker: Tracker,
 ) -> None:
     if (out / "train_done.json").is_file():
         print(f"{mcfg.name} fold {fold}: already trained, skipping")
@@ -206,8 +233,6 @@ def train_fold(
         history, best, done_epochs = resume["history"], resume["best"], resume["epoch"]
         print(f"{mcfg.name} fold {fold}: resuming after epoch {done_epochs}")
 
-    tracker = Tracker(cfg, f"{mcfg.name}-fold{fold}", "train", out.parent.parent / "wandb")
-    amp = device.type == "cuda" and t.amp
     trunk_cache = TrunkCache(model, images, tr_rows, va_rows, batch_size, device)
     epoch = 0
     for pi, phase in enumerate(phases):
@@ -241,25 +266,10 @@ def train_fold(
                 batches = make_loader(train_ds, batch_size, True, workers, epoch_seed)
             else:
                 batches = trunk.batches(train_ds.age, train_ds.gender, batch_size, epoch_seed)
-            t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-            bar = tqdm(batches, desc=f"{mcfg.name} f{fold} e{epoch + 1}", unit="batch", leave=False, disable=None)
-            for x, y_age, y_gender in bar:
-                y_age, y_gender = y_age.to(device), y_gender.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    pred_age, logit = model(to_model_input(x, device)) if trunk is None else trunk.forward(model, x)
-                loss = age_loss(t.age_loss, pred_age.float(), y_age)
-                loss = loss + t.gender_weight * F.binary_cross_entropy_with_logits(logit.float(), y_gender)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
-                opt.step()
-                sched.step()
-                if ema is not None:
-                    ema.update(model)
-                seen += len(x)
-                loss_sum += loss.item() * len(x)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            t0 = time.perf_counter()
+            forward = (lambda x: model(to_model_input(x, device))) if trunk is None else partial(trunk.forward, model)
+            desc = f"{mcfg.name} f{fold} e{epoch + 1}"
+            seen, loss_sum = train_one_epoch(model, forward, batches, opt, sched, ema, t, device, desc)
             train_time = time.perf_counter() - t0
             eval_model = ema.module if ema is not None else model
             if trunk is None:
@@ -316,6 +326,5 @@ def train_fold(
             )
     best_row = max(history, key=lambda r: r[f"val_{cfg.metric}"] * (1 if is_better(cfg.metric, 1, 0) else -1))
     tracker.summary({f"best_{k}": v for k, v in best_row.items()})
-    tracker.finish()
     write_text(json.dumps({"best_epoch": best_row["epoch"], cfg.metric: best}), out / "train_done.json")
     (out / "last.pt").unlink(missing_ok=True)
