@@ -38,14 +38,18 @@ def _save(fig, folder: Path, name: str) -> str:
     return data
 
 
+def _cell(v, floats: str) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "–" if np.isnan(v) else floats.format(v)
+    return html.escape(str(v))
+
+
 def _table(df: pd.DataFrame, floats: str = "{:.4f}") -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [df.index.name or "", *df.columns])
-    rows = []
-    for idx, r in df.iterrows():
-        cells = "".join(
-            f"<td>{floats.format(v) if isinstance(v, float) else html.escape(str(v))}</td>" for v in r.to_numpy()
-        )
-        rows.append(f"<tr><th>{html.escape(str(idx))}</th>{cells}</tr>")
+    rows = [
+        f"<tr><th>{html.escape(str(r[0]))}</th>{''.join(f'<td>{_cell(v, floats)}</td>' for v in r[1:])}</tr>"
+        for r in df.itertuples()
+    ]
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -55,9 +59,10 @@ def group_table(oof: pd.DataFrame, key: pd.Series, threshold: float) -> pd.DataF
         if len(part) == 0:
             continue
         m = evaluate(part.age_true, part.age_blend, part.gender_true, part.prob_blend, threshold)
+        if part.gender_true.nunique() < 2:  # macro-F1 (and so the score) means nothing within one gender
+            m.update(f1=float("nan"), score=float("nan"))
         rows[name] = {"n": len(part), **m}
-    out = pd.DataFrame(rows).T[COLS]
-    out["n"] = out["n"].astype(int)
+    out = pd.DataFrame.from_dict(rows, orient="index")[COLS]
     out.index.name = key.name
     return out
 

@@ -142,9 +142,11 @@ class TrunkCache:
             for stage in self.stages[:k]:
                 h = stage(h)
             out.append(h.to(torch.float16))
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.float16)
 
     def _derive(self, base: torch.Tensor, k: int) -> torch.Tensor:
+        if len(base) == 0:
+            return base
         out = []
         for i in range(0, len(base), self.batch_size * 2):
             h = base[i : i + self.batch_size * 2].float()
