@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from .blend import blend
 from .config import Config, dump_config
 from .data import load_competition, prepare_images
@@ -13,6 +15,7 @@ from .demo import make_demo
 from .errors import PipelineError
 from .files import exclusive, remove_stale_temporaries, write_text
 from .folds import FOLDS_DIR, ensure_folds
+from .metrics import evaluate
 from .models import check_weights
 from .predict import predict_fold
 from .tracking import Tracker
@@ -34,6 +37,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def print_fold_summary(exp_dir: Path, models: list, folds_to_run: list[int], metric: str) -> None:
+    """Best validation epoch and score of every fold, and its TTA OOF score once predicted."""
+    print(f"\n{'model':<30}{'fold':>5}{'best epoch':>12}{'val ' + metric:>12}{'OOF (TTA)':>12}")
+    for m in models:
+        for k in folds_to_run:
+            d = exp_dir / m.name / f"fold{k}"
+            done = json.loads((d / "train_done.json").read_text()) if (d / "train_done.json").is_file() else {}
+            oof = ""
+            if (d / "predict_done.json").is_file():
+                o = pd.read_csv(d / "oof.csv")
+                oof = f"{evaluate(o.age_true, o.age, o.gender_true, o.gender_prob)[metric]:.4f}"
+            val = f"{done[metric]:.4f}" if metric in done else "-"
+            print(f"{m.name:<30}{k:>5}{done.get('best_epoch', '-'):>12}{val:>12}{oof:>12}")
 
 
 def claim_experiment(cfg: Config) -> Path:
@@ -111,6 +129,7 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
                     if stage in ("predict", "run"):
                         predict_fold(cfg, m, k, comp, images.train, images.test, folds, out, device, tracker)
                     tracker.finish()
+        print_fold_summary(exp_dir, models, folds_to_run, cfg.metric)
         write_text(json.dumps(comp.report(), indent=1), exp_dir / "data_report.json")
         if comp.skipped:
             print(f"data report: {len(comp.skipped)} skipped rows/files, listed in {exp_dir / 'data_report.json'}")

@@ -137,7 +137,8 @@ class TrunkCache:
 
     def _from_images(self, rows: np.ndarray, k: int) -> torch.Tensor:
         out = []
-        for x, _, _ in make_loader(FaceDataset(self.images, rows), self.batch_size * 2, False, 0, 0):
+        loader = make_loader(FaceDataset(self.images, rows), self.batch_size * 2, False, 0, 0)
+        for x, _, _ in tqdm(loader, desc="frozen trunk", unit="batch", leave=False, disable=None):
             h = (to_model_input(x, self.device).float() - self.model.mean) / self.model.std
             for stage in self.stages[:k]:
                 h = stage(h)
@@ -179,6 +180,15 @@ def train_one_epoch(model, forward, batches, opt, sched, ema, t: TrainConfig, de
         loss_sum += loss.item() * len(x)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     return seen, loss_sum
+
+
+def validation_loss(t: TrainConfig, age_pred, prob, age_true, gender_true, age_mean: float, age_std: float) -> float:
+    """The training objective on the validation rows, from their predictions."""
+    a = torch.from_numpy((np.asarray(age_pred) - age_mean) / age_std).float()
+    y = torch.from_numpy((np.asarray(age_true) - age_mean) / age_std).float()
+    p = torch.from_numpy(np.clip(np.asarray(prob), 1e-7, 1 - 1e-7)).float()
+    g = torch.from_numpy(np.asarray(gender_true)).float()
+    return float(age_loss(t.age_loss, a, y) + t.gender_weight * F.binary_cross_entropy(p, g))
 
 
 def fold_rows(comp: Competition, folds: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -281,13 +291,16 @@ def train_fold(
             else:
                 va_age, va_prob = trunk.predict_val(eval_model, batch_size * 2, age_mean, age_std)
             m = evaluate(age[va_rows], va_age, gender[va_rows], va_prob)
+            val_loss = validation_loss(t, va_age, va_prob, age[va_rows], gender[va_rows], age_mean, age_std)
             epoch += 1
             row = {
                 "epoch": epoch,
                 "phase": pi + 1,
                 "train": phase.train,
                 "lr": phase.lr,
+                "lr_end": opt.param_groups[0]["lr"],
                 "train_loss": loss_sum / max(1, seen),
+                "val_loss": val_loss,
                 **{f"val_{k}": v for k, v in m.items()},
                 "img_per_s": seen / train_time,
                 "seconds": time.perf_counter() - t0,

@@ -54,7 +54,16 @@ def test_wandb_offline_runs_hold_the_logged_metrics(tracked):
             (raw,) = [r for r in raws if name in r]
             for v in metrics.val_score:
                 assert repr(float(v)).encode() in raw  # every epoch's validation score was logged
-            for key in (b"val_mae", b"train_loss", b"img_per_s", b"best_val_score", b"oof_tta_score", b"phase"):
+            for key in (
+                b"val_mae",
+                b"val_loss",
+                b"lr_end",
+                b"train_loss",
+                b"img_per_s",
+                b"best_val_score",
+                b"oof_tta_score",
+                b"phase",
+            ):
                 assert key in raw
     blend = json.loads((exp / "blend.json").read_text())
     (raw,) = [r for r in raws if b"weights/age/small" in r]
