@@ -169,17 +169,21 @@ def backbone_groups(model: AgeGenderNet) -> list[list[str]]:
     return [names for _, names in sorted(groups.items(), key=lambda kv: kv[0])]
 
 
+def frozen_prefix_length(model: AgeGenderNet, what: str) -> int:
+    """How many backbone groups (stem first) phase `what` = head | last:N | all keeps frozen."""
+    n_groups = len(backbone_groups(model))
+    if what == "all":
+        return 0
+    if what == "head":
+        return n_groups
+    return max(0, n_groups - int(what.split(":")[1]))
+
+
 def set_trainable(model: AgeGenderNet, what: str) -> int:
     """Phase `what` = head | last:N | all. Frozen modules go to eval mode (fixed BatchNorm statistics)
     and lose requires_grad, so autograd builds no graph through a frozen prefix. Returns #trainable."""
     groups = backbone_groups(model)
-    if what == "all":
-        n_train = len(groups)
-    elif what == "head":
-        n_train = 0
-    else:
-        n_train = min(int(what.split(":")[1]), len(groups))
-    trainable = {f"backbone.{n}" for g in groups[len(groups) - n_train :] for n in g}
+    trainable = {f"backbone.{n}" for g in groups[frozen_prefix_length(model, what) :] for n in g}
     for name, p in model.named_parameters():
         p.requires_grad = not name.startswith("backbone.") or name in trainable
     apply_train_mode(model)
@@ -205,13 +209,3 @@ def trunk_stages(model: AgeGenderNet) -> list[nn.Module] | None:
     if isinstance(b, ScratchCNN):
         return [b.stem, *b.stages[:-1], nn.Sequential(b.stages[-1], b.pool, nn.Flatten(1))]
     return None
-
-
-def frozen_prefix_length(model: AgeGenderNet, what: str) -> int:
-    """How many trunk stages a phase leaves frozen (all of them for a head-only phase)."""
-    n_groups = len(backbone_groups(model))
-    if what == "all":
-        return 0
-    if what == "head":
-        return n_groups
-    return max(0, n_groups - int(what.split(":")[1]))

@@ -88,3 +88,32 @@ def test_phases_freeze_the_right_parameters(name):
     (age.sum() + logit.sum()).backward()
     for n, p in m.named_parameters():
         assert (p.grad is not None) == p.requires_grad, n
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "scratch_cnn"])
+def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name):
+    import numpy as np
+
+    from pipeline.models import frozen_prefix_length, trunk_stages
+    from pipeline.train import TrunkCache
+
+    torch.manual_seed(0)
+    m = create_model(ModelConfig(name=name), load_weights=False).eval()
+    stages = trunk_stages(m)
+    assert len(stages) == len(backbone_groups(m))
+    images = np.random.default_rng(0).integers(0, 255, (6, 48, 48, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    h = (x.float() - m.mean) / m.std
+    with torch.no_grad():
+        for s in stages:
+            h = s(h)
+        assert torch.allclose(h, m.backbone((x.float() - m.mean) / m.std), atol=1e-5)
+        set_trainable(m, "head")
+        cache = TrunkCache(m, images, np.arange(4), np.arange(4, 6), 2, torch.device("cpu"))
+        k_head, k_last2 = frozen_prefix_length(m, "head"), frozen_prefix_length(m, "last:2")
+        head = cache.for_phase(k_head, k_last2)  # computed at the deeper cut, derived for the head phase
+        assert cache.base.k == k_last2 and head.k == k_head
+        assert torch.allclose(head.train.float(), h[:4], atol=2e-2, rtol=2e-2)
+        assert torch.allclose(head.val.float(), h[4:], atol=2e-2, rtol=2e-2)
+        assert cache.for_phase(k_last2, k_last2) is cache.base  # reused: nothing below the cut was trained
+        assert cache.for_phase(0, 0) is None  # full fine-tuning: no cache
