@@ -84,7 +84,7 @@ class CachedTrunk:
             idx = order[i : i + batch_size]
             h = self.train[idx]
             if h.ndim == 4:
-                h = torch.where(flip[idx].view(-1, 1, 1, 1), h.flip(3), h)
+                h = torch.where(flip[idx].view(-1, 1, 1, 1).to(h.device), h.flip(3), h)
             yield h, age_t[idx], gender_t[idx]
 
     @torch.no_grad()
