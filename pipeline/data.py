@@ -151,7 +151,7 @@ def _resolve_image(value: str, folders: list[Path]) -> Path | None:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)  # ids such as "007" stay as written
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:

@@ -158,3 +158,16 @@ def test_unreadable_training_image_skipped_and_test_image_kept(demo_root, tmp_pa
     assert "train_00003" not in set(comp.train.id) and len(images.train) == len(comp.train) == 89
     assert len(images.test) == len(comp.test) == 24 and images.test[1].max() == 0
     assert any("train_00003" in f for f, _ in comp.skipped)
+
+
+def test_ids_that_look_like_numbers_keep_their_zeros(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    for i in range(6):
+        _write(tmp_path / "train" / f"00{i}.png", np.zeros((8, 8, 3), np.uint8))
+    _write(tmp_path / "test" / "007.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "train.csv").write_text("id,age,gender\n" + "".join(f"00{i},{20 + i},{i % 2}\n" for i in range(6)))
+    (tmp_path / "sample_submission.csv").write_text("id,age,gender\n007,0,0\n")
+    comp = load_competition(load_config(None, [f"data.root={tmp_path}", "folds.n_splits=2"]))
+    assert comp.train.id.tolist() == [f"00{i}" for i in range(6)] and comp.test.id.tolist() == ["007"]
+    assert comp.train.age.tolist() == [20.0, 21.0, 22.0, 23.0, 24.0, 25.0] and comp.test.path.iat[0].endswith("007.png")
