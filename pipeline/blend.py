@@ -64,26 +64,26 @@ def load_model_predictions(exp_dir: Path, model: str, n_splits: int) -> tuple[pd
         d = exp_dir / model / f"fold{k}"
         if not (d / "predict_done.json").is_file():
             raise PipelineError(f"{d}: no predictions yet; run train and predict for model={model} fold={k}")
-        oofs.append(pd.read_csv(d / "oof.csv", dtype={"id": str}))
-        tests.append(pd.read_csv(d / "test.csv", dtype={"id": str}))
+        oofs.append(pd.read_csv(d / "oof.csv", dtype={"id": str}, keep_default_na=False))
+        tests.append(pd.read_csv(d / "test.csv", dtype={"id": str}, keep_default_na=False))
     oof = pd.concat(oofs, ignore_index=True)
-    test = tests[0][["id"]].copy()
-    test["age"] = np.mean([t.age.to_numpy() for t in tests], axis=0)
-    test["gender_prob"] = np.mean([t.gender_prob.to_numpy() for t in tests], axis=0)
+    test = pd.concat(tests).groupby("id", sort=False)[["age", "gender_prob"]].mean().reset_index()
     return oof, test
 
 
 def validate_submission(sub: pd.DataFrame, test_ids: list[str], id_col: str, age_col: str, gender_col: str) -> None:
     problems = []
     ids = sub[id_col].astype(str)
-    if ids.duplicated().any():
-        problems.append(f"duplicate ids, e.g. {ids[ids.duplicated()].iloc[0]!r}")
+    if len(ids) != len(test_ids):
+        problems.append(f"{len(ids)} rows for {len(test_ids)} expected")
     missing = set(test_ids) - set(ids)
     if missing:
         problems.append(f"{len(missing)} test ids missing, e.g. {sorted(missing)[0]!r}")
     extra = set(ids) - set(test_ids)
     if extra:
         problems.append(f"{len(extra)} ids not in the test set, e.g. {sorted(extra)[0]!r}")
+    if not problems and ids.tolist() != list(test_ids):
+        problems.append("rows are not in the test ids' order (duplicate or reordered ids)")
     if not np.isfinite(sub[age_col].to_numpy(dtype=float)).all():
         problems.append("non-finite ages")
     if not sub[gender_col].isin([0, 1]).all():
@@ -160,8 +160,10 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
             comp.gender_col: (test_prob >= threshold).astype(int),
         }
     )
-    order = comp.test.id.tolist()
+    order = comp.submission_ids or comp.test.id.tolist()
     sub = sub.set_index(comp.id_col).loc[order].reset_index()
+    if comp.submission_header and set(comp.submission_header) == set(sub.columns):
+        sub = sub[comp.submission_header]
     validate_submission(sub, order, comp.id_col, comp.age_col, comp.gender_col)
 
     submissions_dir.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ class Competition:
     id_col: str = "id"
     age_col: str = "age"
     gender_col: str = "gender"
+    submission_ids: list[str] | None = None  # the submission's rows in order (default: test ids)
+    submission_header: list[str] | None = None  # sample_submission.csv's columns, in order
     holdout_labels: pd.DataFrame | None = None  # labels of a held-out test split; read only after submitting
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or row, reason)
 
@@ -177,8 +179,7 @@ def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
     )
     folders = [root / d.train_dir, root]
     rows, skipped = [], []
-    for i, r in enumerate(df.itertuples(index=False)):
-        value = str(getattr(r, image_col) if image_col.isidentifier() else r[df.columns.get_loc(image_col)])
+    for i, value in enumerate(df[image_col].astype(str)):
         path = _resolve_image(value, folders)
         if path is None:
             skipped.append((f"{train_csv.name} row {i + 2} ({value})", "image file not found"))
@@ -189,9 +190,12 @@ def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
     sub_path = root / d.sample_submission
     test_csv = root / d.test_csv
     id_col = "id"
-    if sub_path.is_file():
+    if sub_path.is_file():  # the submission copies its header: id column first, then age and gender
         sub = _read_csv(sub_path)
         id_col = sub.columns[0]
+        lower = {c.lower(): c for c in sub.columns[1:]}
+        age_col = lower.get("age", age_col)
+        gender_col = lower.get("gender", lower.get("sex", gender_col))
         test_ids = sub[id_col].astype(str).tolist()
     elif test_csv.is_file():
         t = _read_csv(test_csv)
@@ -199,9 +203,13 @@ def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
         test_ids = t[id_col].astype(str).tolist()
     else:
         test_ids = []
+    submission_ids = test_ids
     if len(set(test_ids)) != len(test_ids):
         dup = pd.Series(test_ids)[pd.Series(test_ids).duplicated()]
-        print(f"WARNING: {len(dup)} duplicate test ids (e.g. {dup.iloc[0]!r}); each is predicted and written once")
+        print(
+            f"WARNING: {len(dup)} duplicate test ids (e.g. {dup.iloc[0]!r}); each is predicted once and "
+            "written on every row where the sample submission has it"
+        )
         test_ids = list(dict.fromkeys(test_ids))
     test_folders = [root / d.test_dir, root]
     test_rows = []
@@ -215,7 +223,8 @@ def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
             f"WARNING: {len(missing)} test ids have no image (e.g. {missing.id.iloc[0]!r}); "
             "they still get a row in the submission, predicted from a blank image"
         )
-    return Competition(name, train, test, id_col=id_col, age_col=age_col, gender_col=gender_col, skipped=skipped)
+    header = list(sub.columns) if sub_path.is_file() else None
+    return Competition(name, train, test, id_col, age_col, gender_col, submission_ids, header, skipped=skipped)
 
 
 def _check_labels(comp: Competition, d: DataConfig) -> pd.DataFrame:

@@ -43,7 +43,7 @@ def ensure_folds(cfg: Config, comp: Competition) -> pd.DataFrame:
     """Create the folds file, or reuse the existing one after checking it covers exactly these ids."""
     path = folds_path(cfg, comp.name)
     if path.is_file():
-        folds = pd.read_csv(path, dtype={"id": str})
+        folds = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
         if set(folds.id) != set(comp.train.id):
             raise PipelineError(
                 f"{path} was made for different training ids ({len(folds)} ids in the file, {len(comp.train)} now). "

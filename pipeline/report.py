@@ -146,7 +146,7 @@ td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}th{background:#f4f
 
 def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str) -> Path:
     summary = json.loads((exp_dir / "blend.json").read_text())
-    oof = pd.read_csv(exp_dir / "oof_blend.csv", dtype={"id": str})
+    oof = pd.read_csv(exp_dir / "oof_blend.csv", dtype={"id": str}, keep_default_na=False)
     threshold = summary["threshold"]
     data = json.loads((exp_dir / "data_report.json").read_text()) if (exp_dir / "data_report.json").is_file() else {}
     plots = exp_dir / "plots"

@@ -93,6 +93,7 @@ def test_test_ids_without_images_and_duplicates_keep_one_row_each(demo_root, tmp
     out = capsys.readouterr().out
     assert "duplicate test ids" in out and "1 test ids have no image" in out
     assert comp.test.id.tolist() == list(dict.fromkeys(sub.id.astype(str))) and comp.test.id.iat[-1] == "ghost"
+    assert comp.submission_ids == sub.id.astype(str).tolist()  # the submission keeps the sample's rows
 
 
 def test_missing_folder_and_unknown_layout(tmp_path):

@@ -69,7 +69,7 @@ def test_kaggle_layout_detects_columns_and_paths(tmp_path, image_col, value_fmt,
     )
     comp = load_competition(load_config(None, [f"data.root={tmp_path}", "folds.n_splits=2"]))
     assert len(comp.train) == 10 and comp.train.age.tolist() == [float(10 + i) for i in range(10)]
-    assert comp.id_col == "ImageId" and comp.age_col == "Age" and comp.gender_col == "Gender"
+    assert comp.id_col == "ImageId" and comp.age_col == "age" and comp.gender_col == "gender"  # as in the sample
     assert comp.test.id.tolist() == ["t2", "t0", "t1"] and all(comp.test.path != "")
 
 

@@ -63,7 +63,8 @@ def test_competition_score():
     "change, message",
     [
         (lambda s: s.iloc[:-1], "missing"),
-        (lambda s: pd.concat([s, s.iloc[:1]]), "duplicate"),
+        (lambda s: pd.concat([s, s.iloc[:1]]), "4 rows for 3 expected"),
+        (lambda s: s.iloc[[1, 0, 2]], "order"),
         (lambda s: s.assign(age=[np.nan, 1.0, 2.0]), "non-finite"),
         (lambda s: s.assign(gender=[0, 2, 1]), "0/1"),
         (lambda s: s.assign(id=["a", "b", "zzz"]), "not in the test set"),
