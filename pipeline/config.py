@@ -126,8 +126,14 @@ class Config:
         return asdict(self)
 
 
+class Override(str):
+    """A command-line value: text fields keep it as typed ("010" stays "010"), others parse it as YAML."""
+
+
 def _build(cls, raw, path: str):
     """Turn plain YAML data into dataclass `cls`, refusing unknown keys and wrong types."""
+    if isinstance(raw, Override):
+        raw = str(raw) if cls is str else yaml.safe_load(raw) if raw else ""
     origin = typing.get_origin(cls)
     if dataclasses.is_dataclass(cls):
         if not isinstance(raw, dict):
@@ -187,6 +193,8 @@ def _validate(cfg: Config) -> None:
         phases = cfg.phases(m)
         if not phases:
             raise ConfigError(f"model {m.name}: no training phases")
+        if sum(p.epochs for p in phases) == 0:
+            raise ConfigError(f"model {m.name}: its phases have no epochs at all")
         for p in phases:
             ok = p.train in ("head", "all") or (p.train.startswith("last:") and p.train[5:].isdigit())
             if not ok:
@@ -232,11 +240,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"override {item!r}: use key=value, e.g. train.batch_size=32")
         key, value = item.split("=", 1)
         try:
-            _set_dotted(merged, key, yaml.safe_load(value) if value else "")
+            _set_dotted(merged, key, Override(value))
         except (IndexError, ValueError, TypeError):
             raise ConfigError(f"override {item!r}: no such config entry") from None
     cfg = _build(Config, merged, "")
     _validate(cfg)
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        for prefix, field_name in (("train.phases", "phases"), ("data.img_size", "img_size")):
+            if key.startswith(prefix) and all(getattr(m, field_name) for m in cfg.models):
+                raise ConfigError(
+                    f"override {key} changes nothing: every model sets its own {field_name}; "
+                    f"override models.N.{field_name} instead"
+                )
     return cfg
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .config import Config, ModelConfig, Phase, TrainConfig
 from .data import Competition
+from .errors import PipelineError
 from .files import save_torch, write_csv, write_text
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform
 from .metrics import evaluate, is_better
@@ -157,8 +158,11 @@ class TrunkCache:
         return torch.cat(out)
 
 
-def train_one_epoch(model, forward, batches, opt, sched, ema, t: TrainConfig, device, desc: str) -> tuple[int, float]:
+def train_one_epoch(
+    model, forward, batches, opt, sched, ema, t: TrainConfig, device, desc: str, first_step: int = 0
+) -> tuple[int, float]:
     """One pass over `batches` (images or cached trunk outputs). Returns (images seen, summed loss)."""
+    step = first_step
     amp = device.type == "cuda" and t.amp
     t0, seen, loss_sum = time.perf_counter(), 0, 0.0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)
@@ -175,7 +179,8 @@ def train_one_epoch(model, forward, batches, opt, sched, ema, t: TrainConfig, de
         opt.step()
         sched.step()
         if ema is not None:
-            ema.update(model)
+            ema.update(model, step=step)  # warm-up: early EMA follows the model closely
+        step += 1
         seen += len(x)
         loss_sum += loss.item() * len(x)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
@@ -194,7 +199,13 @@ def validation_loss(t: TrainConfig, age_pred, prob, age_true, gender_true, age_m
 def fold_rows(comp: Competition, folds: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
     fold_of = dict(zip(folds.id, folds.fold))
     f = np.array([fold_of.get(i, -1) for i in comp.train.id])
-    return np.flatnonzero((f != fold) & (f >= 0)), np.flatnonzero(f == fold)
+    train, val = np.flatnonzero((f != fold) & (f >= 0)), np.flatnonzero(f == fold)
+    if len(val) == 0 or len(train) == 0:
+        raise PipelineError(
+            f"fold {fold} has {len(train)} training and {len(val)} validation images left "
+            "(unreadable images skipped?); use fewer folds or fix the images"
+        )
+    return train, val
 
 
 def train_fold(
@@ -225,7 +236,7 @@ def train_fold(
     model = create_model(mcfg).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = ModelEmaV3(model, decay=t.ema) if t.ema > 0 else None
+    ema = ModelEmaV3(model, decay=t.ema, use_warmup=True) if t.ema > 0 else None
     phases: list[Phase] = [p for p in cfg.phases(mcfg) if p.epochs > 0]
     batch_size = mcfg.batch_size or t.batch_size
     workers = auto_workers(t.num_workers)
@@ -243,6 +254,10 @@ def train_fold(
         if ema is not None and resume.get("ema") is not None:
             ema.load_state_dict(resume["ema"])
         history, best, done_epochs = resume["history"], resume["best"], resume["epoch"]
+        if (out / "best.pt").is_file():
+            best_epoch = torch.load(out / "best.pt", map_location="cpu", weights_only=False)["epoch"]
+            if best_epoch > done_epochs:  # killed between saving best.pt and last.pt: that epoch runs again
+                best = None
         print(f"{mcfg.name} fold {fold}: resuming after epoch {done_epochs}")
 
     trunk_cache = TrunkCache(model, images, tr_rows, va_rows, batch_size, device)
@@ -281,7 +296,9 @@ def train_fold(
             t0 = time.perf_counter()
             forward = (lambda x: model(to_model_input(x, device))) if trunk is None else partial(trunk.forward, model)
             desc = f"{mcfg.name} f{fold} e{epoch + 1}"
-            seen, loss_sum = train_one_epoch(model, forward, batches, opt, sched, ema, t, device, desc)
+            seen, loss_sum = train_one_epoch(
+                model, forward, batches, opt, sched, ema, t, device, desc, first_step=epoch * steps_per_epoch
+            )
             train_time = time.perf_counter() - t0
             eval_model = ema.module if ema is not None else model
             if trunk is None:

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 from pipeline.__main__ import main
 from pipeline.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_dotted_overrides(tmp_path):
@@ -41,3 +45,12 @@ def test_cli_refuses_bad_config_without_traceback(capsys, tmp_path):
     assert err.startswith("error: metric='auc' is not valid") and "Traceback" not in err
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_text_overrides_stay_as_typed_and_useless_overrides_are_refused():
+    cfg = load_config(None, ["data.name=010", "experiment=2024_01", "train.amp=false", "tta=[none]"])
+    assert cfg.data.name == "010" and cfg.experiment == "2024_01" and cfg.train.amp is False and cfg.tta == ["none"]
+    with pytest.raises(ConfigError, match="no epochs"):
+        load_config(None, ["train.phases.0.epochs=0", "train.phases.1.epochs=0"])
+    with pytest.raises(ConfigError, match="every model sets its own phases"):
+        load_config(REPO / "configs" / "utkface_cpu.yaml", ["train.phases.0.epochs=9"])
