@@ -108,7 +108,7 @@ def predict_fold(
         tracker.summary({f"oof_tta_{k}": v for k, v in oof_metrics.items()})
     write_csv(oof, fold_dir / "oof.csv")
     write_csv(test, fold_dir / "test.csv")
-    write_text(json.dumps({"tta": cfg.tta, "oof_rows": len(oof), "test_rows": len(test)}), done)
+    write_text(json.dumps({"tta": cfg.tta, "oof_rows": len(oof), "test_rows": len(test), "oof": oof_metrics}), done)
     print(
         f"{mcfg.name} fold {fold}: wrote OOF ({len(oof)} rows) and test ({len(test)} rows) predictions, TTA {cfg.tta}"
     )

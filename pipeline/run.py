@@ -6,8 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from .blend import blend
 from .config import Config, dump_config
 from .data import load_competition, prepare_images
@@ -15,7 +13,6 @@ from .demo import make_demo
 from .errors import PipelineError
 from .files import exclusive, remove_stale_temporaries, write_text
 from .folds import FOLDS_DIR, ensure_folds
-from .metrics import evaluate
 from .models import check_weights
 from .predict import predict_fold
 from .tracking import Tracker
@@ -47,9 +44,8 @@ def print_fold_summary(exp_dir: Path, models: list, folds_to_run: list[int], met
             d = exp_dir / m.name / f"fold{k}"
             done = json.loads((d / "train_done.json").read_text()) if (d / "train_done.json").is_file() else {}
             oof = ""
-            if (d / "predict_done.json").is_file():
-                o = pd.read_csv(d / "oof.csv")
-                oof = f"{evaluate(o.age_true, o.age, o.gender_true, o.gender_prob)[metric]:.4f}"
+            if (d / "predict_done.json").is_file():  # its OOF figures were computed when it was written
+                oof = f"{json.loads((d / 'predict_done.json').read_text())['oof'][metric]:.4f}"
             val = f"{done[metric]:.4f}" if metric in done else "-"
             print(f"{m.name:<30}{k:>5}{done.get('best_epoch', '-'):>12}{val:>12}{oof:>12}")
 
