@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PipelineError
+from .metrics import HIGHER_IS_BETTER
 
 
 class ConfigError(PipelineError):
@@ -19,9 +20,10 @@ class ConfigError(PipelineError):
 CHOICES = {
     "data.layout": ("auto", "utkface", "kaggle"),
     "data.on_error": ("skip", "fail"),
+    "data.fit": ("stretch", "center_crop", "pad"),
     "train.age_loss": ("l1", "smoothl1", "mse"),
     "train.device": ("auto", "cpu", "cuda"),
-    "metric": ("score", "mae", "rmse", "accuracy", "f1"),
+    "metric": tuple(HIGHER_IS_BETTER),
     "tta": ("none", "hflip"),
 }
 
@@ -32,6 +34,7 @@ class DataConfig:
     name: str = ""  # dataset name for folds/ and the cache; default: the folder's name
     layout: str = "auto"
     img_size: int = 128  # images are decoded once, resized to this square and cached as uint8
+    fit: str = "stretch"  # non-square images: stretch, center_crop (the largest centred square) or pad (to a square)
     image_col: str = ""  # Kaggle layout: detected when empty
     age_col: str = "age"
     gender_col: str = "gender"
@@ -173,6 +176,7 @@ def _validate(cfg: Config) -> None:
 
     check("data.layout", cfg.data.layout)
     check("data.on_error", cfg.data.on_error)
+    check("data.fit", cfg.data.fit)
     check("train.age_loss", cfg.train.age_loss)
     check("train.device", cfg.train.device)
     check("metric", cfg.metric)
