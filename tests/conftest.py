@@ -1,13 +1,81 @@
+"""Shared fixtures and helpers: the synthetic competition, the CLI in a clean subprocess, small YAML configs."""
+
+from __future__ import annotations
+
+import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.demo import make_demo
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
+
+# A small, fast experiment: scratch_cnn at 32 px, 2 folds. write_config() merges overrides into it.
+BASE_CONFIG = {
+    "experiment": "exp",
+    "data": {"img_size": 32},
+    "folds": {"n_splits": 2, "seed": 3},
+    "models": [{"name": "scratch_cnn", "pretrained": False, "phases": [{"epochs": 2, "train": "all", "lr": 0.003}]}],
+    "train": {"batch_size": 8},
+}
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    """Dicts merge key by key (recursively); any other value, lists included, replaces the base's."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _plain(value):
+    """Paths become text so that yaml.safe_dump can write them."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def config_dict(**overrides) -> dict:
+    """BASE_CONFIG with `overrides` merged in, e.g. config_dict(experiment="x", data={"root": root})."""
+    return _plain(_merge(BASE_CONFIG, overrides))
+
+
+def write_config(path: Path, **overrides) -> Path:
+    """Write config_dict(**overrides) as YAML to `path` and return the path."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config_dict(**overrides), sort_keys=False))
+    return path
+
+
+def cli_env(env: dict | None = None) -> dict:
+    """A clean environment for `python -m pipeline`: this repo on PYTHONPATH, W&B off unless `env` says
+    otherwise (e.g. {"WANDB_MODE": "offline", "HOME": str(tmp)}), nothing else from the caller."""
+    return {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", **(env or {})}
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *map(str, args)]
+
+
+def cli(*args, cwd, env: dict | None = None, check_traceback: bool = True, timeout: float = 600):
+    """Run `python -m pipeline ARGS` in `cwd`; returns the CompletedProcess (text stdout / stderr).
+    Fails the test on a traceback in stderr unless check_traceback=False."""
+    r = subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+    if check_traceback:
+        assert "Traceback" not in r.stderr, r.stdout + r.stderr
+    return r
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,17 @@
 """Messy competition data: one clear line naming the file or row, never a traceback."""
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO, cli
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data import decode_image, load_competition, prepare_images
 from pipeline.errors import DataError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _comp(tmp_path, demo_root):
@@ -107,21 +103,13 @@ def test_missing_folder_and_unknown_layout(tmp_path):
 def test_cli_prints_one_line_not_a_traceback(demo_root, tmp_path):
     root = _comp(tmp_path, demo_root)
     (root / "train.csv").write_text("id,age,gender\n")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "run",
-            str(REPO / "configs/demo.yaml"),
-            f"data.root={root}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "experiment=bad",
-        ],
+    r = cli(
+        "run",
+        REPO / "configs/demo.yaml",
+        f"data.root={root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "experiment=bad",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled"},
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {root / 'train.csv'}: has a header but no rows"]

@@ -1,19 +1,16 @@
-from pathlib import Path
-
 import pytest
+from conftest import REPO, write_config
 
 from pipeline.__main__ import main
 from pipeline.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def test_defaults_and_dotted_overrides(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("experiment: x\nmodels:\n  - name: scratch_cnn\n    pretrained: false\n")
-    cfg = load_config(path, ["train.batch_size=8", "models.0.img_size=32", "train.phases.0.epochs=3", "tta=[none]"])
-    assert cfg.train.batch_size == 8
-    assert cfg.models[0].img_size == 32 and cfg.models[0].pretrained is False
+    path = write_config(tmp_path / "c.yaml", experiment="x", models=[{"name": "scratch_cnn", "pretrained": False}])
+    cfg = load_config(path, ["train.batch_size=4", "models.0.img_size=40", "train.phases.0.epochs=3", "tta=[none]"])
+    assert cfg.experiment == "x" and cfg.data.img_size == 32 and cfg.folds.n_splits == 2  # from the file
+    assert cfg.train.batch_size == 4 and cfg.train.weight_decay == 1e-4  # overridden / default
+    assert cfg.models[0].img_size == 40 and cfg.models[0].pretrained is False
     assert cfg.train.phases[0].epochs == 3
     assert cfg.tta == ["none"]
 
@@ -38,8 +35,7 @@ def test_bad_keys_and_values_are_refused_with_choices(override, words):
 
 
 def test_cli_refuses_bad_config_without_traceback(capsys, tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("experiment: x\nmetric: auc\n")
+    path = write_config(tmp_path / "c.yaml", experiment="x", metric="auc")
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: metric='auc' is not valid") and "Traceback" not in err

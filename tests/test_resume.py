@@ -2,35 +2,40 @@
 
 import fcntl
 import os
+import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import cli_command, cli_env, write_config
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = """
-experiment: {experiment}
-data: {{root: {root}, img_size: 32, cache_dir: {cache}}}
-folds: {{n_splits: 2, seed: 3}}
-models:
-  - name: scratch_cnn
-    pretrained: false
-    phases: [{{epochs: 2, train: head, lr: 0.003}}, {{epochs: 3, train: all, lr: 0.003}}]
-train: {{batch_size: 8, ema: 0.9}}
-"""
-ENV = {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
+FOLD0 = "runs/exp/scratch_cnn/fold0"
+HEAD_EPOCHS, ALL_EPOCHS = 2, 3
 
 
 def _start(workdir: Path, experiment: str, root: Path, cache: Path) -> subprocess.Popen:
-    cfg = workdir / f"{experiment}.yaml"
-    cfg.write_text(CONFIG.format(experiment=experiment, root=root, cache=cache))
+    cfg = write_config(
+        workdir / f"{experiment}.yaml",
+        experiment=experiment,
+        data={"root": root, "cache_dir": cache},
+        models=[
+            {
+                "name": "scratch_cnn",
+                "pretrained": False,
+                "phases": [
+                    {"epochs": HEAD_EPOCHS, "train": "head", "lr": 0.003},  # cached frozen trunk
+                    {"epochs": ALL_EPOCHS, "train": "all", "lr": 0.003},  # full images, augmented
+                ],
+            }
+        ],
+        train={"batch_size": 8, "ema": 0.9, "hflip": 0.5, "shift_scale_rotate": 0.5, "brightness_contrast": 0.3},
+    )
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(cfg)],
+        cli_command("run", cfg),
         cwd=workdir,
-        env=ENV,
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -55,33 +60,60 @@ def reference(demo_root, tmp_path_factory):
     return _submission(workdir, "ref")
 
 
-def _wait_for(path_globs: str, workdir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Wait until any of the `|`-separated globs matches."""
+def _metrics_rows(path: Path) -> int:
+    try:
+        return max(0, len(path.read_text().splitlines()) - 1)  # written whole by rename: never half a file
+    except FileNotFoundError:
+        return 0
+
+
+KILL_POINTS = {
+    # while decoding images into the cache (or just after)
+    "decoding": lambda w: any(w.glob("runs/cache/.*.tmp*")) or any(w.glob("folds/*.csv")),
+    # mid-fold, in the head phase (cached frozen trunk), after an epoch checkpoint
+    "head_phase": lambda w: (w / FOLD0 / "last.pt").is_file(),
+    # mid-fold, in the uncached, augmented `all` phase: its first epoch is checkpointed
+    "all_phase": lambda w: _metrics_rows(w / FOLD0 / "metrics.csv") >= HEAD_EPOCHS + 1,
+    # between prediction and the next fold's training
+    "between_folds": lambda w: (w / FOLD0 / "predict_done.json").is_file(),
+}
+
+
+def _wait_for(condition, workdir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     t0 = time.time()
-    while not any(list(workdir.glob(g)) for g in path_globs.split("|")):
+    while not condition(workdir):
         assert proc.poll() is None, "the run ended before the point where it should be killed"
         assert time.time() - t0 < timeout
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
-@pytest.mark.parametrize(
-    "kill_at",
-    [
-        "runs/cache/.*.tmp*|folds/*.csv",  # while decoding images into the cache (or just after)
-        "runs/exp/scratch_cnn/fold0/last.pt",  # mid-fold, after an epoch checkpoint
-        "runs/exp/scratch_cnn/fold0/predict_done.json",  # between prediction and the next fold's training
-    ],
-)
+def _epochs_run(out: str, fold: int) -> list[int]:
+    return [int(n) for n in re.findall(rf"^scratch_cnn fold {fold} epoch (\d+):", out, re.M)]
+
+
+@pytest.mark.parametrize("kill_at", list(KILL_POINTS))
 def test_kill_and_resume_gives_the_same_submission(demo_root, tmp_path, reference, kill_at):
     cache = tmp_path / "runs" / "cache"
     proc = _start(tmp_path, "exp", demo_root, cache)
-    _wait_for(kill_at, tmp_path, proc)
+    _wait_for(KILL_POINTS[kill_at], tmp_path, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not list((tmp_path / "submissions").glob("*.csv"))
     out = _finish(_start(tmp_path, "exp", demo_root, cache))
-    if kill_at.endswith("last.pt"):
-        assert "resuming after epoch" in out or "already trained" in out
+    if kill_at in ("head_phase", "all_phase"):
+        # fold 0 continued from its checkpoint: the rerun trains only the epochs after it
+        resumed = re.findall(r"^scratch_cnn fold 0: resuming after epoch (\d+)$", out, re.M)
+        assert len(resumed) == 1, out
+        done = int(resumed[0])
+        assert done >= (1 if kill_at == "head_phase" else HEAD_EPOCHS + 1)
+        assert done < HEAD_EPOCHS + ALL_EPOCHS, "fold 0 had finished training before the kill"
+        assert _epochs_run(out, 0) == list(range(done + 1, HEAD_EPOCHS + ALL_EPOCHS + 1)), out
+        assert "already trained" not in out
+        if kill_at == "all_phase":  # the head phase is not run again
+            assert "fold 0: phase 1/2" not in out and "fold 0: phase 2/2 train=all" in out
+        assert _epochs_run(out, 1) == list(range(1, HEAD_EPOCHS + ALL_EPOCHS + 1))  # fold 1 had not started
+    if kill_at == "between_folds":
+        assert "scratch_cnn fold 0: already trained, skipping" in out and not _epochs_run(out, 0)
     assert _submission(tmp_path, "exp") == reference
     assert not list(tmp_path.rglob("*.tmp*"))
 

@@ -1,15 +1,15 @@
 """Opt-in checks on the real UTKFace folder (UTKFACE=1); skipped cleanly when it is absent."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from pipeline.config import load_config
 from pipeline.data import decode_image, load_competition
 
-ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
+ROOT = REPO.parent / "shared" / "data" / "utkface"
 pytestmark = [
     pytest.mark.utkface,
     pytest.mark.skipif(os.environ.get("UTKFACE") != "1", reason="opt-in: set UTKFACE=1"),
