@@ -57,11 +57,35 @@ class FoldsConfig:
     age_bins: list[float] = field(default_factory=lambda: [0, 5, 12, 18, 25, 32, 40, 50, 60, 75])
 
 
+@dataclass(frozen=True)
+class Unfreeze:
+    """What a phase trains besides the heads: no backbone stage (head), the last N stages (last:N), or all."""
+
+    last: int | None  # trainable backbone stages counted from the top; None = all of them
+
+    @classmethod
+    def parse(cls, text: str) -> Unfreeze:
+        if text == "all":
+            return cls(None)
+        if text == "head":
+            return cls(0)
+        if text.startswith("last:") and text[5:].isdigit():
+            return cls(int(text[5:]))
+        raise ConfigError(f"phase train={text!r} is not valid; choose head, all or last:N (e.g. last:2)")
+
+    def frozen_prefix(self, n_stages: int) -> int:
+        """How many backbone stages (stem first) stay frozen, out of n_stages."""
+        return 0 if self.last is None else max(0, n_stages - self.last)
+
+
 @dataclass
 class Phase:
     epochs: int = 1
     train: str = "all"  # "head", "last:N" (last N backbone stages + head) or "all"
     lr: float = 1e-3
+
+    def __post_init__(self):
+        self.unfreeze = Unfreeze.parse(self.train)  # parsed once; not a config field
 
 
 @dataclass
@@ -74,6 +98,10 @@ class ModelConfig:
     drop_rate: float = 0.1
     batch_size: int = 0  # 0 = train.batch_size
     phases: list[Phase] = field(default_factory=list)  # empty = train.phases
+
+    @property
+    def timm_name(self) -> str:
+        return self.arch or self.name
 
 
 @dataclass
@@ -124,6 +152,14 @@ class Config:
     def phases(self, m: ModelConfig) -> list[Phase]:
         """A model's own phases, else train.phases."""
         return m.phases or self.train.phases
+
+    def batch_size(self, m: ModelConfig) -> int:
+        """A model's own batch size, else train.batch_size."""
+        return m.batch_size or self.train.batch_size
+
+    def img_size(self, m: ModelConfig) -> int:
+        """A model's own image size, else data.img_size."""
+        return m.img_size or self.data.img_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,8 +216,16 @@ def _validate(cfg: Config) -> None:
     check("train.age_loss", cfg.train.age_loss)
     check("train.device", cfg.train.device)
     check("metric", cfg.metric)
+    if not cfg.tta:
+        raise ConfigError(f"tta: name at least one view; choose from: {', '.join(CHOICES['tta'])}")
     for t in cfg.tta:
         check("tta", t)
+    positive = {"train.batch_size": cfg.train.batch_size, "data.img_size": cfg.data.img_size}
+    positive.update({f"models.{i}.batch_size": m.batch_size for i, m in enumerate(cfg.models) if m.batch_size})
+    positive.update({f"models.{i}.img_size": m.img_size for i, m in enumerate(cfg.models) if m.img_size})
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value}: must be a positive number")
     if not cfg.models:
         raise ConfigError("models: the config names no model")
     names = [m.name for m in cfg.models]
@@ -200,9 +244,6 @@ def _validate(cfg: Config) -> None:
         if sum(p.epochs for p in phases) == 0:
             raise ConfigError(f"model {m.name}: its phases have no epochs at all")
         for p in phases:
-            ok = p.train in ("head", "all") or (p.train.startswith("last:") and p.train[5:].isdigit())
-            if not ok:
-                raise ConfigError(f"phase train={p.train!r} is not valid; choose head, all or last:N (e.g. last:2)")
             if p.epochs < 0 or p.lr <= 0:
                 raise ConfigError(f"phase {p}: epochs must be >= 0 and lr > 0")
 

@@ -30,13 +30,25 @@ def train_transform(t: TrainConfig, seed: int) -> A.Compose:
 
 
 class FaceDataset(Dataset):
+    """Rows of the uint8 image cache with their targets. The augmentation of a batch is seeded by the
+    epoch seed and the batch's first index, so batches are the same whatever the number of loader workers."""
+
     def __init__(self, images: np.ndarray, rows: np.ndarray, age=None, gender=None, transform=None):
         self.images, self.rows, self.transform = images, rows, transform
         self.age = np.zeros(len(rows), np.float32) if age is None else np.asarray(age, np.float32)
         self.gender = np.zeros(len(rows), np.float32) if gender is None else np.asarray(gender, np.float32)
+        self.epoch_seed = 0
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A whole batch (the DataLoader calls this, in whichever worker gets the batch)."""
+        if self.transform is not None and indices:
+            self.transform.set_random_seed(
+                int(np.random.SeedSequence([self.epoch_seed, indices[0]]).generate_state(1)[0])
+            )
+        return [self[i] for i in indices]
 
     def __getitem__(self, i: int):
         img = self.images[self.rows[i]]
@@ -59,27 +71,27 @@ def auto_workers(requested: int) -> int:
     return 0 if cores <= 2 else min(8, cores - 1)
 
 
-def _seed_worker(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    transform = info.dataset.transform
-    if transform is not None:
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+def training_batches(n: int, batch_size: int) -> int:
+    """Batches per training epoch: the last partial batch is dropped (BatchNorm on a few images is noise)
+    unless it is the only one."""
+    return n // batch_size if n > batch_size else 1
 
 
-def make_loader(ds: FaceDataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
-    """Deterministic for a given seed: shuffling and augmentation both derive from it."""
+def make_loader(
+    ds: FaceDataset, batch_size: int, train: bool, workers: int, seed: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """train=True: shuffled, last partial batch dropped (see training_batches). Deterministic for a given
+    seed: the order and every sample's augmentation derive from it, not from the worker count."""
+    ds.epoch_seed = seed
     g = torch.Generator()
     g.manual_seed(seed)
-    if ds.transform is not None and workers == 0:
-        ds.transform.set_random_seed(seed)
     return DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=train,
         num_workers=workers,
         generator=g,
-        worker_init_fn=_seed_worker if workers else None,
         persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=shuffle and len(ds) > batch_size,
+        pin_memory=pin_memory,
+        drop_last=train and len(ds) > batch_size,
     )

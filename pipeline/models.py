@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -13,7 +14,7 @@ from timm.models import group_parameters
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, Unfreeze
 from .errors import PipelineError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that this machine cannot reach
@@ -118,7 +119,7 @@ def _find_weight_file(path: Path) -> Path:
 
 def check_weights(m: ModelConfig) -> None:
     """Fail fast (before any training) when a model's weights cannot be had offline."""
-    arch = m.arch or m.name
+    arch = m.timm_name
     if arch == "scratch_cnn":
         return
     if arch not in timm.list_models():
@@ -144,7 +145,7 @@ def lite_weights_file(name: str) -> Path:
 
 def create_backbone(m: ModelConfig, load_weights: bool = True) -> nn.Module:
     check_weights(m)
-    arch = m.arch or m.name
+    arch = m.timm_name
     if arch == "scratch_cnn":
         return ScratchCNN()
     kwargs = dict(num_classes=0, drop_rate=0.0)
@@ -169,21 +170,16 @@ def backbone_groups(model: AgeGenderNet) -> list[list[str]]:
     return [names for _, names in sorted(groups.items(), key=lambda kv: kv[0])]
 
 
-def frozen_prefix_length(model: AgeGenderNet, what: str) -> int:
-    """How many backbone groups (stem first) phase `what` = head | last:N | all keeps frozen."""
-    n_groups = len(backbone_groups(model))
-    if what == "all":
-        return 0
-    if what == "head":
-        return n_groups
-    return max(0, n_groups - int(what.split(":")[1]))
+def frozen_prefix_length(model: AgeGenderNet, unfreeze: Unfreeze) -> int:
+    """How many backbone groups (stem first) a phase keeps frozen."""
+    return unfreeze.frozen_prefix(len(backbone_groups(model)))
 
 
-def set_trainable(model: AgeGenderNet, what: str) -> int:
-    """Phase `what` = head | last:N | all. Frozen modules go to eval mode (fixed BatchNorm statistics)
-    and lose requires_grad, so autograd builds no graph through a frozen prefix. Returns #trainable."""
+def set_trainable(model: AgeGenderNet, unfreeze: Unfreeze) -> int:
+    """Frozen modules go to eval mode (fixed BatchNorm statistics) and lose requires_grad, so autograd
+    builds no graph through a frozen prefix. Returns the number of trainable parameters."""
     groups = backbone_groups(model)
-    trainable = {f"backbone.{n}" for g in groups[frozen_prefix_length(model, what) :] for n in g}
+    trainable = {f"backbone.{n}" for g in groups[unfreeze.frozen_prefix(len(groups)) :] for n in g}
     for name, p in model.named_parameters():
         p.requires_grad = not name.startswith("backbone.") or name in trainable
     apply_train_mode(model)
@@ -197,6 +193,18 @@ def apply_train_mode(model: nn.Module) -> None:
         params = list(module.parameters(recurse=False))
         if params and not any(p.requires_grad for p in params):
             module.eval()
+
+
+@contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode for inference, then every module's own train/eval mode back (frozen stages stay in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.train(training)
 
 
 def trunk_stages(model: AgeGenderNet) -> list[nn.Module] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,33 @@ import torch
 from tqdm import tqdm
 
 from .config import Config, ModelConfig
-from .data import Competition
 from .errors import PipelineError
 from .files import write_csv, write_text
+from .job import FoldJob
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input
 from .metrics import evaluate
-from .models import AgeGenderNet, create_model
-from .tracking import Tracker
+from .models import AgeGenderNet, create_model, evaluating
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How a model is run to predict: the same for per-epoch validation and for the predict stage."""
+
+    device: torch.device
+    batch_size: int
+    amp: bool  # bf16 autocast (CUDA only, train.amp)
+    workers: int
+    tta: tuple[str, ...] = ("none",)
+
+    @classmethod
+    def of(cls, cfg: Config, m: ModelConfig, device: torch.device, tta: list[str] | None = None) -> Inference:
+        return cls(
+            device=device,
+            batch_size=cfg.batch_size(m) * 2,  # no gradients: twice the training batch fits
+            amp=device.type == "cuda" and cfg.train.amp,
+            workers=auto_workers(cfg.train.num_workers),
+            tta=tuple(tta or ["none"]),
+        )
 
 
 def apply_tta(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -29,28 +50,27 @@ def predict_arrays(
     model: AgeGenderNet,
     images: np.ndarray,
     rows: np.ndarray,
-    tta: list[str],
-    batch_size: int,
-    device: torch.device,
+    how: Inference,
     age_mean: float = 0.0,
     age_std: float = 1.0,
     desc: str = "",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Average over TTA views of raw-scale age and gender probability for images[rows]."""
-    model.eval()
-    loader = make_loader(FaceDataset(images, rows), batch_size, False, auto_workers(-1), 0)
+    """Raw-scale age and gender probability of images[rows], averaged over the TTA views. The model runs in
+    eval mode; every module's train/eval mode is restored afterwards (frozen stages stay in eval mode)."""
+    loader = make_loader(FaceDataset(images, rows), how.batch_size, False, how.workers, 0, how.device.type == "cuda")
     ages, probs = [], []
-    amp = device.type == "cuda"
-    for x, _, _ in tqdm(loader, desc=desc or "predict", unit="batch", leave=False, disable=None if desc else True):
-        x = to_model_input(x, device)
-        age = prob = 0.0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            for name in tta:
-                a, g = model(apply_tta(x, name))
-                age = age + a.float()
-                prob = prob + torch.sigmoid(g.float())
-        ages.append((age / len(tta)).cpu().numpy() * age_std + age_mean)
-        probs.append((prob / len(tta)).cpu().numpy())
+    batches = tqdm(loader, desc=desc or "predict", unit="batch", leave=False, disable=None if desc else True)
+    with evaluating(model):
+        for x, _, _ in batches:
+            x = to_model_input(x, how.device)
+            age = prob = 0.0
+            with torch.autocast(how.device.type, dtype=torch.bfloat16, enabled=how.amp):
+                for name in how.tta:
+                    a, g = model(apply_tta(x, name))
+                    age = age + a.float()
+                    prob = prob + torch.sigmoid(g.float())
+            ages.append((age / len(how.tta)).cpu().numpy() * age_std + age_mean)
+            probs.append((prob / len(how.tta)).cpu().numpy())
     if not ages:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
     return np.concatenate(ages), np.concatenate(probs)
@@ -61,54 +81,40 @@ def load_best(
 ) -> tuple[AgeGenderNet, dict]:
     if not path.is_file():
         raise PipelineError(f"{path}: no trained checkpoint; run the train stage for this model and fold first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = create_model(mcfg, load_weights=False)
     model.load_state_dict(ckpt["model"])
     model = model.to(device)
     return (model.to(memory_format=torch.channels_last) if channels_last else model), ckpt
 
 
-def predict_fold(
-    cfg: Config,
-    mcfg: ModelConfig,
-    fold: int,
-    comp: Competition,
-    train_images: np.ndarray,
-    test_images: np.ndarray,
-    folds: pd.DataFrame,
-    fold_dir: Path,
-    device: torch.device,
-    tracker: Tracker | None = None,
-) -> None:
-    """Write fold_dir/oof.csv (id, age, gender_prob) and fold_dir/test.csv, unless already there."""
-    done = fold_dir / "predict_done.json"
+def predict_fold(job: FoldJob) -> None:
+    """Write out/oof.csv (id, age, gender_prob, true labels) and out/test.csv, unless already there."""
+    cfg, out, train = job.cfg, job.out, job.comp.train
+    done = out / "predict_done.json"
     if done.is_file():
-        print(f"{mcfg.name} fold {fold}: predictions exist, skipping")
+        print(f"{job.name}: predictions exist, skipping")
         return
-    model, ckpt = load_best(fold_dir / "best.pt", mcfg, device, cfg.train.channels_last)
-    val_ids = set(folds.id[folds.fold == fold])
-    val_rows = np.flatnonzero(comp.train.id.isin(val_ids).to_numpy())
-    bs = (mcfg.batch_size or cfg.train.batch_size) * 2
-    kw = dict(tta=cfg.tta, batch_size=bs, device=device, age_mean=ckpt["age_mean"], age_std=ckpt["age_std"])
-    age, prob = predict_arrays(model, train_images, val_rows, desc=f"{mcfg.name} fold {fold} OOF", **kw)
+    model, ckpt = load_best(out / "best.pt", job.model, job.device, cfg.train.channels_last)
+    how = Inference.of(cfg, job.model, job.device, cfg.tta)
+    scale = dict(age_mean=ckpt["age_mean"], age_std=ckpt["age_std"])
+    _, val_rows = job.rows()
+    age, prob = predict_arrays(model, job.images.train, val_rows, how, desc=f"{job.name} OOF", **scale)
     oof = pd.DataFrame(
         {
-            "id": comp.train.id.to_numpy()[val_rows],
+            "id": train.id.to_numpy()[val_rows],
             "age": age,
             "gender_prob": prob,
-            "age_true": comp.train.age.to_numpy()[val_rows],
-            "gender_true": comp.train.gender.to_numpy()[val_rows],
+            "age_true": train.age.to_numpy()[val_rows],
+            "gender_true": train.gender.to_numpy()[val_rows],
         }
     )
-    test_rows = np.arange(len(comp.test))
-    age_t, prob_t = predict_arrays(model, test_images, test_rows, desc=f"{mcfg.name} fold {fold} test", **kw)
-    test = pd.DataFrame({"id": comp.test.id.to_numpy(), "age": age_t, "gender_prob": prob_t})
+    test_rows = np.arange(len(job.comp.test))
+    age_t, prob_t = predict_arrays(model, job.images.test, test_rows, how, desc=f"{job.name} test", **scale)
+    test = pd.DataFrame({"id": job.comp.test.id.to_numpy(), "age": age_t, "gender_prob": prob_t})
     oof_metrics = evaluate(oof.age_true, oof.age, oof.gender_true, oof.gender_prob)
-    if tracker is not None:
-        tracker.summary({f"oof_tta_{k}": v for k, v in oof_metrics.items()})
-    write_csv(oof, fold_dir / "oof.csv")
-    write_csv(test, fold_dir / "test.csv")
+    job.tracker.summary({f"oof_tta_{k}": v for k, v in oof_metrics.items()})
+    write_csv(oof, out / "oof.csv")
+    write_csv(test, out / "test.csv")
     write_text(json.dumps({"tta": cfg.tta, "oof_rows": len(oof), "test_rows": len(test), "oof": oof_metrics}), done)
-    print(
-        f"{mcfg.name} fold {fold}: wrote OOF ({len(oof)} rows) and test ({len(test)} rows) predictions, TTA {cfg.tta}"
-    )
+    print(f"{job.name}: wrote OOF ({len(oof)} rows) and test ({len(test)} rows) predictions, TTA {cfg.tta}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .blend import blend
@@ -13,10 +14,11 @@ from .demo import make_demo
 from .errors import PipelineError
 from .files import exclusive, remove_stale_temporaries, write_text
 from .folds import FOLDS_DIR, ensure_folds
+from .job import FoldJob, pick_device
 from .models import check_weights
 from .predict import predict_fold
 from .tracking import Tracker
-from .train import pick_device, train_fold
+from .train import train_fold
 
 RUNS = Path("runs")
 SUBMISSIONS = Path("submissions")
@@ -79,8 +81,7 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
     if stage not in STAGES:
         raise PipelineError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     if cfg.data.root == "demo":
-        cfg.data.root = str(make_demo(DEMO_ROOT))
-        cfg.data.name = cfg.data.name or "demo"
+        cfg = replace(cfg, data=replace(cfg.data, root=str(make_demo(DEMO_ROOT)), name=cfg.data.name or "demo"))
     models = [cfg.model(model)] if model else cfg.models
     if fold is not None and not 0 <= fold < cfg.folds.n_splits:
         raise PipelineError(f"fold={fold}: folds are 0..{cfg.folds.n_splits - 1}")
@@ -111,19 +112,19 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
     if stage in ("train", "predict", "run"):
         device = pick_device(cfg)
         for m in models:
-            size = m.img_size or cfg.data.img_size
-            images = prepare_images(comp, cfg, size)
+            comp, images = prepare_images(comp, cfg, cfg.img_size(m))
             for k in folds_to_run:
                 out = exp_dir / m.name / f"fold{k}"
                 todo = (stage != "predict" and not (out / "train_done.json").is_file()) or (
                     stage != "train" and not (out / "predict_done.json").is_file()
                 )
                 with exclusive(out.parent / f".fold{k}.lock", f"{cfg.experiment}/{m.name} fold {k}"):
-                    tracker = Tracker(cfg if todo else None, f"{m.name}-fold{k}", stage, exp_dir)
+                    tracker = Tracker(cfg, f"{m.name}-fold{k}", stage, exp_dir, enabled=todo)
+                    job = FoldJob(cfg, m, k, comp, images, folds, out, device, tracker)
                     if stage in ("train", "run"):
-                        train_fold(cfg, m, k, comp, images.train, folds, out, device, tracker)
+                        train_fold(job)
                     if stage in ("predict", "run"):
-                        predict_fold(cfg, m, k, comp, images.train, images.test, folds, out, device, tracker)
+                        predict_fold(job)
                     tracker.finish()
         print_fold_summary(exp_dir, models, folds_to_run, cfg.metric)
         write_text(json.dumps(comp.report(), indent=1), exp_dir / "data_report.json")

@@ -27,10 +27,10 @@ def wandb_mode(cfg: Config) -> str:
 class Tracker:
     """One W&B run; every method is a no-op when tracking is off."""
 
-    def __init__(self, cfg: Config | None, name: str, job_type: str, run_dir: Path):
-        """cfg=None: an idle tracker (nothing to log)."""
+    def __init__(self, cfg: Config, name: str, job_type: str, run_dir: Path, enabled: bool = True):
+        """enabled=False: an idle tracker, for a job with nothing left to log."""
         self.run = None
-        mode = wandb_mode(cfg) if cfg is not None else "disabled"
+        mode = wandb_mode(cfg) if enabled else "disabled"
         if mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")

@@ -1,0 +1,232 @@
+"""Unit tests of the training stage: fold rows, phases, optimiser, lr schedule, frozen trunk cache, EMA, resume."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import train as train_mod
+from pipeline.config import Config, ModelConfig, Phase, TrainConfig, Unfreeze
+from pipeline.data import Competition, Images
+from pipeline.job import FoldJob, fold_rows
+from pipeline.loader import FaceDataset, make_loader, train_transform
+from pipeline.models import create_model, evaluating, set_trainable
+from pipeline.predict import Inference, predict_arrays
+from pipeline.tracking import Tracker
+from pipeline.train import (
+    AgeScale,
+    Progress,
+    phase_trunk,
+    start_phase,
+    sync_frozen_ema,
+    train_fold,
+    warmup_cosine,
+)
+from pipeline.trunk import CachedTrunk, TrunkCache
+
+N, SIZE = 48, 32
+
+
+def _job(tmp_path, phases, **train) -> FoldJob:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (N, SIZE, SIZE, 3), dtype=np.uint8)
+    ages = rng.uniform(1, 80, N).astype(np.float32)
+    for i, a in enumerate(ages):  # something to learn: brightness follows age
+        images[i] = np.clip(images[i] // 4 + int(a * 2), 0, 255)
+    comp = Competition(
+        "synthetic",
+        pd.DataFrame({"id": [f"im{i:02d}" for i in range(N)], "age": ages, "gender": rng.integers(0, 2, N)}),
+        pd.DataFrame({"id": ["t0"], "path": [""]}),
+    )
+    folds = pd.DataFrame({"id": comp.train.id, "fold": np.arange(N) % 3})
+    model = ModelConfig(name="scratch_cnn", pretrained=False, phases=phases)
+    cfg = Config(models=[model], train=TrainConfig(batch_size=8, num_workers=0, **train))
+    cfg.data.img_size = SIZE
+    tracker = Tracker(cfg, "t", "train", tmp_path, enabled=False)
+    return FoldJob(
+        cfg, model, 0, comp, Images(images, images[:1]), folds, tmp_path / "fold0", torch.device("cpu"), tracker
+    )
+
+
+def _metrics(job) -> pd.DataFrame:
+    return pd.read_csv(job.out / "metrics.csv").drop(columns=["img_per_s", "seconds"])
+
+
+def test_fold_rows_split_the_training_set_without_overlap(tmp_path):
+    job = _job(tmp_path, [Phase(1, "all", 1e-3)])
+    ids = job.comp.train.id.to_numpy()
+    for k in range(3):
+        tr, va = fold_rows(job.comp, job.folds, k)
+        assert not set(tr) & set(va) and len(tr) + len(va) == N
+        assert set(ids[va]) == set(job.folds.id[job.folds.fold == k])
+
+
+def test_unfreeze_is_parsed_once_and_counts_frozen_stages():
+    assert Phase(1, "last:2").unfreeze == Unfreeze(2)
+    assert Unfreeze.parse("head").frozen_prefix(5) == 5
+    assert Unfreeze.parse("last:2").frozen_prefix(5) == 3
+    assert Unfreeze.parse("last:9").frozen_prefix(5) == 0
+    assert Unfreeze.parse("all").frozen_prefix(5) == 0
+
+
+def test_warmup_then_cosine_lr_values():
+    f = warmup_cosine(10, 0.2)  # 2 warm-up steps, then a cosine over 8 steps
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0) and f(6) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
+    assert all(f(s) > f(s + 1) for s in range(2, 9))
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.1 * f(s) for s in range(10)])
+
+
+@pytest.mark.parametrize("what", ["head", "last:2", "all"])
+def test_the_optimiser_holds_exactly_the_trainable_parameters(tmp_path, what):
+    job = _job(tmp_path, [Phase(1, what, 1e-3)])
+    model = create_model(job.model)
+    optim = start_phase(job, model, 0, job.cfg.phases(job.model)[0], 32, Progress(), None)
+    in_opt = {id(p) for g in optim.opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+    n_backbone = sum(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
+    assert (n_backbone == 0) == (what == "head")
+
+
+def test_frozen_batchnorm_statistics_and_weights_stay_put_through_an_epoch(tmp_path):
+    job = _job(tmp_path, [Phase(1, "last:1", 1e-2)])
+    model = create_model(job.model)
+    optim = start_phase(job, model, 0, Phase(1, "last:1", 1e-2), N, Progress(), None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = FaceDataset(job.images.train, np.arange(N), np.zeros(N), np.zeros(N), train_transform(job.cfg.train, 0))
+    forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
+    scale = AgeScale(0.0, 1.0, 0.25)
+    train_mod.train_one_epoch(model, forward, make_loader(ds, 8, True, 0, 1), optim, job.cfg.train, scale, False, "")
+    after = model.state_dict()
+    frozen = [k for k in after if k.startswith(("backbone.stem", "backbone.stages.0", "backbone.stages.2"))]
+    trained = [k for k in after if k.startswith("backbone.stages.3") and "running_mean" in k]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # weights and running statistics
+    assert all(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_inference_restores_each_modules_mode(tmp_path):
+    job = _job(tmp_path, [Phase(1, "last:1", 1e-3)])
+    model = create_model(job.model)
+    set_trainable(model, Unfreeze.parse("last:1"))
+    modes = [m.training for m in model.modules()]
+    predict_arrays(model, job.images.train, np.arange(4), Inference.of(job.cfg, job.model, job.device))
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == modes and model.backbone.stem[1].training is False
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_cached_and_uncached_validation_agree_after_training_below_the_cut(tmp_path, ema):
+    """Phases [all, head] with EMA: the head phase's cache (from the live model) must fit the EMA model."""
+    phases = [Phase(1, "all", 1e-2), Phase(1, "head", 1e-2)]
+    job = _job(tmp_path, phases, ema=ema)
+    model = create_model(job.model)
+    ema_model = train_mod.ModelEmaV3(model, decay=ema, use_warmup=True) if ema else None
+    optim = start_phase(job, model, 0, phases[0], N, Progress(), ema_model)
+    tr, va = job.rows()
+    ds = FaceDataset(job.images.train, tr, np.zeros(len(tr)), np.zeros(len(tr)), train_transform(job.cfg.train, 0))
+    forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
+    scale = AgeScale(0.0, 1.0, 0.25)
+    train_mod.train_one_epoch(model, forward, make_loader(ds, 8, True, 0, 1), optim, job.cfg.train, scale, False, "")
+    start_phase(job, model, 1, phases[1], N, Progress(), ema_model)
+    trunk = phase_trunk(TrunkCache(model, job.images.train, tr, va, 8, job.device), model, phases, 1)
+    eval_model = ema_model.module if ema else model
+    how = Inference.of(job.cfg, job.model, job.device)
+    cached = trunk.predict_val(eval_model, how, 0.0, 1.0)
+    uncached = predict_arrays(eval_model, job.images.train, va, how)
+    np.testing.assert_allclose(cached[0], uncached[0], rtol=2e-2, atol=2e-2)  # the cache is stored in fp16
+    np.testing.assert_allclose(cached[1], uncached[1], atol=2e-3)
+
+
+def test_sync_frozen_ema_copies_only_frozen_modules(tmp_path):
+    job = _job(tmp_path, [Phase(1, "head", 1e-3)])
+    model = create_model(job.model)
+    ema = train_mod.ModelEmaV3(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    set_trainable(model, Unfreeze.parse("last:1"))
+    sync_frozen_ema(ema, model)
+    live, avg = model.state_dict(), ema.module.state_dict()
+    assert torch.equal(live["backbone.stem.0.weight"], avg["backbone.stem.0.weight"])
+    assert not torch.equal(live["backbone.stages.3.0.weight"], avg["backbone.stages.3.0.weight"])
+    assert not torch.equal(live["age_head.weight"], avg["age_head.weight"])
+
+
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_cached_phases_honour_train_hflip(hflip):
+    maps = torch.arange(2 * 1 * 2 * 3, dtype=torch.float16).view(2, 1, 2, 3)
+    trunk = CachedTrunk(1, maps, maps[:0])
+    (h, _, _), *_ = trunk.batches(np.zeros(2, np.float32), np.zeros(2, np.float32), 2, 0, hflip)
+    order = [int(torch.nonzero((maps == x).all(dim=(1, 2, 3)) | (maps.flip(3) == x).all(dim=(1, 2, 3)))[0]) for x in h]
+    expect = maps[order].flip(3) if hflip else maps[order]
+    assert torch.equal(h, expect)
+
+
+def test_augmented_batches_do_not_depend_on_the_worker_count():
+    images = np.random.default_rng(0).integers(0, 255, (40, 24, 24, 3), dtype=np.uint8)
+
+    def batches(workers):
+        ds = FaceDataset(images, np.arange(40), np.arange(40), np.zeros(40), train_transform(TrainConfig(), 3))
+        return [x for x, _, _ in make_loader(ds, 8, True, workers, 7)]
+
+    zero, two = batches(0), batches(2)
+    assert len(zero) == 5 and all(torch.equal(a, b) for a, b in zip(zero, two))
+    assert not torch.equal(zero[0], batches(0)[1])
+
+
+def test_smooth_l1_beta_is_in_the_units_of_the_target():
+    ages = np.array([10, 30, 50], np.float32)
+    normalised, years = AgeScale.fit(ages, True), AgeScale.fit(ages, False)
+    assert normalised.smooth_l1_beta == 0.25
+    assert years.smooth_l1_beta == pytest.approx(0.25 * ages.std(), rel=1e-4) and years.std == 1.0
+
+
+def test_head_and_last_n_phases_run_without_the_trunk_cache(tmp_path):
+    job = _job(tmp_path, [Phase(1, "head", 1e-2), Phase(1, "last:1", 1e-2)], cache_frozen=False)
+    train_mod.seed_everything(job.cfg.train.seed * 1000 + job.fold)  # as train_fold does before creating it
+    start = create_model(job.model).state_dict()
+    train_fold(job)
+    best = torch.load(job.out / "best.pt", weights_only=True)["model"]
+    assert torch.equal(best["backbone.stem.0.weight"], start["backbone.stem.0.weight"])
+    assert len(_metrics(job)) == 2
+
+
+def test_a_killed_fold_resumes_mid_phase_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    phases = [Phase(1, "head", 1e-2), Phase(3, "all", 1e-2)]
+    reference = _job(tmp_path / "ref", phases, ema=0.9)
+    train_fold(reference)
+    job = _job(tmp_path / "killed", phases, ema=0.9)
+    save_epoch = train_mod.save_epoch
+
+    def save_then_die(out, model, optim, phase, done, best_state):
+        save_epoch(out, model, optim, phase, done, best_state)
+        if done.epoch == 2:  # inside the uncached, augmented `all` phase
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_epoch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(job)
+    monkeypatch.setattr(train_mod, "save_epoch", save_epoch)
+    assert not (job.out / "train_done.json").exists()
+    capsys.readouterr()
+    train_fold(job)
+    out = capsys.readouterr().out
+    assert "resuming after epoch 2" in out and "epoch 3:" in out and "epoch 1:" not in out
+    pd.testing.assert_frame_equal(_metrics(job), _metrics(reference))
+    a = torch.load(job.out / "best.pt", weights_only=True)
+    b = torch.load(reference.out / "best.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    done = json.loads((job.out / "train_done.json").read_text())
+    assert done["best_epoch"] == a["epoch"] and not (job.out / "last.pt").exists()
