@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import ModelConfig, TrainConfig  # noqa: E402
+from pipeline.config import ModelConfig, TrainConfig, Unfreeze  # noqa: E402
 from pipeline.data import cached_images  # noqa: E402
 from pipeline.demo import make_demo  # noqa: E402
 from pipeline.loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform  # noqa: E402
 from pipeline.models import create_model, frozen_prefix_length, set_trainable  # noqa: E402
-from pipeline.predict import predict_arrays  # noqa: E402
-from pipeline.train import TrunkCache  # noqa: E402
+from pipeline.predict import Inference, predict_arrays  # noqa: E402
+from pipeline.trunk import TrunkCache  # noqa: E402
 
 
 def step_fn(model, opt, forward=None):
@@ -118,7 +118,7 @@ def main() -> None:
 
     def fresh():
         m = create_model(ModelConfig(name=args.model)).to(memory_format=torch.channels_last)
-        set_trainable(m, "all")
+        set_trainable(m, Unfreeze.parse("all"))
         return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 1e-4)
 
     # (a) pure step on an in-memory batch
@@ -135,7 +135,7 @@ def main() -> None:
 
     # (c) naive: PIL decode every epoch + torchvision transforms + DataLoader workers + NCHW float model
     naive_model = create_model(ModelConfig(name=args.model))
-    set_trainable(naive_model, "all")
+    set_trainable(naive_model, Unfreeze.parse("all"))
     naive_opt = torch.optim.AdamW(naive_model.parameters(), 1e-4)
     naive_loader = DataLoader(NaiveDataset(paths, args.size, True), bs, shuffle=True, num_workers=2)
     # the seeds' model takes normalised float NCHW input: bypass our in-model normalisation
@@ -153,9 +153,10 @@ def main() -> None:
     model.eval()
     with torch.inference_mode():
         ai = timed(lambda: (model(xb), model(xb.flip(3))), n_batches, bs)
-    predict_arrays(model, images, rows[:bs], ["none", "hflip"], bs, torch.device("cpu"))  # warm-up, as for (a)
+    how = Inference(torch.device("cpu"), bs, amp=False, workers=auto_workers(-1), tta=("none", "hflip"))
+    predict_arrays(model, images, rows[:bs], how)  # warm-up, as for (a)
     t0 = time.perf_counter()
-    predict_arrays(model, images, rows, ["none", "hflip"], bs, torch.device("cpu"))
+    predict_arrays(model, images, rows, how)
     bi = len(rows) / (time.perf_counter() - t0)
     naive_model.eval()
     naive_eval = DataLoader(NaiveDataset(paths, args.size, False), bs * 2, shuffle=False, num_workers=2)
@@ -178,14 +179,15 @@ def main() -> None:
     print(f"  all (full fine-tuning)               : {full:8.2f}s")
     for what in ("head", "last:2", "last:3"):
         m, _ = fresh()
-        set_trainable(m, what)
+        unfreeze = Unfreeze.parse(what)
+        set_trainable(m, unfreeze)
         o = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 1e-4)
         t0 = time.perf_counter()
         cache = TrunkCache(m, images, rows, rows[:0], bs, torch.device("cpu"))
-        trunk = cache.for_phase(frozen_prefix_length(m, what), frozen_prefix_length(m, what))
+        trunk = cache.for_phase(frozen_prefix_length(m, unfreeze), frozen_prefix_length(m, unfreeze))
         build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for h, ya_, yg_ in trunk.batches(y_age, y_gender, bs, 0):
+        for h, ya_, yg_ in trunk.batches(y_age, y_gender, bs, 0, hflip=0.5):
             age, logit = trunk.forward(m, h)
             loss = torch.nn.functional.smooth_l1_loss(age, ya_) + (
                 torch.nn.functional.binary_cross_entropy_with_logits(logit, yg_)
