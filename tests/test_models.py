@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, Unfreeze
 from pipeline.errors import PipelineError
 from pipeline.models import (
     backbone_groups,
@@ -85,6 +85,7 @@ def test_hub_weights_are_refused_without_touching_the_network(no_network):
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "scratch_cnn"])
 def test_phases_freeze_the_right_parameters(name):
+    head, last1, last2, everything = map(Unfreeze.parse, ("head", "last:1", "last:2", "all"))
     m = create_model(ModelConfig(name=name), load_weights=False)
     groups = backbone_groups(m)
 
@@ -92,17 +93,17 @@ def test_phases_freeze_the_right_parameters(name):
         return {n for n, p in m.named_parameters() if p.requires_grad}
 
     heads = {n for n, _ in m.named_parameters() if not n.startswith("backbone.")}
-    set_trainable(m, "head")
+    set_trainable(m, head)
     assert trainable() == heads
     assert all(not mod.training for mod in m.backbone.modules() if isinstance(mod, torch.nn.BatchNorm2d))
-    set_trainable(m, "last:2")
+    set_trainable(m, last2)
     assert trainable() == heads | {f"backbone.{n}" for g in groups[-2:] for n in g}
     stem = m.backbone.get_submodule(groups[0][0].rsplit(".", 1)[0])
     assert not stem.training
-    set_trainable(m, "all")
+    set_trainable(m, everything)
     assert trainable() == {n for n, _ in m.named_parameters()} and m.training
 
-    set_trainable(m, "last:1")
+    set_trainable(m, last1)
     x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     age, logit = m(x)
     (age.sum() + logit.sum()).backward()
@@ -115,7 +116,7 @@ def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name):
     import numpy as np
 
     from pipeline.models import frozen_prefix_length, trunk_stages
-    from pipeline.train import TrunkCache
+    from pipeline.trunk import TrunkCache
 
     torch.manual_seed(0)
     m = create_model(ModelConfig(name=name), load_weights=False).eval()
@@ -128,9 +129,10 @@ def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name):
         for s in stages:
             h = s(h)
         assert torch.allclose(h, m.backbone((x.float() - m.mean) / m.std), atol=1e-5)
-        set_trainable(m, "head")
+        head, last2 = Unfreeze.parse("head"), Unfreeze.parse("last:2")
+        set_trainable(m, head)
         cache = TrunkCache(m, images, np.arange(4), np.arange(4, 6), 2, torch.device("cpu"))
-        k_head, k_last2 = frozen_prefix_length(m, "head"), frozen_prefix_length(m, "last:2")
+        k_head, k_last2 = frozen_prefix_length(m, head), frozen_prefix_length(m, last2)
         head = cache.for_phase(k_head, k_last2)  # computed at the deeper cut, derived for the head phase
         assert cache.base.k == k_last2 and head.k == k_head
         assert torch.allclose(head.train.float(), h[:4], atol=2e-2, rtol=2e-2)
