@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .errors import PipelineError
+
 USAGE = """usage:
   python -m pipeline run|folds|train|predict|blend CONFIG [model=NAME] [fold=K] [key=value ...]
   python -m pipeline demo OUT_DIR      write the synthetic demo competition to OUT_DIR
@@ -13,11 +15,17 @@ stages: folds (write fold indices), train, predict (TTA OOF + test predictions),
 key=value overrides any config entry, e.g. train.batch_size=32 models.0.name=tf_efficientnet_lite1"""
 
 
+def _fold_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise PipelineError(f"fold={value!r}: give a fold number, e.g. fold=0") from None
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from .errors import PipelineError
 
     stage, target, rest = argv[0], argv[1], argv[2:]
     try:
@@ -35,16 +43,13 @@ def main(argv: list[str]) -> int:
             if item.startswith("model="):
                 model = item.split("=", 1)[1]
             elif item.startswith("fold="):
-                value = item.split("=", 1)[1]
-                if not value.isdigit():
-                    raise PipelineError(f"fold={value!r}: give a fold number, e.g. fold=0")
-                fold = int(value)
+                fold = _fold_number(item.split("=", 1)[1])
             else:
                 overrides.append(item)
         cfg = load_config(target, overrides)
         run(stage, cfg, model=model, fold=fold)
         return 0
-    except (PipelineError, ValueError) as e:
+    except PipelineError as e:  # anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from sklearn.metrics import f1_score
 from .config import Config
 from .data import Competition
 from .errors import PipelineError
-from .files import atomic_path, write_csv, write_text
-from .metrics import evaluate
+from .files import write_csv, write_text
+from .metrics import METRICS, evaluate
 from .report import write_report
 from .tracking import Tracker
 
@@ -58,17 +59,48 @@ def best_threshold(prob: np.ndarray, y: np.ndarray) -> float:
 
 
 def load_model_predictions(exp_dir: Path, model: str, n_splits: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A model's OOF rows over all folds, and its test predictions averaged over folds."""
+    """A model's OOF rows over all folds (with their fold), and its test predictions averaged over folds by id."""
     oofs, tests = [], []
     for k in range(n_splits):
         d = exp_dir / model / f"fold{k}"
         if not (d / "predict_done.json").is_file():
             raise PipelineError(f"{d}: no predictions yet; run train and predict for model={model} fold={k}")
-        oofs.append(pd.read_csv(d / "oof.csv", dtype={"id": str}, keep_default_na=False))
+        oofs.append(pd.read_csv(d / "oof.csv", dtype={"id": str}, keep_default_na=False).assign(fold=k))
         tests.append(pd.read_csv(d / "test.csv", dtype={"id": str}, keep_default_na=False))
+        if set(tests[-1].id) != set(tests[0].id):
+            raise PipelineError(
+                f"{d / 'test.csv'} predicts other test ids than fold 0; delete {d} and run train and predict "
+                f"for model={model} fold={k} again"
+            )
     oof = pd.concat(oofs, ignore_index=True)
     test = pd.concat(tests).groupby("id", sort=False)[["age", "gender_prob"]].mean().reset_index()
     return oof, test
+
+
+def join_oof(oofs: dict[str, pd.DataFrame], exp_dir: Path) -> pd.DataFrame:
+    """id, age_true, gender_true and every model's `age:NAME` and `prob:NAME`, one row per id. Refuses ids
+    that some model predicted and another lacks (rather than dropping them, which would bias the CV)."""
+    every = pd.concat([o[["id", "fold"]] for o in oofs.values()]).drop_duplicates("id")
+    for name, o in oofs.items():
+        problems = [
+            ("has no OOF prediction for", every[~every.id.isin(o.id)]),
+            ("has two OOF predictions for", o[o.id.duplicated()]),
+            ("has non-finite OOF predictions for", o[~np.isfinite(o[["age", "gender_prob"]].to_numpy(float)).all(1)]),
+        ]
+        for what, rows in problems:
+            if len(rows):
+                k = rows.fold.iat[0]
+                raise PipelineError(
+                    f"model {name} {what} {len(rows)} ids (e.g. {rows.id.iat[0]!r}, "
+                    f"fold {k}); delete {exp_dir / name / f'fold{k}'} and run train and predict for "
+                    f"model={name} fold={k} again"
+                )
+    names = list(oofs)
+    oof = oofs[names[0]][["id", "age_true", "gender_true"]]
+    for name in names:
+        cols = {"age": f"age:{name}", "gender_prob": f"prob:{name}"}
+        oof = oof.join(oofs[name].set_index("id")[list(cols)].rename(columns=cols), on="id")
+    return oof
 
 
 def validate_submission(sub: pd.DataFrame, test_ids: list[str], id_col: str, age_col: str, gender_col: str) -> None:
@@ -92,8 +124,7 @@ def validate_submission(sub: pd.DataFrame, test_ids: list[str], id_col: str, age
         raise PipelineError("submission failed validation: " + "; ".join(problems))
 
 
-def format_table(rows: dict[str, dict]) -> str:
-    cols = ["mae", "rmse", "accuracy", "f1", "score"]
+def format_table(rows: dict[str, dict], cols: tuple[str, ...] = METRICS) -> str:
     width = max(len(k) for k in rows) + 2
     lines = [f"{'model':<{width}}" + "".join(f"{c:>10}" for c in cols)]
     for name, m in rows.items():
@@ -101,16 +132,59 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def oof_tables(
+    y_age: np.ndarray, y_gender: np.ndarray, preds: dict[str, tuple[np.ndarray, np.ndarray]], max_age: float
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Every row (model or blend) scored as it would be submitted: ages clipped to [0, max_age], gender at the
+    row's own OOF-tuned threshold (plus a `threshold` entry); and the same at threshold 0.5."""
+    tuned, at_half = {}, {}
+    for name, (age, prob) in preds.items():
+        age = np.clip(age, 0, max_age)
+        t = best_threshold(prob, y_gender)
+        tuned[name] = {"threshold": t, **evaluate(y_age, age, y_gender, prob, t)}
+        at_half[name] = evaluate(y_age, age, y_gender, prob, 0.5)
+    return tuned, at_half
+
+
+def newest_submission(folder: Path, experiment: str) -> Path | None:
+    pattern = re.compile(rf"{re.escape(experiment)}-\d{{8}}-\d{{6}}(-\d+)?\.csv")
+    found = [p for p in folder.glob("*.csv") if pattern.fullmatch(p.name)]
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name)) if found else None
+
+
+def write_submission(text: str, folder: Path, experiment: str) -> Path:
+    """submissions/<experiment>-<timestamp>.csv, never overwriting one; if the experiment's newest submission
+    already holds exactly `text` (a re-run, or a blend killed after writing it), that one is kept instead."""
+    newest = newest_submission(folder, experiment)
+    if newest is not None and newest.read_bytes() == text.encode():
+        print(f"submission already written: {newest}")
+        return newest
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = folder / f"{experiment}-{stamp}.csv"
+    n = 1
+    while path.exists():
+        path = folder / f"{experiment}-{stamp}-{n}.csv"
+        n += 1
+    write_text(text, path)
+    return path
+
+
+def holdout_scores(comp: Competition, sub: pd.DataFrame) -> dict[str, float]:
+    """The written submission scored on the held-out labels; call only after writing it."""
+    h = comp.holdout_labels.set_index("id").loc[sub[comp.sub_id_col]]
+    return evaluate(
+        h.age.to_numpy(float),
+        sub[comp.sub_age_col].to_numpy(float),
+        h.gender.to_numpy(int),
+        sub[comp.sub_gender_col].to_numpy(float),
+        0.5,
+    )
+
+
 def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path = Path("submissions")) -> Path | None:
     names = [m.name for m in cfg.models]
     preds = {n: load_model_predictions(exp_dir, n, cfg.folds.n_splits) for n in names}
-    oof = preds[names[0]][0][["id", "age_true", "gender_true"]]
-    for n in names:
-        o = preds[n][0].set_index("id")
-        oof = oof.join(
-            o[["age", "gender_prob"]].rename(columns={"age": f"age:{n}", "gender_prob": f"prob:{n}"}), on="id"
-        )
-    oof = oof.dropna()
+    oof = join_oof({n: preds[n][0] for n in names}, exp_dir)
     y_age = oof.age_true.to_numpy(float)
     y_gender = oof.gender_true.to_numpy(int)
     ages = oof[[f"age:{n}" for n in names]].to_numpy(float)
@@ -118,18 +192,22 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
 
     w_age = age_weights(ages, y_age)
     w_gender = gender_weights(probs, y_gender)
-    blend_age, blend_prob = ages @ w_age, probs @ w_gender
-    threshold = best_threshold(blend_prob, y_gender)
-
-    table = {n: evaluate(y_age, ages[:, i], y_gender, probs[:, i]) for i, n in enumerate(names)}
-    table["blend"] = evaluate(y_age, blend_age, y_gender, blend_prob, threshold)
-    print(f"\nOOF results ({len(oof)} rows, {cfg.folds.n_splits} folds; blend weights and threshold chosen on OOF):")
-    print(format_table(table))
+    blend_age, blend_prob = np.clip(ages @ w_age, 0, cfg.data.max_age), probs @ w_gender
+    rows = {n: (ages[:, i], probs[:, i]) for i, n in enumerate(names)} | {"blend": (blend_age, blend_prob)}
+    table, table_half = oof_tables(y_age, y_gender, rows, cfg.data.max_age)
+    threshold = table["blend"]["threshold"]
+    print(
+        f"\nOOF results ({len(oof)} rows, {cfg.folds.n_splits} folds; ages clipped to [0, {cfg.data.max_age:g}]; "
+        "blend weights and each row's gender threshold chosen on OOF):"
+    )
+    print(format_table(table, ("threshold", *METRICS)))
+    print("the same at gender threshold 0.5:")
+    print(format_table(table_half))
     print("age weights:    " + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, w_age)))
     print(
         "gender weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, w_gender)) + f"; threshold {threshold:.2f}"
     )
-    cv = table["blend"][cfg.metric]
+    cv = table["blend"][cfg.metric]  # what the submission earned on OOF: clipped ages, its threshold
     print(f"CV {cfg.metric}: {cv:.4f}")
 
     summary = {
@@ -137,6 +215,7 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
         "metric": cfg.metric,
         "cv": cv,
         "table": table,
+        "table_at_0.5": table_half,
         "threshold": threshold,
         "age_weights": dict(zip(names, w_age.tolist())),
         "gender_weights": dict(zip(names, w_gender.tolist())),
@@ -150,45 +229,37 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
         print("no test set (no test.csv / sample_submission.csv, data.holdout=0): no submission written")
         _finish(cfg, exp_dir, summary, names)
         return None
-    test = preds[names[0]][1][["id"]].copy()
-    test_age = np.column_stack([preds[n][1].set_index("id").loc[test.id, "age"] for n in names]) @ w_age
-    test_prob = np.column_stack([preds[n][1].set_index("id").loc[test.id, "gender_prob"] for n in names]) @ w_gender
+    test_ids = comp.test.id
+    for n in names:
+        missing = set(test_ids) - set(preds[n][1].id)
+        if missing:
+            raise PipelineError(
+                f"model {n} has no test prediction for {len(missing)} test ids (e.g. {sorted(missing)[0]!r}); "
+                f"the test set changed since it predicted: delete its predict_done.json files and run predict again"
+            )
+    test_age = np.column_stack([preds[n][1].set_index("id").loc[test_ids, "age"] for n in names]) @ w_age
+    test_prob = np.column_stack([preds[n][1].set_index("id").loc[test_ids, "gender_prob"] for n in names]) @ w_gender
     sub = pd.DataFrame(
         {
-            comp.id_col: test.id,
-            comp.age_col: np.clip(test_age, 0, cfg.data.max_age),
-            comp.gender_col: (test_prob >= threshold).astype(int),
+            comp.sub_id_col: test_ids.to_numpy(),
+            comp.sub_age_col: np.clip(test_age, 0, cfg.data.max_age),
+            comp.sub_gender_col: (test_prob >= threshold).astype(int),
         }
     )
-    order = comp.submission_ids or comp.test.id.tolist()
-    sub = sub.set_index(comp.id_col).loc[order].reset_index()
+    order = comp.submission_ids or test_ids.tolist()
+    sub = sub.set_index(comp.sub_id_col).loc[order].reset_index()
     if comp.submission_header and set(comp.submission_header) == set(sub.columns):
         sub = sub[comp.submission_header]
-    validate_submission(sub, order, comp.id_col, comp.age_col, comp.gender_col)
-
+    validate_submission(sub, order, comp.sub_id_col, comp.sub_age_col, comp.sub_gender_col)
     submissions_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = submissions_dir / f"{cfg.experiment}-{stamp}.csv"
-    n = 1
-    while path.exists():  # never overwrite an earlier submission
-        path = submissions_dir / f"{cfg.experiment}-{stamp}-{n}.csv"
-        n += 1
-    with atomic_path(path) as tmp:
-        sub.to_csv(tmp, index=False)
+    path = write_submission(sub.to_csv(index=False), submissions_dir, cfg.experiment)
     summary["submission"] = str(path)
 
     if comp.holdout_labels is not None:  # read only now, after every choice has been made
-        h = comp.holdout_labels.set_index("id").loc[sub[comp.id_col]]
-        held = evaluate(
-            h.age.to_numpy(float),
-            sub[comp.age_col].to_numpy(float),
-            h.gender.to_numpy(int),
-            sub[comp.gender_col].to_numpy(float),
-            0.5,
-        )
+        held = holdout_scores(comp, sub)
         summary["holdout"] = held
         print(
-            f"held-out test ({len(h)} images, labels read only after writing the submission): "
+            f"held-out test ({len(sub)} images, labels read only after writing the submission): "
             + ", ".join(f"{k} {v:.4f}" for k, v in held.items())
         )
     _finish(cfg, exp_dir, summary, names, path)
@@ -199,10 +270,11 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
 def _finish(cfg: Config, exp_dir: Path, summary: dict, names: list[str], submission: Path | None = None) -> None:
     """blend.json, the HTML report and the W&B blend run."""
     write_text(json.dumps(summary, indent=2), exp_dir / "blend.json")
-    report = write_report(exp_dir, names, cfg.folds.n_splits, cfg.metric)
+    report = write_report(exp_dir, names, cfg.folds.n_splits, cfg.metric, cfg.folds.age_bins)
     print(f"report: {report}")
     tracker = Tracker(cfg, "blend", "blend", exp_dir)
     flat = {f"oof/{model}/{k}": v for model, m in summary["table"].items() for k, v in m.items()}
+    flat.update({f"oof_at_0.5/{model}/{k}": v for model, m in summary["table_at_0.5"].items() for k, v in m.items()})
     flat.update({f"weights/age/{n}": w for n, w in summary["age_weights"].items()})
     flat.update({f"weights/gender/{n}": w for n, w in summary["gender_weights"].items()})
     flat.update({"threshold": summary["threshold"], f"cv_{cfg.metric}": summary["cv"]})

@@ -7,7 +7,7 @@ import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -24,7 +24,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
 ID_COLS = ("id", "image_id", "image", "file", "filename", "file_name")
 UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_\d+")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied, data.fit
 cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe
 
 
@@ -35,9 +35,9 @@ class Competition:
     name: str
     train: pd.DataFrame
     test: pd.DataFrame
-    id_col: str = "id"
-    age_col: str = "age"
-    gender_col: str = "gender"
+    sub_id_col: str = "id"  # the submission's column names (sample_submission.csv's header)
+    sub_age_col: str = "age"
+    sub_gender_col: str = "gender"
     submission_ids: list[str] | None = None  # the submission's rows in order (default: test ids)
     submission_header: list[str] | None = None  # sample_submission.csv's columns, in order
     holdout_labels: pd.DataFrame | None = None  # labels of a held-out test split; read only after submitting
@@ -102,16 +102,20 @@ def load_competition(cfg: Config) -> Competition:
     if comp.skipped and d.on_error == "fail":
         where, why = comp.skipped[0]
         raise DataError(f"{where}: {why} ({len(comp.skipped)} such; data.on_error=skip skips them)")
-    comp.train = _check_labels(comp, d)
+    train, bad = _check_labels(comp.train, d)
     if d.limit:
-        comp.train = comp.train.iloc[: d.limit].reset_index(drop=True)
+        train = train.iloc[: d.limit].reset_index(drop=True)
+    comp = replace(comp, train=train, skipped=[*comp.skipped, *bad])
+    _check_enough(comp, root, cfg.folds.n_splits)
     if len(comp.test) == 0 and d.holdout > 0:
         comp = _hold_out(comp, d.holdout, cfg.folds.seed, cfg.folds.age_bins)
-    if len(comp.train) < cfg.folds.n_splits * 2:
-        raise DataError(
-            f"{root}: only {len(comp.train)} usable training images; need more than {cfg.folds.n_splits * 2}"
-        )
+        _check_enough(comp, root, cfg.folds.n_splits)
     return comp
+
+
+def _check_enough(comp: Competition, root: Path, n_splits: int) -> None:
+    if len(comp.train) < n_splits * 2:
+        raise DataError(f"{root}: only {len(comp.train)} usable training images; need at least {n_splits * 2}")
 
 
 def _load_utkface(root: Path, name: str) -> Competition:
@@ -167,10 +171,10 @@ def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
     if df.empty:
         raise DataError(f"{train_csv}: has a header but no rows")
     image_col = _detect_column(df, d.image_col, IMAGE_COLS, "image", train_csv)
-    age_col = _detect_column(
+    train_age_col = _detect_column(
         df, d.age_col if d.age_col in df.columns else "", (d.age_col.lower(), "age"), "age", train_csv
     )
-    gender_col = _detect_column(
+    train_gender_col = _detect_column(
         df,
         d.gender_col if d.gender_col in df.columns else "",
         (d.gender_col.lower(), "gender", "sex"),
@@ -184,23 +188,24 @@ def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
         if path is None:
             skipped.append((f"{train_csv.name} row {i + 2} ({value})", "image file not found"))
             continue
-        rows.append((value, str(path), df.at[i, age_col], df.at[i, gender_col]))
+        rows.append((value, str(path), df.at[i, train_age_col], df.at[i, train_gender_col]))
     train = pd.DataFrame(rows, columns=["id", "path", "age", "gender"])
 
     sub_path = root / d.sample_submission
     test_csv = root / d.test_csv
-    id_col = "id"
-    if sub_path.is_file():  # the submission copies its header: id column first, then age and gender
+    # The submission's columns: sample_submission.csv's header (id first), else the training CSV's names.
+    sub_id_col, sub_age_col, sub_gender_col = "id", train_age_col, train_gender_col
+    if sub_path.is_file():
         sub = _read_csv(sub_path)
-        id_col = sub.columns[0]
+        sub_id_col = sub.columns[0]
         lower = {c.lower(): c for c in sub.columns[1:]}
-        age_col = lower.get("age", age_col)
-        gender_col = lower.get("gender", lower.get("sex", gender_col))
-        test_ids = sub[id_col].astype(str).tolist()
+        sub_age_col = lower.get("age", sub_age_col)
+        sub_gender_col = lower.get("gender", lower.get("sex", sub_gender_col))
+        test_ids = sub[sub_id_col].astype(str).tolist()
     elif test_csv.is_file():
         t = _read_csv(test_csv)
-        id_col = _detect_column(t, "", ID_COLS + IMAGE_COLS, "id", test_csv)
-        test_ids = t[id_col].astype(str).tolist()
+        sub_id_col = _detect_column(t, "", ID_COLS + IMAGE_COLS, "id", test_csv)
+        test_ids = t[sub_id_col].astype(str).tolist()
     else:
         test_ids = []
     submission_ids = test_ids
@@ -224,52 +229,99 @@ def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
             "they still get a row in the submission, predicted from a blank image"
         )
     header = list(sub.columns) if sub_path.is_file() else None
-    return Competition(name, train, test, id_col, age_col, gender_col, submission_ids, header, skipped=skipped)
+    return Competition(
+        name, train, test, sub_id_col, sub_age_col, sub_gender_col, submission_ids, header, skipped=skipped
+    )
 
 
-def _check_labels(comp: Competition, d: DataConfig) -> pd.DataFrame:
-    df = comp.train
-    age = pd.to_numeric(df.age, errors="coerce")
-    gender = pd.to_numeric(df.gender, errors="coerce")
+def _check_labels(train: pd.DataFrame, d: DataConfig) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Numeric ages and 0/1 genders; returns the good rows and (id, reason) of the bad ones."""
+    age = pd.to_numeric(train.age, errors="coerce")
+    gender = pd.to_numeric(train.gender, errors="coerce")
     bad = []
-    for i in range(len(df)):
+    for i in range(len(train)):
         a, g = age.iat[i], gender.iat[i]
         if not np.isfinite(a):
-            bad.append((i, f"age {df.age.iat[i]!r} is not a number"))
+            bad.append((i, f"age {train.age.iat[i]!r} is not a number"))
         elif a < 0 or a > d.max_age:
             bad.append((i, f"age {a:g} outside [0, {d.max_age:g}] (data.max_age)"))
         elif g not in (0, 1):
-            bad.append((i, f"gender {df.gender.iat[i]!r} is not 0 or 1"))
-    dup = df.id.duplicated(keep="first")
+            bad.append((i, f"gender {train.gender.iat[i]!r} is not 0 or 1"))
+    dup = train.id.duplicated(keep="first")
     bad += [(i, "duplicate id") for i in np.flatnonzero(dup.to_numpy())]
     if bad and d.on_error == "fail":
         i, why = bad[0]
-        raise DataError(f"training row {df.id.iat[i]!r}: {why} ({len(bad)} bad rows; data.on_error=skip skips them)")
+        raise DataError(f"training row {train.id.iat[i]!r}: {why} ({len(bad)} bad rows; data.on_error=skip skips them)")
     drop = sorted({i for i, _ in bad})
-    comp.skipped += [(df.id.iat[i], why) for i, why in bad]
-    out = df.assign(age=age.astype("float32"), gender=gender.fillna(-1).astype("int64"))
-    return out.drop(index=drop).reset_index(drop=True)
+    out = train.assign(age=age.astype("float32"), gender=gender.fillna(-1).astype("int64"))
+    return out.drop(index=drop).reset_index(drop=True), [(train.id.iat[i], why) for i, why in bad]
 
 
 def age_gender_strata(age: np.ndarray, gender: np.ndarray, bins: list[float]) -> np.ndarray:
     return np.digitize(age, bins[1:]) * 2 + gender
 
 
+def merge_small_strata(strata: np.ndarray, min_count: int, max_strata: int | None = None) -> np.ndarray:
+    """Merge every stratum with fewer than `min_count` members (smallest first) into the nearest age bin of
+    the same gender, also while there are more than `max_strata` strata. Returns a new array."""
+    strata = strata.copy()
+    while True:
+        counts = pd.Series(strata).value_counts()
+        too_many = max_strata is not None and len(counts) > max_strata
+        if len(counts) == 1 or (counts.min() >= min_count and not too_many):
+            return strata
+        s = counts.idxmin()
+        others = [o for o in counts.index if o != s]
+        target = min(others, key=lambda o: (o % 2 != s % 2, abs(o // 2 - s // 2)))
+        strata[strata == s] = target
+
+
 def _hold_out(comp: Competition, frac: float, seed: int, bins: list[float]) -> Competition:
-    strata = age_gender_strata(comp.train.age.to_numpy(), comp.train.gender.to_numpy(), bins)
-    keep, held = train_test_split(np.arange(len(comp.train)), test_size=frac, random_state=seed, stratify=strata)
-    held_df = comp.train.iloc[np.sort(held)].reset_index(drop=True)
-    comp.train = comp.train.iloc[np.sort(keep)].reset_index(drop=True)
-    comp.test = held_df[["id", "path"]].copy()
-    comp.holdout_labels = held_df
-    return comp
+    """A new Competition whose test set is a stratified `frac` of the training rows, labels kept aside."""
+    train = comp.train
+    n_held = int(np.ceil(frac * len(train)))  # as train_test_split rounds it
+    strata = age_gender_strata(train.age.to_numpy(), train.gender.to_numpy(), bins)
+    # each stratum needs a member on both sides, and each side at least one member of every stratum
+    strata = merge_small_strata(strata, 2, max_strata=min(n_held, len(train) - n_held))
+    keep, held = train_test_split(np.arange(len(train)), test_size=frac, random_state=seed, stratify=strata)
+    held_df = train.iloc[np.sort(held)].reset_index(drop=True)
+    return replace(
+        comp,
+        train=train.iloc[np.sort(keep)].reset_index(drop=True),
+        test=held_df[["id", "path"]].copy(),
+        holdout_labels=held_df,
+    )
 
 
 # ---------------------------------------------------------------- decoding and cache
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """Any image file -> size x size x 3 RGB uint8. Raises DataError with the reason."""
+FITS = ("stretch", "center_crop", "pad")
+# ANYDEPTH | ANYCOLOR keeps 16-bit and grayscale (as IMREAD_UNCHANGED would) but, unlike IMREAD_UNCHANGED,
+# applies the EXIF orientation (JPEG, PNG, WebP, TIFF); the alpha channel is dropped.
+IMREAD_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+
+
+def fit_square(img: np.ndarray, fit: str) -> np.ndarray:
+    """A non-square image as a square: unchanged (stretch: the resize does it), its largest centred
+    square (center_crop) or centred on a black square (pad)."""
+    h, w = img.shape[:2]
+    if h == w or fit == "stretch":
+        return img
+    if fit == "center_crop":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        return img[top : top + s, left : left + s]
+    if fit == "pad":
+        s = max(h, w)
+        top, left = (s - h) // 2, (s - w) // 2
+        return cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_CONSTANT, value=0)
+    raise ValueError(f"unknown fit {fit!r}; choose one of {FITS}")
+
+
+def decode_image(path: str, size: int, fit: str = "stretch") -> np.ndarray:
+    """Any image file -> size x size x 3 RGB uint8, upright per its EXIF orientation, made square by `fit`
+    (stretch | center_crop | pad). Raises DataError with the reason."""
     if not path:
         raise DataError("no image file")
     try:
@@ -278,7 +330,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
         raise DataError(f"cannot read file ({e.strerror})") from None
     if raw.size == 0:
         raise DataError("empty file (0 bytes)")
-    img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    img = cv2.imdecode(raw, IMREAD_FLAGS)
     if img is None or img.size == 0:
         raise DataError("not a readable image (corrupt, truncated or not an image)")
     if img.dtype == np.uint16:
@@ -291,13 +343,14 @@ def decode_image(path: str, size: int) -> np.ndarray:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     else:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    img = fit_square(img, fit)
     h, w = img.shape[:2]
     interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
-def _cache_key(paths: list[str], size: int) -> str:
-    h = hashlib.sha1(f"v{CACHE_VERSION}|{size}".encode())
+def _cache_key(paths: list[str], size: int, fit: str) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{size}|{fit}".encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -307,10 +360,12 @@ def _cache_key(paths: list[str], size: int) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_images(paths: list[str], size: int, cache_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def cached_images(
+    paths: list[str], size: int, cache_dir: str, tag: str, fit: str = "stretch"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode `paths` once into a memory-mapped N x size x size x 3 uint8 array (rebuilt when any source
-    file or the size changes). Returns (images, ok mask, error per image or '')."""
-    key = _cache_key(paths, size)
+    file, the size or the fit changes). Returns (images, ok mask, error per image or '')."""
+    key = _cache_key(paths, size, fit)
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     arr_path = folder / f"{tag}-{size}px-{key}.npy"
@@ -325,7 +380,7 @@ def cached_images(paths: list[str], size: int, cache_dir: str, tag: str) -> tupl
 
         def work(i: int, out: np.ndarray = arr) -> None:
             try:
-                out[i] = decode_image(paths[i], size)
+                out[i] = decode_image(paths[i], size, fit)
             except DataError as e:
                 errors[i] = str(e)
                 out[i] = 0
@@ -346,22 +401,26 @@ class Images:
     test: np.ndarray
 
 
-def prepare_images(comp: Competition, cfg: Config, size: int) -> Images:
-    """Decode and cache train and test images at `size`; drop unreadable training rows (or stop)."""
-    tr, ok, errors = cached_images(comp.train.path.tolist(), size, cfg.data.cache_dir, f"{comp.name}-train")
+def prepare_images(comp: Competition, cfg: Config, size: int) -> tuple[Competition, Images]:
+    """Decode and cache train and test images at `size` (cfg.data.fit). Returns a new Competition without
+    the unreadable training rows (listed in its skipped) and the images; stops instead with on_error=fail."""
+    d = cfg.data
+    tr, ok, errors = cached_images(comp.train.path.tolist(), size, d.cache_dir, f"{comp.name}-train", d.fit)
     if not ok.all():
         bad = np.flatnonzero(~ok)
         first = comp.train.path.iat[bad[0]]
-        if cfg.data.on_error == "fail":
+        if d.on_error == "fail":
             raise DataError(f"{first}: {errors[bad[0]]} ({len(bad)} unreadable training images)")
-        for i in bad:
-            comp.skipped.append((comp.train.path.iat[i], errors[i]))
         print(f"skipping {len(bad)} unreadable training images, e.g. {first}: {errors[bad[0]]}")
-        comp.train = comp.train.iloc[np.flatnonzero(ok)].reset_index(drop=True)
+        comp = replace(
+            comp,
+            train=comp.train.iloc[np.flatnonzero(ok)].reset_index(drop=True),
+            skipped=[*comp.skipped, *((comp.train.path.iat[i], errors[i]) for i in bad)],
+        )
         tr = tr[ok]
     te = np.zeros((0, size, size, 3), np.uint8)
     if len(comp.test):
-        te, ok_t, errors_t = cached_images(comp.test.path.tolist(), size, cfg.data.cache_dir, f"{comp.name}-test")
+        te, ok_t, errors_t = cached_images(comp.test.path.tolist(), size, d.cache_dir, f"{comp.name}-test", d.fit)
         if not ok_t.all():
             bad = np.flatnonzero(~ok_t)
             print(
@@ -369,4 +428,4 @@ def prepare_images(comp: Competition, cfg: Config, size: int) -> Images:
                 f"(e.g. {comp.test.id.iat[bad[0]]}: {errors_t[bad[0]]}); "
                 "they keep their row in the submission, predicted from a blank image"
             )
-    return Images(train=tr, test=te)
+    return comp, Images(train=tr, test=te)

@@ -38,6 +38,11 @@ def write_text(text: str, path: str | Path) -> None:
         Path(tmp).write_text(text)
 
 
+def write_bytes(data: bytes, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
 def save_torch(obj, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

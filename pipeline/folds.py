@@ -9,7 +9,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from .config import Config
-from .data import Competition, age_gender_strata
+from .data import Competition, age_gender_strata, merge_small_strata
 from .errors import PipelineError
 from .files import write_csv
 
@@ -22,16 +22,7 @@ def folds_path(cfg: Config, name: str) -> Path:
 
 def make_folds(train: pd.DataFrame, n_splits: int, seed: int, bins: list[float]) -> pd.DataFrame:
     strata = age_gender_strata(train.age.to_numpy(), train.gender.to_numpy(), bins)
-    # A stratum smaller than K cannot be split K ways: merge it into the nearest age bin of the same gender.
-    while True:
-        counts = pd.Series(strata).value_counts()
-        small = counts[counts < n_splits]
-        if small.empty or len(counts) == 1:
-            break
-        s = small.idxmin()
-        others = [o for o in counts.index if o != s]
-        target = min(others, key=lambda o: (o % 2 != s % 2, abs(o // 2 - s // 2)))
-        strata[strata == s] = target
+    strata = merge_small_strata(strata, n_splits)  # a stratum smaller than K cannot be split K ways
     fold = np.zeros(len(train), np.int64)
     splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for k, (_, val) in enumerate(splitter.split(np.zeros(len(strata)), strata)):

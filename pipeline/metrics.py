@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, root_mean_squared_error
 
-HIGHER_IS_BETTER = {"score": True, "accuracy": True, "f1": True, "mae": False, "rmse": False}
+# Every metric `evaluate` returns, in table order, and its direction: the one list of metric names.
+HIGHER_IS_BETTER = {"mae": False, "rmse": False, "accuracy": True, "f1": True, "score": True}
+METRICS = tuple(HIGHER_IS_BETTER)
 
 
 def competition_score(rmse: float, f1: float) -> float:

@@ -16,12 +16,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
-from .files import write_text  # noqa: E402
-from .metrics import evaluate  # noqa: E402
+from .files import write_bytes, write_text  # noqa: E402
+from .metrics import METRICS, evaluate  # noqa: E402
 
-AGE_BINS = [0, 5, 12, 18, 25, 32, 40, 50, 60, 75, 200]
 UTK_RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
-COLS = ["n", "mae", "rmse", "accuracy", "f1", "score"]
+COLS = ("n", *METRICS)
 
 
 def _png(fig) -> str:
@@ -34,7 +33,7 @@ def _png(fig) -> str:
 def _save(fig, folder: Path, name: str) -> str:
     """Write the PNG beside the report and return it base64-encoded for embedding."""
     data = _png(fig)
-    (folder / f"{name}.png").write_bytes(base64.b64decode(data))
+    write_bytes(base64.b64decode(data), folder / f"{name}.png")
     return data
 
 
@@ -53,6 +52,13 @@ def _table(df: pd.DataFrame, floats: str = "{:.4f}") -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def age_bin(age: pd.Series, bins: list[float]) -> pd.Series:
+    """Each age's bin, labelled like "5-11" (bins are the lower edges, as folds.age_bins; the last is open)."""
+    edges = [-np.inf, *bins[1:], np.inf]
+    labels = [f"{lo:g}-{hi - 1:g}" for lo, hi in zip(bins, bins[1:])] + [f"{bins[-1]:g}+"]
+    return pd.cut(age, edges, right=False, labels=labels).rename("age")
+
+
 def group_table(oof: pd.DataFrame, key: pd.Series, threshold: float) -> pd.DataFrame:
     rows = {}
     for name, part in oof.groupby(key, observed=True):
@@ -62,7 +68,7 @@ def group_table(oof: pd.DataFrame, key: pd.Series, threshold: float) -> pd.DataF
         if part.gender_true.nunique() < 2:  # macro-F1 (and so the score) means nothing within one gender
             m.update(f1=float("nan"), score=float("nan"))
         rows[name] = {"n": len(part), **m}
-    out = pd.DataFrame.from_dict(rows, orient="index")[COLS]
+    out = pd.DataFrame.from_dict(rows, orient="index")[list(COLS)]
     out.index.name = key.name
     return out
 
@@ -77,7 +83,8 @@ def learning_curves(exp_dir: Path, models: list[str], n_splits: int):
                 ax.plot(m.epoch, m.val_score, marker="o", ms=3, label=f"fold {k}")
         ax.set(title=model, xlabel="epoch", ylabel="validation score")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     return fig
 
 
@@ -91,12 +98,12 @@ def pred_vs_true(oof: pd.DataFrame):
     return fig
 
 
-def mae_by_age(oof: pd.DataFrame, models: list[str]):
-    bins = pd.cut(oof.age_true, AGE_BINS, right=False)
+def mae_by_age(oof: pd.DataFrame, models: list[str], age_bins: list[float]):
+    bins = age_bin(oof.age_true, age_bins)
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     names = [*models, "blend"]
     width = 0.8 / len(names)
-    labels = [f"{int(b.left)}-{int(b.right) - 1}" for b in bins.cat.categories]
+    labels = list(bins.cat.categories)
     for i, name in enumerate(names):
         col = "age_blend" if name == "blend" else f"age:{name}"
         mae = (oof[col] - oof.age_true).abs().groupby(bins, observed=False).mean()
@@ -144,7 +151,8 @@ td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}th{background:#f4f
 .card b{display:block;font-size:1.6em}img{max-width:100%;margin:.4em 0}.grid{display:flex;flex-wrap:wrap;gap:1em}"""
 
 
-def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str) -> Path:
+def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, age_bins: list[float]) -> Path:
+    """age_bins: the lower edges of the age bins (folds.age_bins); the last bin is open-ended."""
     summary = json.loads((exp_dir / "blend.json").read_text())
     oof = pd.read_csv(exp_dir / "oof_blend.csv", dtype={"id": str}, keep_default_na=False)
     threshold = summary["threshold"]
@@ -154,19 +162,19 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str) -
     img = {
         "curves": _save(learning_curves(exp_dir, models, n_splits), plots, "learning_curves"),
         "scatter": _save(pred_vs_true(oof), plots, "pred_vs_true"),
-        "mae_age": _save(mae_by_age(oof, models), plots, "mae_by_age"),
+        "mae_age": _save(mae_by_age(oof, models, age_bins), plots, "mae_by_age"),
         "confusion": _save(gender_confusion(oof, threshold), plots, "gender_confusion"),
         "weights": _save(blend_weights(summary), plots, "blend_weights"),
     }
-    table = pd.DataFrame(summary["table"]).T[COLS[1:]]
+    table = pd.DataFrame(summary["table"]).T[["threshold", *METRICS]]
     table.index.name = "model"
+    table_half = pd.DataFrame(summary["table_at_0.5"]).T[list(METRICS)]
+    table_half.index.name = "model"
     groups = []
     if "group" in oof.columns and oof.group.notna().any():
         key = oof.group.map(lambda g: UTK_RACES.get(int(g), str(g))).rename("race (from file name)")
         groups.append(("By race", group_table(oof, key, threshold)))
-    groups.append(
-        ("By age bin", group_table(oof, pd.cut(oof.age_true, AGE_BINS, right=False).rename("age"), threshold))
-    )
+    groups.append(("By age bin", group_table(oof, age_bin(oof.age_true, age_bins), threshold)))
     groups.append(("By gender", group_table(oof, oof.gender_true.rename("gender"), threshold)))
 
     blend = summary["table"]["blend"]
@@ -185,7 +193,11 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str) -
         "on OOF predictions only.</p>",
         "<div class=cards>" + "".join(f"<div class=card>{k}<b>{v:.4f}</b></div>" for k, v in cards) + "</div>",
         "<h2>OOF results</h2>",
+        f"<p>Ages clipped as in the submission; each row's gender threshold chosen on OOF (the blend's, "
+        f"{threshold:.2f}, is the submission's).</p>",
         _table(table),
+        "<p>The same at gender threshold 0.5:</p>",
+        _table(table_half),
     ]
     if held:
         parts += [

@@ -69,7 +69,7 @@ def test_kaggle_layout_detects_columns_and_paths(tmp_path, image_col, value_fmt,
     )
     comp = load_competition(load_config(None, [f"data.root={tmp_path}", "folds.n_splits=2"]))
     assert len(comp.train) == 10 and comp.train.age.tolist() == [float(10 + i) for i in range(10)]
-    assert comp.id_col == "ImageId" and comp.age_col == "age" and comp.gender_col == "gender"  # as in the sample
+    assert (comp.sub_id_col, comp.sub_age_col, comp.sub_gender_col) == ("ImageId", "age", "gender")  # the sample's
     assert comp.test.id.tolist() == ["t2", "t0", "t1"] and all(comp.test.path != "")
 
 
@@ -153,11 +153,15 @@ def test_unreadable_training_image_skipped_and_test_image_kept(demo_root, tmp_pa
     (root / "train" / "train_00003.jpg").write_bytes(b"\xff\xd8\xff broken")
     (root / "test" / "test_00001.jpg").write_bytes(b"")
     cfg = load_config(None, [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "folds.n_splits=2"])
-    comp = load_competition(cfg)
-    images = prepare_images(comp, cfg, 32)
+    given = load_competition(cfg)
+    n_train, n_skipped = len(given.train), len(given.skipped)
+    comp, images = prepare_images(given, cfg, 32)
     assert "train_00003" not in set(comp.train.id) and len(images.train) == len(comp.train) == 89
     assert len(images.test) == len(comp.test) == 24 and images.test[1].max() == 0
-    assert any("train_00003" in f for f, _ in comp.skipped)
+    assert any("train_00003" in f for f, _ in comp.skipped) and len(comp.skipped) == n_skipped + 1
+    assert len(given.train) == n_train and len(given.skipped) == n_skipped  # what it was given is untouched
+    again, _ = prepare_images(comp, cfg, 32)  # as for a second model: nothing more to skip
+    assert again.train.equals(comp.train) and again.skipped == comp.skipped
 
 
 def test_ids_that_look_like_numbers_keep_their_zeros(tmp_path):
@@ -171,3 +175,107 @@ def test_ids_that_look_like_numbers_keep_their_zeros(tmp_path):
     comp = load_competition(load_config(None, [f"data.root={tmp_path}", "folds.n_splits=2"]))
     assert comp.train.id.tolist() == [f"00{i}" for i in range(6)] and comp.test.id.tolist() == ["007"]
     assert comp.train.age.tolist() == [20.0, 21.0, 22.0, 23.0, 24.0, 25.0] and comp.test.path.iat[0].endswith("007.png")
+
+
+def _utkface_folder(root, ages_genders):
+    root.mkdir()
+    for i, (age, gender) in enumerate(ages_genders):
+        (root / f"{age}_{gender}_0_2017011617{i:07d}.jpg.chip.jpg").write_bytes(b"")  # never decoded here
+    return root
+
+
+def test_holdout_is_stratified_disjoint_and_copes_with_a_one_image_stratum(tmp_path):
+    people = [(20 + i % 40, i % 2) for i in range(40)] + [(99, 1)]  # the only woman over 75
+    root = _utkface_folder(tmp_path / "utk", people)
+    cfg = load_config(None, [f"data.root={root}", "data.holdout=0.25", "folds.n_splits=2"])
+    comp = load_competition(cfg)
+    train, held = set(comp.train.id), set(comp.test.id)
+    assert len(held) == 11 and len(train) == 30 and not train & held and len(train | held) == 41
+    assert comp.holdout_labels.id.tolist() == comp.test.id.tolist()
+    assert set(comp.holdout_labels.columns) >= {"age", "gender"} and "age" not in comp.test.columns
+    assert comp.holdout_labels.gender.sum() in (5, 6)  # stratified: genders split as evenly as they can be
+    assert load_competition(cfg).test.id.tolist() == comp.test.id.tolist()  # seeded
+
+
+def test_a_holdout_of_a_tiny_set_still_splits(tmp_path):
+    root = _utkface_folder(tmp_path / "utk", [(5, 0), (30, 1), (31, 0), (50, 1), (90, 0), (91, 1), (60, 0), (3, 1)])
+    comp = load_competition(load_config(None, [f"data.root={root}", "data.holdout=0.1", "folds.n_splits=2"]))
+    assert len(comp.test) == 1 and len(comp.train) == 7
+
+
+def test_labels_are_checked_without_touching_what_was_loaded(tmp_path, monkeypatch):
+    import pipeline.data as data
+
+    loaded = {}
+    real = data._load_kaggle
+
+    def keep(*args):
+        loaded["comp"] = real(*args)
+        return loaded["comp"]
+
+    monkeypatch.setattr(data, "_load_kaggle", keep)
+    (tmp_path / "train").mkdir()
+    for i in range(6):
+        _write(tmp_path / "train" / f"{i}.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "train.csv").write_text(
+        "id,age,gender\n" + "".join(f"{i},{20 + i},{i % 2}\n" for i in range(5)) + "5,x,0\n"
+    )
+    comp = load_competition(load_config(None, [f"data.root={tmp_path}", "folds.n_splits=2"]))
+    assert len(comp.train) == 5 and comp.skipped == [("5", "age 'x' is not a number")]
+    assert len(loaded["comp"].train) == 6 and loaded["comp"].skipped == []
+
+
+COLOURS = {"green": (0, 200, 0), "red": (200, 0, 0), "blue": (0, 0, 200), "white": (255, 255, 255), "black": (0, 0, 0)}
+
+
+def _bands(*names, width):
+    """A tall RGB image of horizontal bands, 20 rows each."""
+    return np.concatenate([np.full((20, width, 3), COLOURS[n], np.uint8) for n in names])
+
+
+def _colour(region):
+    mean = region.reshape(-1, 3).mean(0)
+    return min(COLOURS, key=lambda n: np.abs(mean - COLOURS[n]).sum())
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    upright = _bands("green", "red", "blue", "white", width=40)  # 80 x 40, as the camera holder saw it
+    stored = np.rot90(upright, 1)  # the sensor's 40 x 80 pixels; Orientation 6 = "rotate 90 degrees clockwise"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(stored)).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    assert Image.open(tmp_path / "phone.jpg").getexif()[0x0112] == 6
+    out = decode_image(str(tmp_path / "phone.jpg"), 16)
+    assert [_colour(out[r : r + 2, 4:12]) for r in (1, 5, 9, 13)] == ["green", "red", "blue", "white"]
+
+
+@pytest.mark.parametrize(
+    "fit, rows, side",
+    [
+        ("stretch", ["green", "red", "blue", "white"], "red"),  # squashed: every band, no border
+        ("center_crop", ["red", "red", "blue", "blue"], "red"),  # the middle square: outer bands cut off
+        ("pad", ["green", "red", "blue", "white"], "black"),  # whole, on a black square
+    ],
+)
+def test_fit_makes_a_non_square_image_square(tmp_path, fit, rows, side):
+    _write(tmp_path / "tall.png", _bands("green", "red", "blue", "white", width=40))
+    out = decode_image(str(tmp_path / "tall.png"), 16, fit)
+    assert out.shape == (16, 16, 3)
+    assert [_colour(out[r : r + 2, 6:10]) for r in (1, 5, 9, 13)] == rows
+    assert _colour(out[4:6, :3]) == side  # the left edge of rows 4-5: the image itself, or the pad's border
+
+
+def test_cache_is_keyed_by_fit_and_prepare_images_uses_the_config(tmp_path):
+    (tmp_path / "train").mkdir()
+    for i in range(4):
+        _write(tmp_path / "train" / f"{i}.png", _bands("green", "red", "blue", "white", width=40))
+    (tmp_path / "train.csv").write_text("id,age,gender\n" + "".join(f"{i},{20 + i},{i % 2}\n" for i in range(4)))
+    got = {}
+    for fit in ("stretch", "pad", "center_crop"):
+        cfg = load_config(None, [f"data.root={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", f"data.fit={fit}"])
+        cfg.folds.n_splits = 2
+        _, images = prepare_images(load_competition(cfg), cfg, 16)
+        got[fit] = np.asarray(images.train)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    assert got["pad"][:, 4:6, :3].max() == 0 and got["stretch"][:, 4:6, :3].max() > 0
+    assert not np.array_equal(got["stretch"], got["center_crop"])

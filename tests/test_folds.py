@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import load_competition
+from pipeline.data import load_competition, merge_small_strata
 from pipeline.errors import PipelineError
 from pipeline.folds import ensure_folds, folds_path, make_folds
 
@@ -52,3 +52,20 @@ def test_folds_file_written_once_and_never_changed_silently(demo_root, workdir):
     with pytest.raises(PipelineError, match="different training ids"):
         ensure_folds(cfg, comp)
     assert path.read_bytes() == before
+
+
+def test_small_strata_merge_into_the_nearest_age_bin_of_the_same_gender():
+    # stratum = age bin * 2 + gender: bin 3 has one woman (7), bin 4 one man (8)
+    strata = np.array([0] * 5 + [1] * 5 + [2] * 5 + [5] * 5 + [7] + [8])
+    merged = merge_small_strata(strata, 2)
+    assert merged.tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [5] * 5 + [5] + [2]
+    assert strata[-1] == 8  # a new array; the input is untouched
+    assert np.array_equal(merge_small_strata(strata, 1), strata)
+    assert len(np.unique(merge_small_strata(merged, 1, max_strata=2))) == 2
+
+
+def test_folds_cope_with_one_image_strata():
+    train = _labels(40)
+    train.loc[0, ["age", "gender"]] = [99.0, 1]  # alone in its age bin x gender
+    folds = make_folds(train, 5, 0, [0, 20, 40, 60, 75])
+    assert sorted(folds.fold.value_counts()) == [8] * 5

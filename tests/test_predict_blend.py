@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +9,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.metrics import competition_score, evaluate
 from pipeline.models import create_model
-from pipeline.predict import apply_tta, predict_arrays
+from pipeline.predict import Inference, apply_tta, predict_arrays
 
 
 def test_tta_averages_the_flipped_view():
@@ -20,14 +21,18 @@ def test_tta_averages_the_flipped_view():
     images = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
     rows = np.array([4, 0, 2])
     x = torch.from_numpy(images[rows]).permute(0, 3, 1, 2)
-    assert torch.equal(apply_tta(x, "hflip"), x.flip(3)) and torch.equal(apply_tta(x, "none"), x)
+    mirrored = np.stack([cv2.flip(im, 1) for im in images[rows]])  # flipped left-right, independently of torch
+    x_mirrored = torch.from_numpy(mirrored).permute(0, 3, 1, 2)
+    assert torch.equal(apply_tta(x, "hflip"), x_mirrored) and torch.equal(apply_tta(x, "none"), x)
     with torch.no_grad():
         a0, g0 = model(x)
-        a1, g1 = model(x.flip(3))
-    age, prob = predict_arrays(model, images, rows, ["none", "hflip"], 2, torch.device("cpu"), 30.0, 10.0)
+        a1, g1 = model(x_mirrored)
+    cpu = dict(device=torch.device("cpu"), amp=False, workers=0)
+    how = Inference(batch_size=2, tta=("none", "hflip"), **cpu)
+    age, prob = predict_arrays(model, images, rows, how, 30.0, 10.0)
     assert np.allclose(age, ((a0 + a1) / 2).numpy() * 10 + 30, rtol=1e-4, atol=1e-3)
     assert np.allclose(prob, ((torch.sigmoid(g0) + torch.sigmoid(g1)) / 2).numpy(), rtol=1e-4, atol=1e-4)
-    age_plain, _ = predict_arrays(model, images, rows, ["none"], 4, torch.device("cpu"), 30.0, 10.0)
+    age_plain, _ = predict_arrays(model, images, rows, Inference(batch_size=4, tta=("none",), **cpu), 30.0, 10.0)
     assert np.allclose(age_plain, a0.numpy() * 10 + 30, rtol=1e-4, atol=1e-3) and not np.allclose(age_plain, age)
 
 
