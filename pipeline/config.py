@@ -34,7 +34,7 @@ class DataConfig:
     name: str = ""  # dataset name for folds/ and the cache; default: the folder's name
     layout: str = "auto"
     img_size: int = 128  # images are decoded once, resized to this square and cached as uint8
-    fit: str = "stretch"  # non-square images: stretch, center_crop (the largest centred square) or pad (to a square)
+    fit: str = "center_crop"  # non-square images: center_crop (largest centred square), stretch, or pad (to a square)
     image_col: str = ""  # Kaggle layout: detected when empty
     age_col: str = "age"
     gender_col: str = "gender"
@@ -172,7 +172,10 @@ class Override(str):
 def _build(cls, raw, path: str):
     """Turn plain YAML data into dataclass `cls`, refusing unknown keys and wrong types."""
     if isinstance(raw, Override):
-        raw = str(raw) if cls is str else yaml.safe_load(raw) if raw else ""
+        try:
+            raw = str(raw) if cls is str else yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"{path}={raw}: not a valid value") from None
     origin = typing.get_origin(cls)
     if dataclasses.is_dataclass(cls):
         if not isinstance(raw, dict):
@@ -231,6 +234,11 @@ def _validate(cfg: Config) -> None:
     names = [m.name for m in cfg.models]
     if len(set(names)) != len(names):
         raise ConfigError(f"models: each model name may appear once, got {names}")
+    if "blend" in names:
+        raise ConfigError("models: 'blend' names the blended row of the results; call the model something else")
+    bins = cfg.folds.age_bins
+    if not bins or any(b >= c for b, c in zip(bins, bins[1:])):
+        raise ConfigError(f"folds.age_bins={bins}: give increasing ages, e.g. [0, 5, 12, 18, 25]")
     if cfg.folds.n_splits < 2:
         raise ConfigError(f"folds.n_splits={cfg.folds.n_splits}: need at least 2")
     if not 0 <= cfg.data.holdout < 0.9:
@@ -276,7 +284,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of config keys, got {type(raw).__name__}")
     # Start from the full defaults so that `models.0.name=x` works on a file that omits models.
     merged = asdict(Config())
     _deep_update(merged, raw)

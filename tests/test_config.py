@@ -25,6 +25,14 @@ def test_defaults_and_dotted_overrides(tmp_path):
         ("tta=[rot90]", ["rot90", "hflip"]),
         ("train.batch_size=many", ["train.batch_size", "int"]),
         ("folds.n_splits=1", ["n_splits"]),
+        ("tta=[]", ["tta", "none", "hflip"]),
+        ("train.batch_size=0", ["train.batch_size=0", "positive"]),
+        ("models.0.batch_size=-4", ["models.0.batch_size=-4", "positive"]),
+        ("models.0.img_size=-1", ["models.0.img_size", "positive"]),
+        ("data.fit=squash", ["center_crop", "stretch", "pad"]),
+        ("folds.age_bins=[0, 20, 10]", ["age_bins", "increasing"]),
+        ("models.0.name=blend", ["blend"]),
+        ("train.batch_size=[", ["train.batch_size", "not a valid value"]),
     ],
 )
 def test_bad_keys_and_values_are_refused_with_choices(override, words):
@@ -41,6 +49,9 @@ def test_cli_refuses_bad_config_without_traceback(capsys, tmp_path):
     assert err.startswith("error: metric='auc' is not valid") and "Traceback" not in err
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("experiment: [x\n")
+    assert main(["run", str(tmp_path / "broken.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
 
 
 def test_text_overrides_stay_as_typed_and_useless_overrides_are_refused():
