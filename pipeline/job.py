@@ -45,6 +45,11 @@ class FoldJob:
     out: Path  # runs/<experiment>/<model>/fold<k>
     device: torch.device
     tracker: Tracker
+    amp: bool | None = None  # bf16 autocast; None: on CUDA when train.amp (True on CPU exercises that path)
+
+    @property
+    def autocast(self) -> bool:
+        return self.amp if self.amp is not None else self.device.type == "cuda" and self.cfg.train.amp
 
     @property
     def name(self) -> str:

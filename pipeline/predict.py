@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .config import Config, ModelConfig
+from .config import ModelConfig
 from .errors import PipelineError
 from .files import write_csv, write_text
 from .job import FoldJob
@@ -26,17 +26,17 @@ class Inference:
 
     device: torch.device
     batch_size: int
-    amp: bool  # bf16 autocast (CUDA only, train.amp)
+    amp: bool  # bf16 autocast (FoldJob.autocast)
     workers: int
     tta: tuple[str, ...] = ("none",)
 
     @classmethod
-    def of(cls, cfg: Config, m: ModelConfig, device: torch.device, tta: list[str] | None = None) -> Inference:
+    def for_job(cls, job: FoldJob, tta: list[str] | None = None) -> Inference:
         return cls(
-            device=device,
-            batch_size=cfg.batch_size(m) * 2,  # no gradients: twice the training batch fits
-            amp=device.type == "cuda" and cfg.train.amp,
-            workers=auto_workers(cfg.train.num_workers),
+            device=job.device,
+            batch_size=job.cfg.batch_size(job.model) * 2,  # no gradients: twice the training batch fits
+            amp=job.autocast,
+            workers=auto_workers(job.cfg.train.num_workers),
             tta=tuple(tta or ["none"]),
         )
 
@@ -96,7 +96,7 @@ def predict_fold(job: FoldJob) -> None:
         print(f"{job.name}: predictions exist, skipping")
         return
     model, ckpt = load_best(out / "best.pt", job.model, job.device, cfg.train.channels_last)
-    how = Inference.of(cfg, job.model, job.device, cfg.tta)
+    how = Inference.for_job(job, cfg.tta)
     scale = dict(age_mean=ckpt["age_mean"], age_std=ckpt["age_std"])
     _, val_rows = job.rows()
     age, prob = predict_arrays(model, job.images.train, val_rows, how, desc=f"{job.name} OOF", **scale)

@@ -76,49 +76,68 @@ def warmup_cosine(steps: int, warmup_frac: float):
     return factor
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The training loss: age loss on the learnt scale + gender_weight x gender BCE."""
+
+    age_loss: str
+    beta: float  # SmoothL1 beta on the learnt scale
+    gender_weight: float
+
+    @classmethod
+    def of(cls, t: TrainConfig, scale: AgeScale) -> Objective:
+        return cls(t.age_loss, scale.smooth_l1_beta, t.gender_weight)
+
+    def __call__(self, pred_age, gender_logit, y_age, y_gender) -> torch.Tensor:
+        gender = F.binary_cross_entropy_with_logits(gender_logit.float(), y_gender)
+        return age_loss(self.age_loss, pred_age.float(), y_age, self.beta) + self.gender_weight * gender
+
+    def on_predictions(self, scale: AgeScale, age_pred, prob, age_true, gender_true) -> float:
+        """The same loss from raw-scale predictions (validation rows)."""
+        a = torch.from_numpy(scale.to_target(np.asarray(age_pred)))
+        y = torch.from_numpy(scale.to_target(np.asarray(age_true)))
+        p = np.clip(np.asarray(prob, np.float64), 1e-7, 1 - 1e-7)
+        logit = torch.from_numpy(np.log(p / (1 - p))).float()
+        return float(self(a, logit, y, torch.from_numpy(np.asarray(gender_true, np.float32))))
+
+
 @dataclass
 class Optimiser:
-    """A phase's optimiser, lr schedule and (fold-wide) EMA, stepped together."""
+    """A phase's optimiser and lr schedule, with the fold-wide EMA, stepped together on the model."""
 
+    model: AgeGenderNet
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     ema: ModelEmaV3 | None
     step: int  # global step of the fold (drives the EMA warm-up)
+    grad_clip: float
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)  # warm-up: early EMA follows the model closely
+        self.step += 1
 
 
-def train_one_epoch(model, forward, batches, optim: Optimiser, t: TrainConfig, scale: AgeScale, amp: bool, desc: str):
+def train_one_epoch(forward, batches, optim: Optimiser, objective: Objective, amp: bool, desc: str):
     """One pass over `batches` (images or cached trunk outputs). Returns (images seen, summed loss)."""
     t0, seen, loss_sum = time.perf_counter(), 0, 0.0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)
-    device = next(model.parameters()).device
+    device = next(optim.model.parameters()).device
     for x, y_age, y_gender in bar:
-        y_age, y_gender = y_age.to(device), y_gender.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             pred_age, logit = forward(x)
-        loss = age_loss(t.age_loss, pred_age.float(), y_age, scale.smooth_l1_beta)
-        loss = loss + t.gender_weight * F.binary_cross_entropy_with_logits(logit.float(), y_gender)
-        optim.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
-        optim.opt.step()
-        optim.sched.step()
-        if optim.ema is not None:
-            optim.ema.update(model, step=optim.step)  # warm-up: early EMA follows the model closely
-        optim.step += 1
+        loss = objective(pred_age, logit, y_age.to(device), y_gender.to(device))
+        optim.update(loss)
         seen += len(x)
         loss_sum += loss.item() * len(x)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     return seen, loss_sum
-
-
-def validation_loss(t: TrainConfig, scale: AgeScale, age_pred, prob, age_true, gender_true) -> float:
-    """The training objective on the validation rows, from their predictions."""
-    a = torch.from_numpy(scale.to_target(np.asarray(age_pred)))
-    y = torch.from_numpy(scale.to_target(np.asarray(age_true)))
-    p = torch.from_numpy(np.clip(np.asarray(prob), 1e-7, 1 - 1e-7)).float()
-    g = torch.from_numpy(np.asarray(gender_true)).float()
-    return float(age_loss(t.age_loss, a, y, scale.smooth_l1_beta) + t.gender_weight * F.binary_cross_entropy(p, g))
 
 
 @torch.no_grad()
@@ -202,7 +221,7 @@ def start_phase(job: FoldJob, model, pi: int, phase: Phase, n_train: int, done: 
         f"epochs={phase.epochs} trainable params={n_trainable:,}"
     )
     first_step = sum(training_batches(n_train, job.cfg.batch_size(job.model)) * p.epochs for p in phases[:pi])
-    return Optimiser(opt, sched, ema, first_step + sched.last_epoch)
+    return Optimiser(model, opt, sched, ema, first_step + sched.last_epoch, t.grad_clip)
 
 
 def phase_trunk(cache: TrunkCache, model, phases: list[Phase], pi: int) -> CachedTrunk | None:
@@ -214,7 +233,7 @@ def phase_trunk(cache: TrunkCache, model, phases: list[Phase], pi: int) -> Cache
 
 def validate(job: FoldJob, eval_model, trunk: CachedTrunk | None, va_rows, scale: AgeScale) -> tuple:
     """Validation predictions (no TTA) of the fold's validation rows, from the cache when the phase has one."""
-    how = Inference.of(job.cfg, job.model, job.device)
+    how = Inference.for_job(job)
     if trunk is not None:
         return trunk.predict_val(eval_model, how, scale.mean, scale.std)
     return predict_arrays(eval_model, job.images.train, va_rows, how, scale.mean, scale.std)
@@ -232,6 +251,7 @@ def train_fold(job: FoldJob) -> None:
     age = job.comp.train.age.to_numpy(np.float32)
     gender = job.comp.train.gender.to_numpy(np.float32)
     scale = AgeScale.fit(age[tr_rows], t.normalize_age)
+    objective = Objective.of(t, scale)
 
     model = create_model(job.model).to(job.device)
     if t.channels_last:
@@ -240,7 +260,6 @@ def train_fold(job: FoldJob) -> None:
     phases = [p for p in cfg.phases(job.model) if p.epochs > 0]
     batch_size = cfg.batch_size(job.model)
     workers = auto_workers(t.num_workers)
-    amp = job.device.type == "cuda" and t.amp
     train_ds = FaceDataset(
         job.images.train, tr_rows, scale.to_target(age[tr_rows]), gender[tr_rows], train_transform(t, seed)
     )
@@ -269,7 +288,8 @@ def train_fold(job: FoldJob) -> None:
                 batches = trunk.batches(train_ds.age, train_ds.gender, batch_size, epoch_seed, t.hflip)
                 forward = partial(trunk.forward, model)
             t0 = time.perf_counter()
-            seen, loss_sum = train_one_epoch(model, forward, batches, optim, t, scale, amp, f"{job.name} e{epoch + 1}")
+            desc = f"{job.name} e{epoch + 1}"
+            seen, loss_sum = train_one_epoch(forward, batches, optim, objective, job.autocast, desc)
             train_time = time.perf_counter() - t0
             eval_model = ema.module if ema is not None else model
             va_age, va_prob = validate(job, eval_model, trunk, va_rows, scale)
@@ -282,7 +302,7 @@ def train_fold(job: FoldJob) -> None:
                 "lr": phase.lr,
                 "lr_end": optim.opt.param_groups[0]["lr"],
                 "train_loss": loss_sum / max(1, seen),
-                "val_loss": validation_loss(t, scale, va_age, va_prob, age[va_rows], gender[va_rows]),
+                "val_loss": objective.on_predictions(scale, va_age, va_prob, age[va_rows], gender[va_rows]),
                 **{f"val_{k}": v for k, v in m.items()},
                 "img_per_s": seen / train_time,
                 "seconds": time.perf_counter() - t0,

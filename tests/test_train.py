@@ -1,6 +1,7 @@
 """Unit tests of the training stage: fold rows, phases, optimiser, lr schedule, frozen trunk cache, EMA, resume."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -105,8 +106,8 @@ def test_frozen_batchnorm_statistics_and_weights_stay_put_through_an_epoch(tmp_p
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = FaceDataset(job.images.train, np.arange(N), np.zeros(N), np.zeros(N), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
-    scale = AgeScale(0.0, 1.0, 0.25)
-    train_mod.train_one_epoch(model, forward, make_loader(ds, 8, True, 0, 1), optim, job.cfg.train, scale, False, "")
+    objective = train_mod.Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
+    train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, False, "")
     after = model.state_dict()
     frozen = [k for k in after if k.startswith(("backbone.stem", "backbone.stages.0", "backbone.stages.2"))]
     trained = [k for k in after if k.startswith("backbone.stages.3") and "running_mean" in k]
@@ -120,7 +121,7 @@ def test_inference_restores_each_modules_mode(tmp_path):
     model = create_model(job.model)
     set_trainable(model, Unfreeze.parse("last:1"))
     modes = [m.training for m in model.modules()]
-    predict_arrays(model, job.images.train, np.arange(4), Inference.of(job.cfg, job.model, job.device))
+    predict_arrays(model, job.images.train, np.arange(4), Inference.for_job(job))
     with evaluating(model):
         assert not any(m.training for m in model.modules())
     assert [m.training for m in model.modules()] == modes and model.backbone.stem[1].training is False
@@ -137,12 +138,12 @@ def test_cached_and_uncached_validation_agree_after_training_below_the_cut(tmp_p
     tr, va = job.rows()
     ds = FaceDataset(job.images.train, tr, np.zeros(len(tr)), np.zeros(len(tr)), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
-    scale = AgeScale(0.0, 1.0, 0.25)
-    train_mod.train_one_epoch(model, forward, make_loader(ds, 8, True, 0, 1), optim, job.cfg.train, scale, False, "")
+    objective = train_mod.Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
+    train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, False, "")
     start_phase(job, model, 1, phases[1], N, Progress(), ema_model)
     trunk = phase_trunk(TrunkCache(model, job.images.train, tr, va, 8, job.device), model, phases, 1)
     eval_model = ema_model.module if ema else model
-    how = Inference.of(job.cfg, job.model, job.device)
+    how = Inference.for_job(job)
     cached = trunk.predict_val(eval_model, how, 0.0, 1.0)
     uncached = predict_arrays(eval_model, job.images.train, va, how)
     np.testing.assert_allclose(cached[0], uncached[0], rtol=2e-2, atol=2e-2)  # the cache is stored in fp16
@@ -230,3 +231,33 @@ def test_a_killed_fold_resumes_mid_phase_and_ends_as_an_uninterrupted_one(tmp_pa
     assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     done = json.loads((job.out / "train_done.json").read_text())
     assert done["best_epoch"] == a["epoch"] and not (job.out / "last.pt").exists()
+
+
+def test_the_gpu_recipe_code_path_runs_on_cpu(tmp_path):
+    """configs/utkface_gpu.yaml's path, tiny: bf16 autocast, channels_last, loader workers, EMA, its phases and
+    models; only the device differs (FoldJob.amp=True turns on the autocast that CUDA would get)."""
+    from conftest import REPO
+
+    from pipeline.config import load_config
+    from pipeline.predict import predict_fold
+
+    gpu = load_config(REPO / "configs" / "utkface_gpu.yaml")
+    assert gpu.train.amp and gpu.train.channels_last and gpu.train.ema > 0
+    job = _job(tmp_path, [])
+    model = replace(gpu.models[1], img_size=SIZE, phases=[replace(p, epochs=1) for p in gpu.phases(gpu.models[1])])
+    cfg = replace(gpu, models=[model], train=replace(gpu.train, batch_size=8, num_workers=2), data=job.cfg.data)
+    job = replace(job, cfg=cfg, model=model, amp=True)
+    dtypes = set()  # the heads' output precision tells what the steps ran in
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: dtypes.add(o.dtype) if isinstance(m, torch.nn.Linear) else None
+    )
+    try:
+        train_fold(job)
+        predict_fold(job)
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in dtypes
+    metrics = _metrics(job)
+    assert metrics.train.tolist() == [p.train for p in model.phases] and np.isfinite(metrics.val_loss).all()
+    oof = pd.read_csv(job.out / "oof.csv")
+    assert len(oof) == N // 3 and np.isfinite(oof[["age", "gender_prob"]].to_numpy()).all()
