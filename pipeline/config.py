@@ -25,6 +25,8 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "metric": tuple(HIGHER_IS_BETTER),
     "tta": ("none", "hflip"),
+    "launcher": ("local", "ray"),
+    "tune.space.kind": ("loguniform", "uniform", "int", "choice"),
 }
 
 
@@ -133,6 +135,41 @@ class TrackingConfig:
 
 
 @dataclass
+class RayConfig:
+    """launcher=ray: where the (model, fold) jobs run and what each one asks for."""
+
+    address: str = ""  # "" = start Ray on this machine (loopback only); "auto" or HOST:PORT = join a running cluster
+    gpus_per_job: float = -1  # -1 = 1 when the cluster has GPUs, else 0
+    cpus_per_job: int = 1  # also the job's torch threads (CPU results depend on the thread count)
+    max_retries: int = 2  # re-runs of a job whose worker or node died; a job that raises is never retried
+    shared_fs: bool = True  # false: jobs send their fold's files back to the driver, which writes them
+
+
+@dataclass
+class SearchParam:
+    """One dimension of the tune search space: any dotted config key, as in key=value overrides."""
+
+    key: str = ""  # e.g. models.0.phases.0.lr, train.gender_weight, train.age_loss
+    kind: str = "uniform"  # loguniform | uniform | int | choice
+    low: float = 0.0  # loguniform / uniform / int
+    high: float = 0.0
+    values: list[str] = field(default_factory=list)  # choice: the candidates, written as on the command line
+
+
+@dataclass
+class TuneConfig:
+    """`python -m pipeline tune`: Ray Tune trials, Optuna searcher, ASHA on the per-epoch validation metric."""
+
+    trials: int = 8
+    folds: list[int] = field(default_factory=lambda: [0])  # the folds each trial trains (metric: their mean)
+    model: str = ""  # the model a trial trains; default: the first in models
+    grace_epochs: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/N at each rung
+    seed: int = 0  # Optuna sampler seed
+    space: list[SearchParam] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     experiment: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +179,9 @@ class Config:
     tta: list[str] = field(default_factory=lambda: ["none", "hflip"])
     metric: str = "score"  # checkpoint selection and the headline CV figure
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launcher: str = "local"  # local: jobs one after another in this process; ray: one Ray task per (model, fold)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -219,6 +259,9 @@ def _validate(cfg: Config) -> None:
     check("train.age_loss", cfg.train.age_loss)
     check("train.device", cfg.train.device)
     check("metric", cfg.metric)
+    check("launcher", cfg.launcher)
+    _validate_ray(cfg.ray)
+    _validate_tune(cfg)
     if not cfg.tta:
         raise ConfigError(f"tta: name at least one view; choose from: {', '.join(CHOICES['tta'])}")
     for t in cfg.tta:
@@ -254,6 +297,37 @@ def _validate(cfg: Config) -> None:
         for p in phases:
             if p.epochs < 0 or p.lr <= 0:
                 raise ConfigError(f"phase {p}: epochs must be >= 0 and lr > 0")
+
+
+def _validate_ray(r: RayConfig) -> None:
+    if r.cpus_per_job < 1:
+        raise ConfigError(f"ray.cpus_per_job={r.cpus_per_job}: a job needs at least 1 CPU")
+    if r.gpus_per_job < 0 and r.gpus_per_job != -1:
+        raise ConfigError(f"ray.gpus_per_job={r.gpus_per_job}: use -1 (auto), 0 or a positive number")
+    if r.max_retries < 0:
+        raise ConfigError(f"ray.max_retries={r.max_retries}: must be >= 0")
+
+
+def _validate_tune(cfg: Config) -> None:
+    t = cfg.tune
+    if t.trials < 1 or t.grace_epochs < 1 or t.reduction_factor < 2:
+        raise ConfigError("tune: trials and grace_epochs must be >= 1, reduction_factor >= 2")
+    if not t.folds or any(not 0 <= k < cfg.folds.n_splits for k in t.folds):
+        raise ConfigError(f"tune.folds={t.folds}: name folds in 0..{cfg.folds.n_splits - 1}")
+    if t.model:
+        cfg.model(t.model)
+    for i, p in enumerate(t.space):
+        where = f"tune.space.{i} ({p.key or 'no key'})"
+        if p.kind not in CHOICES["tune.space.kind"]:
+            raise ConfigError(f"{where}: kind={p.kind!r}; choose one of: {', '.join(CHOICES['tune.space.kind'])}")
+        if not p.key:
+            raise ConfigError(f"{where}: name the dotted config key to search, e.g. models.0.phases.0.lr")
+        if p.kind == "choice" and not p.values:
+            raise ConfigError(f"{where}: kind=choice needs values: [a, b, ...]")
+        if p.kind != "choice" and not p.low < p.high:
+            raise ConfigError(f"{where}: needs low < high, got low={p.low} high={p.high}")
+        if p.kind == "loguniform" and p.low <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0")
 
 
 def _set_dotted(raw: dict, key: str, value) -> None:

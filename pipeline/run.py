@@ -24,7 +24,8 @@ RUNS = Path("runs")
 SUBMISSIONS = Path("submissions")
 DEMO_ROOT = RUNS / "demo-data"
 STAGES = ("folds", "train", "predict", "blend", "run")
-IGNORED_FOR_IDENTITY = {"train.num_workers", "train.device", "tracking", "data.cache_dir"}
+# Keys that never change results: how and where jobs run (launcher=ray gives byte-identical files), tuning settings.
+IGNORED_FOR_IDENTITY = {"train.num_workers", "train.device", "tracking", "data.cache_dir", "launcher", "ray", "tune"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -110,22 +111,12 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
         return None
 
     if stage in ("train", "predict", "run"):
-        device = pick_device(cfg)
-        for m in models:
-            comp, images = prepare_images(comp, cfg, cfg.img_size(m))
-            for k in folds_to_run:
-                out = exp_dir / m.name / f"fold{k}"
-                todo = (stage != "predict" and not (out / "train_done.json").is_file()) or (
-                    stage != "train" and not (out / "predict_done.json").is_file()
-                )
-                with exclusive(out.parent / f".fold{k}.lock", f"{cfg.experiment}/{m.name} fold {k}"):
-                    tracker = Tracker(cfg, f"{m.name}-fold{k}", stage, exp_dir, enabled=todo)
-                    job = FoldJob(cfg, m, k, comp, images, folds, out, device, tracker)
-                    if stage in ("train", "run"):
-                        train_fold(job)
-                    if stage in ("predict", "run"):
-                        predict_fold(job)
-                    tracker.finish()
+        if cfg.launcher == "ray":
+            from .launch import run_on_ray
+
+            comp = run_on_ray(stage, cfg, models, folds_to_run, comp, folds, exp_dir)
+        else:
+            comp = _run_local(stage, cfg, models, folds_to_run, comp, folds, exp_dir)
         print_fold_summary(exp_dir, models, folds_to_run, cfg.metric)
         write_text(json.dumps(comp.report(), indent=1), exp_dir / "data_report.json")
         if comp.skipped:
@@ -136,3 +127,32 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
         return path
     print(f"{stage} finished in {time.perf_counter() - t0:.0f}s")
     return None
+
+
+def fold_todo(stage: str, out: Path) -> bool:
+    """Whether the stage has anything left to do for the fold in `out`."""
+    return (stage != "predict" and not (out / "train_done.json").is_file()) or (
+        stage != "train" and not (out / "predict_done.json").is_file()
+    )
+
+
+def run_fold(stage: str, cfg: Config, m, k: int, comp, images, folds, out: Path, exp_dir: Path) -> None:
+    """One (model, fold) job: train and/or predict, under the fold's lock, with its own tracking run."""
+    todo = fold_todo(stage, out)
+    with exclusive(out.parent / f".fold{k}.lock", f"{cfg.experiment}/{m.name} fold {k}"):
+        tracker = Tracker(cfg, f"{m.name}-fold{k}", stage, exp_dir, enabled=todo)
+        job = FoldJob(cfg, m, k, comp, images, folds, out, pick_device(cfg), tracker)
+        if stage in ("train", "run"):
+            train_fold(job)
+        if stage in ("predict", "run"):
+            predict_fold(job)
+        tracker.finish()
+
+
+def _run_local(stage: str, cfg: Config, models: list, folds_to_run: list[int], comp, folds, exp_dir: Path):
+    """Every (model, fold) job in this process, one after another. Returns the competition the blend uses."""
+    for m in models:
+        comp, images = prepare_images(comp, cfg, cfg.img_size(m))
+        for k in folds_to_run:
+            run_fold(stage, cfg, m, k, comp, images, folds, exp_dir / m.name / f"fold{k}", exp_dir)
+    return comp
