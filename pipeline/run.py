@@ -151,8 +151,9 @@ def run_fold(stage: str, cfg: Config, m, k: int, comp, images, folds, out: Path,
 
 def _run_local(stage: str, cfg: Config, models: list, folds_to_run: list[int], comp, folds, exp_dir: Path):
     """Every (model, fold) job in this process, one after another. Returns the competition the blend uses."""
-    for m in models:
-        comp, images = prepare_images(comp, cfg, cfg.img_size(m))
+    loaded = comp
+    for m in models:  # each from the loaded rows: the same image list, so one cache per size
+        comp, images = prepare_images(loaded, cfg, cfg.img_size(m))
         for k in folds_to_run:
             run_fold(stage, cfg, m, k, comp, images, folds, exp_dir / m.name / f"fold{k}", exp_dir)
     return comp
