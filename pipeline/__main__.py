@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .errors import PipelineError
 
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would ask PyPI for news on every import
+
 USAGE = """usage:
   python -m pipeline run|folds|train|predict|blend CONFIG [model=NAME] [fold=K] [key=value ...]
+  python -m pipeline tune CONFIG [trials=N] [folds=0[,1...]] [key=value ...]
   python -m pipeline demo OUT_DIR      write the synthetic demo competition to OUT_DIR
 
 stages: folds (write fold indices), train, predict (TTA OOF + test predictions),
-        blend (OOF-chosen weights -> submissions/), run (all of them in order)
+        blend (OOF-chosen weights -> submissions/), run (all of them in order),
+        tune (Ray Tune trials over tune.space -> runs/<experiment>/tune/best.yaml)
+launcher=ray runs every (model, fold) job as a Ray task (ray.address: "" = this machine, auto or HOST:PORT)
 key=value overrides any config entry, e.g. train.batch_size=32 models.0.name=tf_efficientnet_lite1"""
 
 
@@ -37,6 +43,12 @@ def main(argv: list[str]) -> int:
         from .config import load_config
         from .run import run
 
+        if stage == "tune":
+            from .tune import tune, tune_overrides
+
+            overrides = tune_overrides(rest)
+            tune(load_config(target, overrides), target, overrides)
+            return 0
         model = fold = None
         overrides = []
         for item in rest:

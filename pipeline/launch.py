@@ -84,7 +84,7 @@ def system_processes_env():
 def worker_env() -> dict[str, str]:
     """Environment of the job processes: this package importable, the caller's own proxies (or none)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}  # no PyPI ping
     env.update({k: os.environ.get(k, "") for k in PROXY_VARS + ("NO_PROXY", "no_proxy")})
     return env
 
