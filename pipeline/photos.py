@@ -1,0 +1,226 @@
+"""Age and gender for every face in any photos: decode (upright, 8-bit RGB), detect, crop like a UTKFace chip,
+predict with an exported bundle. `python -m pipeline predict-images BUNDLE PATH... [--out preds.csv]`."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from . import faces
+from .errors import DataError, PipelineError
+
+# As pipeline/data.py: keeps 16-bit and grayscale, applies the EXIF orientation, drops alpha.
+IMREAD_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+MAX_PIXELS = 100_000_000  # larger images are refused from their header, before any decoding
+CROP_SIZE = faces.CHIP_SIZE
+SMALL_FACE = 40  # faces smaller than this (pixels, box side) get a note: little detail to read an age from
+NO_FACE = "no face found"
+COLUMNS = ["file", "face", "x", "y", "w", "h", "score", "age", "gender_prob", "gender"]
+
+
+def image_size(raw: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding the pixels; None when Pillow cannot tell."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw.tobytes())) as im:
+                return im.size
+    except Image.DecompressionBombError:
+        return Image.MAX_IMAGE_PIXELS * 2 + 1, 1  # Pillow refused it as a bomb: over any limit of ours too
+    except Exception:  # not an image Pillow knows; OpenCV decides below
+        return None
+
+
+def decode_rgb(raw: np.ndarray) -> np.ndarray:
+    """Encoded image bytes -> H x W x 3 RGB uint8, upright per EXIF; first frame of an animation.
+    Raises DataError with the reason."""
+    try:
+        img = cv2.imdecode(raw, IMREAD_FLAGS)
+    except cv2.error:
+        img = None
+    if img is None or img.size == 0:
+        raise DataError("not a readable image (corrupt, truncated or not an image)")
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 2 or img.shape[2] == 1:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_photo(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A photo file at full resolution as RGB uint8; refuses images over `max_pixels` before decoding them."""
+    if os.path.isdir(path):
+        raise DataError("a folder without image files")
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise DataError(f"cannot read file ({e.strerror})") from None
+    if raw.size == 0:
+        raise DataError("empty file (0 bytes)")
+    size = image_size(raw)
+    if size and size[0] * size[1] > max_pixels:
+        w, h = size
+        raise DataError(
+            f"image too large: {w} x {h} = {w * h / 1e6:.0f} Mpx, the limit is {max_pixels / 1e6:.0f} Mpx "
+            "(not decoded: a decompression bomb or a scan far larger than a photo)"
+        )
+    return decode_rgb(raw)
+
+
+def photo_paths(args: list[str]) -> list[str]:
+    """Files as given, image files under folders (recursively, sorted), glob matches (sorted). Anything that
+    does not exist is kept as given, so that it gets a row saying so."""
+    out: list[str] = []
+    for arg in args:
+        if os.path.isdir(arg):
+            found = [str(p) for p in sorted(Path(arg).rglob("*")) if p.suffix.lower() in PHOTO_EXTS and p.is_file()]
+            out.extend(found or [arg])
+        elif os.path.exists(arg) or not glob.has_magic(arg):
+            out.append(arg)
+        else:
+            matches = sorted(m for m in glob.glob(arg, recursive=True) if os.path.isfile(m))
+            out.extend(matches or [arg])
+    return list(dict.fromkeys(out))
+
+
+def whole_image(rgb: np.ndarray) -> np.ndarray:
+    """The largest centred square (the pipeline's default data.fit), at the crop size."""
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    square = rgb[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    interp = cv2.INTER_AREA if s > CROP_SIZE else cv2.INTER_LINEAR
+    return cv2.resize(square, (CROP_SIZE, CROP_SIZE), interpolation=interp)
+
+
+def _face_row(path: str, index: int, face: faces.Face) -> dict:
+    x, y, w, h = face.box
+    note = f"small face ({max(w, h):.0f} px): less reliable" if max(w, h) < SMALL_FACE else ""
+    return {"file": path, "face": index, "x": x, "y": y, "w": w, "h": h, "score": face.score, "note": note}
+
+
+def _photo_rows(path: str, whole_image_if_no_face: bool) -> tuple[list[dict], list[np.ndarray]]:
+    """One photo's rows and the crops to predict, one per row that gets a prediction (crops[i] <-> rows[i])."""
+    try:
+        rgb = read_photo(path)
+    except DataError as e:
+        return [{"file": path, "face": -1, "note": str(e)}], []
+    found = faces.detect_faces(rgb)
+    if not found:
+        h, w = rgb.shape[:2]
+        row = {"file": path, "face": -1, "note": NO_FACE}
+        if not whole_image_if_no_face:
+            return [row], []
+        row.update(x=0.0, y=0.0, w=float(w), h=float(h), note=f"{NO_FACE}: predicted on the whole image")
+        return [row], [whole_image(rgb)]
+    return [_face_row(path, i, f) for i, f in enumerate(found)], [faces.crop_face(rgb, f, CROP_SIZE) for f in found]
+
+
+def predict_images(
+    bundle, paths: list[str], whole_image_if_no_face: bool = False, batch_size: int = 32
+) -> pd.DataFrame:
+    """One row per detected face (file, face index, box x y w h in the upright photo's pixels, detector score,
+    age, gender_prob, gender[, gender_label], note); a photo without a face or that cannot be read gets one
+    row with face = -1 and the reason in `note` (with whole_image_if_no_face, a prediction on the whole
+    image). `bundle.predict(list of RGB uint8 crops)` returns age, gender_prob, gender[, gender_label]."""
+    rows: list[dict] = []
+    pending: list[tuple[int, np.ndarray]] = []  # (row index, crop) waiting for a full batch
+
+    def flush() -> None:
+        if not pending:
+            return
+        preds = bundle.predict([crop for _, crop in pending])
+        for (i, _), pred in zip(pending, preds.to_dict("records"), strict=True):
+            rows[i].update(pred)
+        pending.clear()
+
+    for path in tqdm(paths, desc="predict-images", unit="photo", file=sys.stderr, disable=len(paths) < 2):
+        photo_rows, crops = _photo_rows(path, whole_image_if_no_face)
+        first = len(rows)
+        rows.extend(photo_rows)
+        pending.extend((first + k, crop) for k, crop in enumerate(crops))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    df = pd.DataFrame(rows)
+    extra = [c for c in df.columns if c not in COLUMNS and c != "note"]
+    df = df.reindex(columns=[*COLUMNS, *extra, "note"])
+    df["face"] = df["face"].astype("int64")
+    df["note"] = df["note"].fillna("")
+    return df
+
+
+def _write_csv(df: pd.DataFrame, path: str) -> None:
+    """Written to a temporary name and renamed: a half-written CSV is never left behind."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    df.to_csv(tmp, index=False, float_format="%.4f")
+    os.replace(tmp, path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline predict-images",
+        description="Age and gender for every face in photos (files, folders searched recursively, globs).",
+    )
+    p.add_argument("bundle", help="an exported bundle (python -m pipeline export)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--out", help="write the table to this CSV (default: print it)")
+    p.add_argument("--whole-image", action="store_true", help="predict on the whole photo when it has no face")
+    p.add_argument("--batch-size", type=int, default=32)
+    return p
+
+
+def predict_images_cli(argv: list[str]) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage and the problem
+        return int(e.code or 0)
+    if args.batch_size < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        from .bundle import load_bundle
+    except ImportError:
+        print("error: this version of the pipeline has no bundle support (pipeline/bundle.py)", file=sys.stderr)
+        return 2
+    try:
+        bundle = load_bundle(args.bundle)
+        paths = photo_paths(args.paths)
+        df = predict_images(bundle, paths, whole_image_if_no_face=args.whole_image, batch_size=args.batch_size)
+        for row in df[(df.face < 0) & (df.note != "")].itertuples():
+            print(f"{row.file}: {row.note}", file=sys.stderr)
+        if args.out:
+            _write_csv(df, args.out)
+        else:
+            df.to_csv(sys.stdout, index=False, float_format="%.4f")
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    n_faces = int((df.face >= 0).sum())
+    unreadable = int(((df.face < 0) & ~df.note.str.startswith(NO_FACE)).sum())
+    no_face = int(df.note.str.startswith(NO_FACE).sum())
+    where = f" -> {args.out}" if args.out else ""
+    print(
+        f"{len(paths)} photos: {n_faces} faces, {no_face} without a face, {unreadable} unreadable{where}",
+        file=sys.stderr,
+    )
+    return 0
