@@ -7,6 +7,7 @@ import argparse
 import glob
 import io
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -30,16 +31,20 @@ NO_FACE = "no face found"
 COLUMNS = ["file", "face", "x", "y", "w", "h", "score", "age", "gender_prob", "gender"]
 
 
-def image_size(raw: np.ndarray) -> tuple[int, int] | None:
-    """(width, height) from the file's header without decoding the pixels; None when Pillow cannot tell."""
+def image_pixels(raw: np.ndarray) -> tuple[int, str] | None:
+    """(pixel count, "W x H pixels") from the file's header without decoding the pixels; None when Pillow cannot
+    read the header (OpenCV decides then)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(raw.tobytes())) as im:
-                return im.size
-    except Image.DecompressionBombError:
-        return Image.MAX_IMAGE_PIXELS * 2 + 1, 1  # Pillow refused it as a bomb: over any limit of ours too
-    except Exception:  # not an image Pillow knows; OpenCV decides below
+                w, h = im.size
+                return w * h, f"{w} x {h} pixels"
+    except Image.DecompressionBombError as e:  # over twice Pillow's own limit; it names only the pixel count
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        n = int(m.group(1)) if m else Image.MAX_IMAGE_PIXELS * 2 + 1
+        return n, f"{n / 1e6:.0f} Mpx"
+    except Exception:  # not an image Pillow knows
         return None
 
 
@@ -73,11 +78,10 @@ def read_photo(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise DataError(f"cannot read file ({e.strerror})") from None
     if raw.size == 0:
         raise DataError("empty file (0 bytes)")
-    size = image_size(raw)
-    if size and size[0] * size[1] > max_pixels:
-        w, h = size
+    header = image_pixels(raw)
+    if header and header[0] > max_pixels:
         raise DataError(
-            f"image too large: {w} x {h} = {w * h / 1e6:.0f} Mpx, the limit is {max_pixels / 1e6:.0f} Mpx "
+            f"image too large: {header[1]}, the limit is {max_pixels / 1e6:.0f} Mpx "
             "(not decoded: a decompression bomb or a scan far larger than a photo)"
         )
     return decode_rgb(raw)
@@ -141,22 +145,22 @@ def predict_images(
     rows: list[dict] = []
     pending: list[tuple[int, np.ndarray]] = []  # (row index, crop) waiting for a full batch
 
-    def flush() -> None:
-        if not pending:
-            return
-        preds = bundle.predict([crop for _, crop in pending])
-        for (i, _), pred in zip(pending, preds.to_dict("records"), strict=True):
-            rows[i].update(pred)
-        pending.clear()
+    def flush(size: int) -> None:
+        """Predict the pending crops in batches of `size`, leaving fewer than `size` pending."""
+        while len(pending) >= max(size, 1):
+            batch = pending[:size]
+            del pending[:size]
+            preds = bundle.predict([crop for _, crop in batch])
+            for (i, _), pred in zip(batch, preds.to_dict("records"), strict=True):
+                rows[i].update(pred)
 
     for path in tqdm(paths, desc="predict-images", unit="photo", file=sys.stderr, disable=len(paths) < 2):
         photo_rows, crops = _photo_rows(path, whole_image_if_no_face)
         first = len(rows)
         rows.extend(photo_rows)
         pending.extend((first + k, crop) for k, crop in enumerate(crops))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+        flush(batch_size)
+    flush(len(pending))
     df = pd.DataFrame(rows)
     extra = [c for c in df.columns if c not in COLUMNS and c != "note"]
     df = df.reindex(columns=[*COLUMNS, *extra, "note"])

@@ -1,0 +1,239 @@
+"""predict-images: photo decoding, bad input, one row per face, the CLI. The bundle here is FakeBundle, a test
+double of pipeline.bundle.Bundle's predict interface, so these tests need no trained model."""
+
+from __future__ import annotations
+
+import io
+import struct
+import sys
+import types
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from skimage import data
+
+from pipeline import photos
+from pipeline.errors import DataError
+
+ASTRONAUT_FACE = (177, 63, 89, 112)  # x, y, w, h in skimage's astronaut
+
+
+class FakeBundle:
+    """Test double of pipeline.bundle.Bundle: predict(list of RGB uint8 crops) -> age, gender_prob, gender,
+    gender_label. The age is the crop's mean brightness, so that a test can tell crops apart."""
+
+    face_crop = "none"
+
+    def __init__(self) -> None:
+        self.batches: list[list[np.ndarray]] = []
+
+    def predict(self, faces: list[np.ndarray]) -> pd.DataFrame:
+        self.batches.append(faces)
+        age = [float(f.mean()) / 4 for f in faces]
+        prob = [float(f[..., 0].mean()) / 255 for f in faces]
+        return pd.DataFrame(
+            {
+                "age": age,
+                "gender_prob": prob,
+                "gender": [int(p >= 0.5) for p in prob],
+                "gender_label": ["female" if p >= 0.5 else "male" for p in prob],
+            }
+        )
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return data.astronaut()
+
+
+def save(path: Path, rgb: np.ndarray, **kwargs) -> Path:
+    Image.fromarray(rgb).save(path, **kwargs)
+    return path
+
+
+def group_photo(astronaut: np.ndarray, n: int) -> np.ndarray:
+    tile = cv2.resize(astronaut[20:280, 100:340], (100, 108), interpolation=cv2.INTER_AREA)
+    cols = min(n, 6)
+    rows = [np.hstack([tile] * cols) for _ in range(n // cols)]
+    return np.vstack(rows)
+
+
+def bomb_png(path: Path, side: int = 30000) -> Path:
+    """A PNG whose header says side x side pixels (8-bit gray), with a few rows of data: decoding it fully
+    would need side^2 bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = zlib.compress(b"\x00" * (side + 1) * 16)
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory, astronaut) -> Path:
+    """Good and bad photos, as a user's folder might hold them."""
+    d = tmp_path_factory.mktemp("photos")
+    save(d / "astronaut.jpg", astronaut, quality=95)
+    save(d / "gray.png", cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY))
+    save(d / "rgba.png", np.dstack([astronaut, np.full(astronaut.shape[:2], 200, np.uint8)]))
+    cv2.imwrite(str(d / "sixteen_bit.png"), astronaut[:, :, ::-1].astype(np.uint16) * 257)
+    Image.fromarray(astronaut).convert("CMYK").save(d / "cmyk.jpg")
+    noise = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    frames = [Image.fromarray(astronaut), Image.fromarray(cv2.resize(noise, (512, 512)))]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    # a phone photo: pixels stored on their side, EXIF orientation 6 says "turn 90 degrees clockwise to view"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save(d / "phone.jpg", np.ascontiguousarray(np.rot90(astronaut[:, :400])), exif=exif, quality=95)
+    save(d / "no_face.png", noise)
+    (d / "group").mkdir()
+    save(d / "group" / "thirty.png", group_photo(astronaut, 30))
+    (d / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(astronaut).save(buf, "JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    (d / "notes.jpg").write_text("not an image at all\n")
+    bomb_png(d / "bomb.png")
+    return d
+
+
+GOOD = ["astronaut.jpg", "gray.png", "rgba.png", "sixteen_bit.png", "cmyk.jpg", "animated.gif", "phone.jpg"]
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_every_kind_of_photo_decodes_upright_and_shows_the_face(photo_dir, name):
+    rgb = photos.read_photo(str(photo_dir / name))
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    assert rgb.shape[:2] == ((512, 400) if name == "phone.jpg" else (512, 512))  # EXIF orientation applied
+    found = photos.faces.detect_faces(rgb)
+    assert len(found) == 1
+    x, y, w, h = found[0].box
+    assert abs(x + w / 2 - 221) < 15 and abs(y + h / 2 - 119) < 15  # where the face is in the upright photo
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("empty.jpg", "empty file (0 bytes)"),
+        ("truncated.jpg", "not a readable image"),
+        ("notes.jpg", "not a readable image"),
+        ("bomb.png", "image too large: 900 Mpx, the limit is 100 Mpx"),
+        ("missing.jpg", "cannot read file (No such file or directory)"),
+    ],
+)
+def test_bad_files_are_refused_with_the_reason(photo_dir, name, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        photos.read_photo(str(photo_dir / name))
+
+
+def test_bomb_is_refused_before_decoding(photo_dir, monkeypatch):
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("the bomb reached the decoder"))
+    with pytest.raises(DataError, match="decompression bomb"):
+        photos.read_photo(str(photo_dir / "bomb.png"))
+
+
+def test_paths_from_files_folders_and_globs(photo_dir):
+    every = photos.photo_paths([str(photo_dir)])
+    assert str(photo_dir / "group" / "thirty.png") in every  # folders are searched recursively
+    assert len(every) == len(set(every)) == 13
+    globbed = photos.photo_paths([str(photo_dir / "*.png"), str(photo_dir / "astronaut.jpg")])
+    assert [Path(p).name for p in globbed] == ["bomb.png", "gray.png", "no_face.png", "rgba.png", "sixteen_bit.png"] + [
+        "astronaut.jpg"
+    ]
+    assert photos.photo_paths(["nowhere/*.jpg", "missing.png"]) == ["nowhere/*.jpg", "missing.png"]
+
+
+def test_predict_images_rows(photo_dir):
+    bundle = FakeBundle()
+    names = ["astronaut.jpg", "group/thirty.png", "no_face.png", "empty.jpg", "bomb.png"]
+    df = photos.predict_images(bundle, [str(photo_dir / n) for n in names], batch_size=8)
+    assert list(df.columns) == [*photos.COLUMNS, "gender_label", "note"]
+    by_file = df.groupby(df.file.map(lambda p: Path(p).name), sort=False)
+    assert by_file.size().to_dict() == {
+        "astronaut.jpg": 1,
+        "thirty.png": 30,
+        "no_face.png": 1,
+        "empty.jpg": 1,
+        "bomb.png": 1,
+    }
+    group = df[df.file.str.endswith("thirty.png")]
+    assert group.face.tolist() == list(range(30))
+    assert group.age.notna().all() and (group.score >= 0.75).all()
+    astro = df[df.file.str.endswith("astronaut.jpg")].iloc[0]
+    assert astro.face == 0 and astro.note == "" and abs(astro.x - 177) < 10 and abs(astro.w - 89) < 10
+    assert df.loc[df.file.str.endswith("no_face.png"), "note"].item() == "no face found"
+    assert df.loc[df.file.str.endswith("empty.jpg"), "note"].item() == "empty file (0 bytes)"
+    assert df.loc[df.file.str.endswith("bomb.png"), "note"].item().startswith("image too large")
+    bad = df[df.face < 0]
+    assert bad.age.isna().all() and bad.x.isna().all()
+    # 31 crops in batches of at most 8, every crop a UTKFace-sized RGB chip
+    assert [len(b) for b in bundle.batches] == [8, 8, 8, 7]
+    assert all(c.shape == (200, 200, 3) and c.dtype == np.uint8 for b in bundle.batches for c in b)
+
+
+def test_whole_image_when_no_face(photo_dir):
+    df = photos.predict_images(FakeBundle(), [str(photo_dir / "no_face.png")], whole_image_if_no_face=True)
+    row = df.iloc[0]
+    assert row.face == -1 and row.note == "no face found: predicted on the whole image"
+    assert np.isfinite(row.age) and (row.w, row.h) == (320, 240)
+
+
+@pytest.fixture
+def fake_bundle_module(monkeypatch):
+    """pipeline.bundle replaced by a module whose load_bundle returns a FakeBundle (or fails, for 'bad')."""
+    from pipeline.errors import PipelineError
+
+    def load_bundle(path):
+        if str(path).endswith("bad"):
+            raise PipelineError(f"{path}: not a bundle")
+        return FakeBundle()
+
+    module = types.ModuleType("pipeline.bundle")
+    module.load_bundle = load_bundle
+    monkeypatch.setitem(sys.modules, "pipeline.bundle", module)
+
+
+def test_cli_writes_the_table_and_one_line_per_problem(photo_dir, tmp_path, fake_bundle_module, capsys):
+    out = tmp_path / "preds.csv"
+    code = photos.predict_images_cli(["BUNDLE", str(photo_dir), "--out", str(out), "--batch-size", "4"])
+    assert code == 0
+    df = pd.read_csv(out, keep_default_na=False)
+    assert len(df) == 7 + 30 + 1 + 4  # good photos, the group, no face, 4 bad files
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for name, why in [
+        ("empty.jpg", "empty file"),
+        ("truncated.jpg", "not a readable image"),
+        ("notes.jpg", "not a readable image"),
+        ("bomb.png", "image too large"),
+        ("no_face.png", "no face found"),
+    ]:
+        assert f"{photo_dir / name}: {why}" in err
+    assert "13 photos: 37 faces, 1 without a face, 4 unreadable" in err
+
+
+def test_cli_prints_csv_without_out(photo_dir, fake_bundle_module, capsys):
+    assert photos.predict_images_cli(["BUNDLE", str(photo_dir / "astronaut.jpg")]) == 0
+    out = capsys.readouterr().out
+    df = pd.read_csv(io.StringIO(out))
+    assert len(df) == 1 and df.face.item() == 0
+
+
+def test_cli_usage_errors_are_one_line(fake_bundle_module, capsys):
+    assert photos.predict_images_cli([]) == 2
+    assert photos.predict_images_cli(["bad", "x.jpg"]) == 2
+    assert photos.predict_images_cli(["BUNDLE", "x.jpg", "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: bad: not a bundle" in err and "Traceback" not in err
+
+
+def test_large_image_under_pillows_own_limit_is_refused_by_its_size(tmp_path):
+    with pytest.raises(DataError, match="image too large: 11000 x 11000 pixels, the limit is 100 Mpx"):
+        photos.read_photo(str(bomb_png(tmp_path / "big.png", side=11000)))
