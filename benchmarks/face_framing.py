@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from pipeline import faces  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import decode_image, load_competition  # noqa: E402
@@ -28,7 +29,7 @@ CHIP_CORNERS = np.array([[0, 0], [CHIP, 0], [CHIP, CHIP], [0, CHIP]], dtype=np.f
 
 
 def dev_paths(root: str, n: int, seed: int) -> list[str]:
-    cfg = load_config("configs/utkface_cpu.yaml", [f"data.root={root}"])
+    cfg = load_config(str(REPO / "configs" / "utkface_cpu.yaml"), [f"data.root={root}"])
     train = load_competition(cfg).train  # the developer set: training rows after the holdout split
     return train.sample(n=min(n, len(train)), random_state=seed).path.tolist()
 
