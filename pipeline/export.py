@@ -1,0 +1,398 @@
+"""Export a blended run as a self-contained bundle: every fold model (safetensors or ONNX), the blend,
+the preprocessing, the gender coding and a model card. `pipeline.bundle` loads it and predicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bundle import BUNDLE_FILE, FORMAT, VERSION, load_bundle
+from .config import Config, ModelConfig, load_config
+from .data import detect_layout
+from .errors import DataError, PipelineError
+from .files import atomic_path, write_text
+from .models import AgeGenderNet, create_model
+
+RUNS = Path("runs")
+FORMATS = ("torch", "onnx")
+UTKFACE_LABELS = {"0": "male", "1": "female"}  # UTKFace file names: age_gender_race, gender 0 = male
+REPO = Path(__file__).resolve().parents[1]
+USAGE = "usage: python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=NAME0,NAME1]"
+
+
+class TTAFold(nn.Module):
+    """One fold as the bundle runs it: uint8 N x H x W x 3 pixels in; raw-scale age and gender probability,
+    each averaged over the TTA views, out. The same module runs torch bundles and is exported to ONNX."""
+
+    def __init__(self, model: AgeGenderNet, tta: list[str], age_mean: float, age_std: float):
+        super().__init__()
+        self.model = model
+        self.tta = tuple(tta)
+        # buffers, not constants: they become named ONNX initializers that each fold's weights replace
+        self.register_buffer("age_mean", torch.tensor(float(age_mean)))
+        self.register_buffer("age_std", torch.tensor(float(age_std)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        x = x.permute(0, 3, 1, 2)
+        views = torch.cat([x.flip(3) if t == "hflip" else x for t in self.tta])  # one batch for all views
+        age, logit = self.model(views)
+        age = age.float().reshape(len(self.tta), n).mean(0)
+        prob = torch.sigmoid(logit.float()).reshape(len(self.tta), n).mean(0)
+        return age * self.age_std + self.age_mean, prob
+
+
+@dataclass
+class FoldState:
+    fold: int
+    state: dict[str, torch.Tensor]  # AgeGenderNet state dict
+    age_mean: float
+    age_std: float
+    epoch: int | None = None
+
+
+@dataclass
+class Member:
+    """One backbone of the blend: its config (img_size resolved) and its fold models."""
+
+    cfg: ModelConfig
+    folds: list[FoldState]
+
+    def fold_module(self, f: FoldState, tta: list[str]) -> TTAFold:
+        model = create_model(self.cfg, load_weights=False)
+        model.load_state_dict(f.state)
+        return TTAFold(model, tta, f.age_mean, f.age_std).eval()
+
+
+def run_config(config_path: str, overrides: list[str], runs: Path = RUNS) -> tuple[Config, Path]:
+    """The experiment's own saved config (what it was trained with) and its folder."""
+    cfg = load_config(config_path, overrides)
+    exp_dir = runs / cfg.experiment
+    saved = exp_dir / "config.yaml"
+    if not saved.is_file():
+        raise PipelineError(f"{exp_dir}: no such experiment; run it first (python -m pipeline run {config_path})")
+    return load_config(saved), exp_dir
+
+
+def read_blend(exp_dir: Path) -> dict:
+    path = exp_dir / "blend.json"
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: export needs a blended run; run the blend stage first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise PipelineError(f"{path}: not valid JSON; run the blend stage again") from None
+
+
+def collect_members(cfg: Config, exp_dir: Path, blend: dict) -> list[Member]:
+    """Every fold's best checkpoint of every model in the blend."""
+    members = []
+    for name in blend["age_weights"]:
+        m = cfg.model(name)
+        resolved = ModelConfig(
+            name=m.name, arch=m.timm_name, pretrained=False, img_size=cfg.img_size(m), drop_rate=m.drop_rate
+        )
+        folds = []
+        for k in range(cfg.folds.n_splits):
+            path = exp_dir / name / f"fold{k}" / "best.pt"
+            if not path.is_file():
+                raise PipelineError(f"{path}: missing; train model={name} fold={k} before exporting")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own checkpoint, tensors only
+            state = {key: v.contiguous() for key, v in ckpt["model"].items()}
+            folds.append(FoldState(k, state, float(ckpt["age_mean"]), float(ckpt["age_std"]), ckpt.get("epoch")))
+        members.append(Member(resolved, folds))
+    return members
+
+
+def gender_labels(cfg: Config, given: list[str] | None) -> tuple[dict[str, str], str]:
+    """What the submission's gender 0/1 mean, and where that comes from."""
+    if given:
+        return {"0": given[0], "1": given[1]}, "given at export (gender_labels=)"
+    try:
+        layout = detect_layout(Path(cfg.data.root), cfg.data)
+    except (DataError, OSError):
+        layout = "unknown"
+    if layout == "utkface":
+        return dict(UTKFACE_LABELS), "UTKFace file names (age_gender_race_date): 0 = male, 1 = female"
+    return {"0": "0", "1": "1"}, "the training labels' own 0/1 codes (names unknown; export with gender_labels=)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() + ("+modified" if dirty else "")
+
+
+def versions(fmt: str) -> dict[str, str]:
+    import safetensors
+    import timm
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__}
+    out |= {"numpy": np.__version__, "safetensors": safetensors.__version__}
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        out |= {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return out
+
+
+def bundle_info(
+    cfg: Config, exp_dir: Path, blend: dict, members: list[Member], fmt: str, labels: list[str] | None = None
+) -> dict:
+    """bundle.json without the weight files (write_bundle adds them)."""
+    coding, source = gender_labels(cfg, labels)
+    report = exp_dir / "data_report.json"
+    data = json.loads(report.read_text()) if report.is_file() else {}
+    data.pop("skipped_files", None)  # names of the training files stay with the run
+    models = []
+    for m in members:
+        state = m.folds[0].state
+        models.append(
+            {
+                "name": m.cfg.name,
+                "arch": m.cfg.timm_name,
+                "img_size": m.cfg.img_size,
+                "drop_rate": m.cfg.drop_rate,
+                "mean": (state["mean"].flatten() / 255).tolist(),  # AgeGenderNet normalises 0..255 pixels
+                "std": (state["std"].flatten() / 255).tolist(),
+                "age_weight": blend["age_weights"][m.cfg.name],
+                "gender_weight": blend["gender_weights"][m.cfg.name],
+                "folds": [
+                    {"fold": f.fold, "age_mean": f.age_mean, "age_std": f.age_std, "epoch": f.epoch} for f in m.folds
+                ],
+            }
+        )
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "runtime": fmt,
+        "experiment": cfg.experiment,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git_commit(),
+        "versions": versions(fmt),
+        "face_crop": getattr(cfg.data, "face_crop", "none"),
+        "fit": cfg.data.fit,
+        "tta": list(cfg.tta),
+        "max_age": cfg.data.max_age,
+        "input": "RGB uint8 face crops of any size; each model fits them square (fit) and resizes to its img_size",
+        "gender": {"threshold": blend["threshold"], "labels": coding, "labels_from": source},
+        "models": models,
+        "oof": {k: blend.get(k) for k in ("metric", "cv", "oof_rows", "table", "table_at_0.5")},
+        "holdout": blend.get("holdout"),
+        "data": data,
+    }
+
+
+def write_torch_files(members: list[Member], out: Path, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    for m, entry in zip(members, info["models"]):
+        for f, fe in zip(m.folds, entry["folds"]):
+            fe["file"] = f"models/{m.cfg.name}/fold{f.fold}.safetensors"
+            (out / fe["file"]).parent.mkdir(parents=True, exist_ok=True)
+            save_file(f.state, str(out / fe["file"]), metadata={"fold": str(f.fold), "model": m.cfg.name})
+
+
+def write_onnx_files(members: list[Member], out: Path, info: dict) -> None:
+    """One ONNX graph per fold. The graph is traced once per model (tracing is slow) and each fold's weights
+    replace its named initializers; every fold is then checked against torch on random pixels."""
+    import onnxscript
+
+    for m, entry in zip(members, info["models"]):
+        size = m.cfg.img_size
+        example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+        first = m.fold_module(m.folds[0], info["tta"])
+        with redirect_stdout(StringIO()):  # the exporter prints its progress
+            program = torch.onnx.export(
+                first,
+                (example,),
+                input_names=["pixels"],
+                output_names=["age", "gender_prob"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+            )
+        for f, fe in zip(m.folds, entry["folds"]):
+            fold = m.fold_module(f, info["tta"])
+            program.apply_weights({k: v for k, v in fold.state_dict().items() if k in program.model.graph.initializers})
+            proto = onnxscript.optimizer.optimize(program.model_proto)
+            fe["file"] = f"models/{m.cfg.name}/fold{f.fold}.onnx"
+            (out / fe["file"]).parent.mkdir(parents=True, exist_ok=True)
+            (out / fe["file"]).write_bytes(proto.SerializeToString())
+            check_onnx_fold(fold, out / fe["file"], size, f"{m.cfg.name} fold {f.fold}")
+
+
+def check_onnx_fold(fold: TTAFold, path: Path, size: int, what: str) -> None:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    age, prob = session.run(None, {"pixels": x})
+    with torch.inference_mode():
+        t_age, t_prob = fold(torch.from_numpy(x))
+    err_age, err_prob = np.abs(age - t_age.numpy()).max(), np.abs(prob - t_prob.numpy()).max()
+    if err_age > 1e-3 or err_prob > 1e-5:
+        raise PipelineError(f"ONNX export of {what} disagrees with torch (age {err_age:.2g}, prob {err_prob:.2g})")
+
+
+def model_card(info: dict) -> str:
+    """README.md of the bundle: what it is, how well it did, what it was trained on, where it breaks."""
+    oof, data = info["oof"], info["data"]
+    metrics = list(next(iter(oof["table"].values())).keys()) if oof.get("table") else []
+    lines = [
+        f"# Age and gender model: {info['experiment']} ({info['runtime']} bundle)",
+        "",
+        f"Created {info['created']} from pipeline commit `{info['git_commit']}`.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
+        "",
+        "## What it does",
+        "",
+        "Predicts age in years and gender from a face crop (RGB). An ensemble of "
+        + ", ".join(f"{m['name']} ({m['arch']}, {m['img_size']} px, {len(m['folds'])} folds)" for m in info["models"])
+        + f"; test-time augmentation {info['tta']}; images made square by `{info['fit']}` and resized per model; "
+        f"face crop setting `{info['face_crop']}`. Ages are clipped to [0, {info['max_age']:g}].",
+        "",
+        f"Gender: probability of code 1, decided at threshold {info['gender']['threshold']:.2f}; codes "
+        + ", ".join(f"{k} = {v}" for k, v in info["gender"]["labels"].items())
+        + f" ({info['gender']['labels_from']}).",
+        "",
+        "Blend weights (chosen on out-of-fold predictions): "
+        + "; ".join(f"{m['name']}: age {m['age_weight']:.3f}, gender {m['gender_weight']:.3f}" for m in info["models"]),
+        "",
+        "## How well (out of fold)",
+        "",
+        f"{oof.get('oof_rows')} training images, {len(info['models'][0]['folds'])}-fold cross-validation; "
+        f"CV {oof.get('metric')} {oof.get('cv', float('nan')):.4f}. Each row at its own OOF-tuned threshold:",
+        "",
+        "| model | " + " | ".join(metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
+    ]
+    for name, row in (oof.get("table") or {}).items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in metrics) + " |")
+    if info.get("holdout"):
+        lines += ["", "Held-out test split: " + ", ".join(f"{k} {v:.4f}" for k, v in info["holdout"].items())]
+    lines += [
+        "",
+        "## Training data",
+        "",
+        f"Dataset `{data.get('dataset', '?')}`: {data.get('train_images', '?')} training images, "
+        f"{data.get('test_images', '?')} test images, {data.get('skipped', '?')} skipped "
+        f"({', '.join(f'{k}: {v}' for k, v in (data.get('skipped_by_reason') or {}).items()) or 'none'}).",
+        "",
+        "## Intended use and limits",
+        "",
+        "- Input: one face per image, framed as in the training images (tight, roughly aligned crops). With "
+        "`face_crop: none` nothing is detected: whole photos, head-and-shoulders portraits or group pictures must "
+        "be cropped to the face first, or the predictions collapse toward the mean age.",
+        "- Accuracy holds for faces like the training set's; other sources (other cameras, framing, ethnicity mix, "
+        "age range) can be much worse. Check on your own labelled sample before relying on it.",
+        "- Gender is the binary label of the training data, predicted from appearance; it says nothing about a "
+        "person's gender identity. Do not use the outputs for decisions about individuals.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from pipeline.bundle import load_bundle",
+        "bundle = load_bundle('this folder or its archive')",
+        "bundle.predict([rgb_face_uint8, ...])  # DataFrame: age, gender_prob, gender, gender_label",
+        "```",
+        "",
+        "Weights are safetensors or ONNX files: loading never unpickles anything.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_bundle(members: list[Member], info: dict, out: Path, archive_root: str) -> Path:
+    """Write the bundle folder `out` (replacing an older one only once the new one is complete) and its
+    .tar.gz beside it. Returns the archive's path."""
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (write_onnx_files if info["runtime"] == "onnx" else write_torch_files)(members, tmp, info)
+        (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=1))
+        (tmp / "README.md").write_text(model_card(info))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            shutil.rmtree(old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    archive = out.parent / f"{archive_root}.tar.gz"
+    with atomic_path(archive) as part, tarfile.open(part, "w:gz", compresslevel=6) as tar:
+        tar.add(out, arcname=archive_root)
+    return archive
+
+
+def export(cfg: Config, exp_dir: Path, fmt: str = "torch", labels: list[str] | None = None) -> tuple[Path, Path]:
+    """Bundle a blended run: runs/<exp>/bundle (or bundle-onnx) and its archive. Returns (folder, archive)."""
+    if fmt not in FORMATS:
+        raise PipelineError(f"format={fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
+    blend = read_blend(exp_dir)
+    members = collect_members(cfg, exp_dir, blend)
+    info = bundle_info(cfg, exp_dir, blend, members, fmt, labels)
+    name = "bundle" if fmt == "torch" else "bundle-onnx"
+    archive = write_bundle(members, info, exp_dir / name, f"{cfg.experiment}-{name}")
+    load_bundle(exp_dir / name)  # the bundle must load before we call it done
+    return exp_dir / name, archive
+
+
+def export_cli(config_path: str, args: list[str]) -> int:
+    """`python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=A,B] [key=value]`."""
+    fmt, labels, overrides = "torch", None, []
+    for item in args:
+        key, _, value = item.partition("=")
+        if key == "format":
+            fmt = value
+        elif key == "gender_labels":
+            labels = [v.strip() for v in value.split(",")]
+            if len(labels) != 2 or not all(labels):
+                raise PipelineError(f"gender_labels={value!r}: give the names of codes 0 and 1, e.g. male,female")
+        else:
+            overrides.append(item)
+    cfg, exp_dir = run_config(config_path, overrides)
+    t0 = time.perf_counter()
+    folder, archive = export(cfg, exp_dir, fmt, labels)
+    print(f"exported {fmt} bundle in {time.perf_counter() - t0:.0f}s: {folder} and {archive}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    try:
+        return export_cli(argv[0], argv[1:])
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
