@@ -336,7 +336,10 @@ def _set_dotted(raw: dict, key: str, value) -> None:
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         if isinstance(node, list):
-            node = node[int(part)]
+            idx = int(part)
+            if idx == len(node):  # one past the end: a new entry (tune.space.0.key=... on an empty space)
+                node.append({})
+            node = node[idx]
             continue
         if part not in node or node[part] is None:
             node[part] = [] if nxt.isdigit() else {}

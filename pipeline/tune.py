@@ -137,6 +137,7 @@ def tune(cfg: Config, path: str, overrides: list[str]) -> Path:
     storage = (exp_dir / "tune").resolve()
     base = TrialBase(path, tuple(trial_overrides), os.getcwd(), str(storage / "trials"))
     ray = connect(cfg)  # before any other ray import: a local cluster stays on loopback
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then means quiet: the trials table comes at the end
     from ray import tune as rt
 
     try:
@@ -229,5 +230,6 @@ def write_best(cfg: Config, path: str, overrides: list[str], table: pd.DataFrame
     write_text(dump_config(best_cfg), out)
     score = best[f"cv_{cfg.metric}"]
     print(f"tune: {len(table)} trials in {time.perf_counter() - t0:.0f}s; best {cfg.metric} {score:.4f}")
-    print(f"best config: {out}   (run it: ./run.sh {out})")
+    shown = os.path.relpath(out)
+    print(f"best config: {shown}   (run it: ./run.sh {shown})")
     return out
