@@ -23,7 +23,7 @@ from .bundle import BUNDLE_FILE, FORMAT, VERSION, load_bundle
 from .config import Config, ModelConfig, load_config
 from .data import detect_layout
 from .errors import DataError, PipelineError
-from .files import atomic_path, write_text
+from .files import atomic_path
 from .models import AgeGenderNet, create_model
 
 RUNS = Path("runs")

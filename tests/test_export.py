@@ -1,0 +1,199 @@
+"""Export: the torch and ONNX bundles of a small blended run reproduce its submission, agree with each other,
+load without unpickling (and without torch for ONNX), and refuse bad input with one line."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import tarfile
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import cli, cli_env, write_config
+
+from pipeline import bundle as bundle_mod
+from pipeline.bundle import load_bundle, resize_face
+from pipeline.data import decode_image, fit_square, load_competition
+from pipeline.errors import PipelineError
+from pipeline.export import export, run_config
+
+ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
+MODELS = [
+    {"name": "scratch_cnn", "pretrained": False, "phases": ONE_EPOCH},
+    {"name": "tf_efficientnet_lite0", "pretrained": False, "phases": ONE_EPOCH},
+]
+
+
+@pytest.fixture(scope="module")
+def run(demo_root, tmp_path_factory):
+    """A blended 2-model x 2-fold run at 32 px, exported as torch and ONNX bundles."""
+    root = tmp_path_factory.mktemp("export")
+    cfg_path = write_config(root / "cfg.yaml", data={"root": demo_root, "img_size": 32}, models=MODELS)
+    r = cli("run", cfg_path, cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cfg, exp_dir = run_config(str(cfg_path), [], runs=root / "runs")
+    torch_dir, torch_archive = export(cfg, exp_dir, "torch")
+    onnx_dir, onnx_archive = export(cfg, exp_dir, "onnx", labels=["male", "female"])
+    comp = load_competition(cfg)
+    submission = pd.read_csv(next((root / "submissions").glob("exp-*.csv")), dtype={"id": str}).set_index("id")
+    return SimpleNamespace(
+        root=root,
+        cfg=cfg,
+        exp_dir=exp_dir,
+        torch_dir=torch_dir,
+        torch_archive=torch_archive,
+        onnx_dir=onnx_dir,
+        onnx_archive=onnx_archive,
+        comp=comp,
+        submission=submission,
+    )
+
+
+def test_bundle_contents(run):
+    info = json.loads((run.torch_dir / "bundle.json").read_text())
+    blend = json.loads((run.exp_dir / "blend.json").read_text())
+    assert run.torch_archive.name == "exp-bundle.tar.gz" and run.onnx_archive.name == "exp-bundle-onnx.tar.gz"
+    assert [m["name"] for m in info["models"]] == ["scratch_cnn", "tf_efficientnet_lite0"]
+    assert all(len(m["folds"]) == 2 and m["img_size"] == 32 for m in info["models"])
+    assert {m["name"]: m["age_weight"] for m in info["models"]} == blend["age_weights"]
+    assert info["gender"]["threshold"] == blend["threshold"]
+    assert info["tta"] == ["none", "hflip"] and info["fit"] == "center_crop" and info["face_crop"] == "none"
+    assert info["gender"]["labels"] == {"0": "0", "1": "1"}  # a Kaggle layout: the codes' names are unknown
+    assert info["models"][1]["mean"] == pytest.approx([0.5, 0.5, 0.5])  # tf_efficientnet_lite0's own normalisation
+    files = sorted(p.relative_to(run.torch_dir).as_posix() for p in run.torch_dir.rglob("*") if p.is_file())
+    assert files == ["README.md", "bundle.json"] + [
+        f"models/{m}/fold{k}.safetensors" for m in ("scratch_cnn", "tf_efficientnet_lite0") for k in (0, 1)
+    ]
+    card = (run.torch_dir / "README.md").read_text()
+    assert "| blend |" in card and "torch 2" in card and "90 training images" in card
+    onnx_info = json.loads((run.onnx_dir / "bundle.json").read_text())
+    assert onnx_info["gender"]["labels"] == {"0": "male", "1": "female"} and onnx_info["runtime"] == "onnx"
+
+
+@pytest.mark.parametrize("which", ["torch_dir", "torch_archive", "onnx_archive"])
+def test_bundle_reproduces_the_submission(run, which):
+    """The test images as the pipeline cached them (same paths, decode_image at the model size, data.fit)."""
+    faces = [decode_image(p, 32, run.cfg.data.fit) for p in run.comp.test.path]
+    pred = load_bundle(getattr(run, which)).predict(faces, batch_size=7).set_index(run.comp.test.id)
+    pred = pred.loc[run.submission.index]
+    assert np.abs(pred.age.to_numpy() - run.submission.age.to_numpy()).max() < 1e-4
+    assert (pred.gender.to_numpy() == run.submission.gender.to_numpy()).all()
+
+
+def test_onnx_agrees_with_torch_on_any_size(run):
+    rng = np.random.default_rng(0)
+    faces = [decode_image(p, 48, "stretch") for p in run.comp.test.path[:10]]
+    faces += [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20, 33), (90, 41), (1, 1), (300, 300))]
+    t = load_bundle(run.torch_archive).predict(faces)
+    o = load_bundle(run.onnx_dir).predict(faces, batch_size=3)
+    assert np.abs(t.age - o.age).max() < 0.01
+    assert np.abs(t.gender_prob - o.gender_prob).max() < 1e-4
+    assert set(o.gender_label) <= {"male", "female"}
+    again = load_bundle(run.onnx_dir).predict(faces, batch_size=3)
+    pd.testing.assert_frame_equal(o, again)  # deterministic
+    assert list(load_bundle(run.onnx_dir).predict([]).columns) == ["age", "gender_prob", "gender", "gender_label"]
+
+
+@pytest.mark.parametrize("fit", ["stretch", "center_crop", "pad"])
+def test_resize_matches_the_training_decode(tmp_path, fit):
+    rng = np.random.default_rng(1)
+    for h, w in ((50, 70), (81, 30), (20, 20), (16, 40)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        path = tmp_path / f"{h}x{w}.png"  # lossless, so the file holds exactly `img`
+        cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        assert np.array_equal(resize_face(img, 32, fit), decode_image(str(path), 32, fit))
+        assert np.array_equal(bundle_mod.fit_square(img, fit), fit_square(img, fit))
+
+
+def test_loading_and_predicting_never_unpickle(run, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling while loading a bundle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    face = [np.full((40, 40, 3), 128, np.uint8)]
+    for path in (run.torch_archive, run.torch_dir, run.onnx_archive):
+        assert len(load_bundle(path).predict(face)) == 1
+
+
+def test_onnx_bundle_runs_without_torch(run):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "import numpy as np\n"
+        "from pipeline.bundle import load_bundle\n"
+        f"print(load_bundle({str(run.onnx_archive)!r}).predict([np.zeros((50, 40, 3), np.uint8)]).age[0])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) >= 0
+
+
+def _bundle_cli(*args, cwd):
+    cmd = [sys.executable, "-m", "pipeline.bundle", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_bad_bundles_give_one_line(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    truncated = tmp_path / "cut.tar.gz"
+    truncated.write_bytes(run.torch_archive.read_bytes()[:5000])
+    broken = tmp_path / "broken"
+    for src in run.torch_dir.rglob("*"):
+        if src.is_file():
+            dst = broken / src.relative_to(run.torch_dir)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+    next(broken.rglob("*.safetensors")).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    no_json = tmp_path / "nojson"
+    no_json.mkdir()
+    (no_json / "bundle.json").write_text("{")
+    not_archive = tmp_path / "photo.jpg"
+    not_archive.write_bytes(b"\xff\xd8 not an archive")
+    plain_tar = tmp_path / "other.tar"
+    with tarfile.open(plain_tar, "w") as tar:
+        tar.add(not_archive, arcname="photo.jpg")
+    for bad in (tmp_path / "missing", tmp_path / "empty", truncated, broken, no_json, not_archive, plain_tar):
+        r = _bundle_cli(bad, cwd=tmp_path)
+        assert r.returncode == 2, (bad, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith("error: ") and str(bad) in r.stderr
+    ok = _bundle_cli(run.onnx_archive, cwd=tmp_path)
+    assert ok.returncode == 0 and "onnx bundle of exp" in ok.stdout
+
+
+def test_predict_refuses_what_is_not_a_face(run):
+    bundle = load_bundle(run.onnx_dir)
+    for bad in (
+        [np.zeros((8, 8), np.uint8)],
+        [np.zeros((8, 8, 3), np.float32)],
+        ["face.jpg"],
+        [np.zeros((0, 5, 3), np.uint8)],
+    ):
+        with pytest.raises(PipelineError, match="face 0"):
+            bundle.predict(bad)
+
+
+def test_export_refuses_without_a_blend(run, tmp_path):
+    exp_dir = tmp_path / "runs" / "exp"
+    exp_dir.mkdir(parents=True)
+    with pytest.raises(PipelineError, match="blend.json not found"):
+        export(run.cfg, exp_dir)
+    with pytest.raises(PipelineError, match="format='zip' is not valid"):
+        export(run.cfg, run.exp_dir, "zip")
+    other = write_config(tmp_path / "other.yaml", experiment="never_run")
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.export", str(other)],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "no such experiment" in r.stderr
