@@ -15,15 +15,18 @@ from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from .bundle import BUNDLE_FILE, FORMAT, VERSION, load_bundle
+from .bundle import BUNDLE_FILE, FORMAT, VERSION, Bundle, load_bundle
 from .config import Config, ModelConfig, load_config
-from .data import detect_layout
+from .data import IMREAD_FLAGS, decode_image, detect_layout, load_competition
 from .errors import DataError, PipelineError
 from .files import atomic_path
+from .metrics import evaluate
 from .models import AgeGenderNet, create_model
 
 RUNS = Path("runs")
@@ -287,7 +290,7 @@ def model_card(info: dict) -> str:
         "## How well (out of fold)",
         "",
         f"{oof.get('oof_rows')} training images, {len(info['models'][0]['folds'])}-fold cross-validation; "
-        f"CV {oof.get('metric')} {oof.get('cv', float('nan')):.4f}. Each row at its own OOF-tuned threshold:",
+        f"CV {oof.get('metric')} {_figure(oof.get('cv'))}. Each row at its own OOF-tuned threshold:",
         "",
         "| model | " + " | ".join(metrics) + " |",
         "|---" * (len(metrics) + 1) + "|",
@@ -327,6 +330,10 @@ def model_card(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _figure(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
 def write_bundle(members: list[Member], info: dict, out: Path, archive_root: str) -> Path:
     """Write the bundle folder `out` (replacing an older one only once the new one is complete) and its
     .tar.gz beside it. Returns the archive's path."""
@@ -361,6 +368,37 @@ def export(cfg: Config, exp_dir: Path, fmt: str = "torch", labels: list[str] | N
     archive = write_bundle(members, info, exp_dir / name, f"{cfg.experiment}-{name}")
     load_bundle(exp_dir / name)  # the bundle must load before we call it done
     return exp_dir / name, archive
+
+
+def native_face(path: str, fit: str) -> np.ndarray:
+    """An image file squared by `fit` at its own resolution, so that a bundle's resize of it equals
+    decode_image(path, size, fit) at every size (a stretch-fitted non-square image is only approximated)."""
+    raw = cv2.imdecode(np.fromfile(path, np.uint8), IMREAD_FLAGS)
+    if raw is None:
+        raise DataError(f"{path}: not a readable image")
+    h, w = raw.shape[:2]
+    return decode_image(path, max(h, w) if fit == "pad" else min(h, w), fit)
+
+
+def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[str, float]:
+    """The run's held-out figures (blend.json "holdout") recomputed by the bundle from the held-out image files."""
+    comp = load_competition(cfg)
+    if comp.holdout_labels is None:
+        raise PipelineError("this run has no held-out split (data.holdout=0)")
+    preds = []
+    for start in range(0, len(comp.test), chunk):
+        faces = []
+        for path in comp.test.path.iloc[start : start + chunk]:
+            try:
+                faces.append(native_face(path, cfg.data.fit))
+            except DataError:  # the pipeline predicts an unreadable test image from a blank one
+                faces.append(np.zeros((8, 8, 3), np.uint8))
+        preds.append(bundle.predict(faces))
+    pred = pd.concat(preds, ignore_index=True)
+    h = comp.holdout_labels
+    return evaluate(
+        h.age.to_numpy(float), pred.age.to_numpy(float), h.gender.to_numpy(int), pred.gender.to_numpy(float), 0.5
+    )
 
 
 def export_cli(config_path: str, args: list[str]) -> int:

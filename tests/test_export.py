@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -135,12 +136,14 @@ def test_onnx_bundle_runs_without_torch(run):
     assert float(r.stdout) >= 0
 
 
-def _bundle_cli(*args, cwd):
+def _bundle_cli(*args, cwd, face: bool = False):
+    if face:
+        cv2.imwrite(str(Path(cwd) / "face.png"), np.full((60, 50, 3), 120, np.uint8))
     cmd = [sys.executable, "-m", "pipeline.bundle", *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=120)
 
 
-def test_bad_bundles_give_one_line(run, tmp_path):
+def test_bad_bundles_are_refused_in_one_line(run, tmp_path):
     (tmp_path / "empty").mkdir()
     truncated = tmp_path / "cut.tar.gz"
     truncated.write_bytes(run.torch_archive.read_bytes()[:5000])
@@ -159,13 +162,24 @@ def test_bad_bundles_give_one_line(run, tmp_path):
     plain_tar = tmp_path / "other.tar"
     with tarfile.open(plain_tar, "w") as tar:
         tar.add(not_archive, arcname="photo.jpg")
-    for bad in (tmp_path / "missing", tmp_path / "empty", truncated, broken, no_json, not_archive, plain_tar):
+    bad_onnx = tmp_path / "bad_onnx"
+    bad_onnx.mkdir()
+    for src in run.onnx_dir.glob("*.json"):
+        (bad_onnx / src.name).write_bytes(src.read_bytes())
+    for f in json.loads((bad_onnx / "bundle.json").read_text())["models"][0]["folds"]:
+        (bad_onnx / f["file"]).parent.mkdir(parents=True, exist_ok=True)
+        (bad_onnx / f["file"]).write_bytes(b"garbage")
+    for bad in (tmp_path / "missing", tmp_path / "empty", truncated, broken, no_json, not_archive, plain_tar, bad_onnx):
+        with pytest.raises(PipelineError) as e:
+            load_bundle(bad)
+        assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    for bad in (tmp_path / "missing", broken):  # the CLI: one line, no traceback
         r = _bundle_cli(bad, cwd=tmp_path)
         assert r.returncode == 2, (bad, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert r.stderr.startswith("error: ") and str(bad) in r.stderr
-    ok = _bundle_cli(run.onnx_archive, cwd=tmp_path)
-    assert ok.returncode == 0 and "onnx bundle of exp" in ok.stdout
+    ok = _bundle_cli(run.onnx_archive, tmp_path / "face.png", cwd=tmp_path, face=True)
+    assert ok.returncode == 0 and "onnx bundle of exp" in ok.stdout and "face.png" in ok.stdout
 
 
 def test_predict_refuses_what_is_not_a_face(run):
