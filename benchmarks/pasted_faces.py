@@ -1,7 +1,8 @@
 """Robustness check of predict-images (issue 10; nothing is tuned on it): developer-set UTKFace chips pasted at
 30-60% of the width of larger scenes (skimage photos or noise; 640-1280 px wide), tilted by up to 10 degrees and
 saved as JPEG, are predicted through predict_images (decode, detect, align, crop, bundle) and must score within
-0.02 of the same faces predicted as chips. Also reports detector recall and the IoU between the crop's square
+0.02 of the same faces predicted as chips (through crop_for_training when the bundle was trained with
+data.face_crop=detect). Also reports detector recall and the IoU between the crop's square
 and the pasted chip's square. The chips used to fit the framing (benchmarks/face_framing.py) are left out.
 
     .venv/bin/python benchmarks/pasted_faces.py BUNDLE --root ../shared/data/utkface [--n 500]
@@ -99,7 +100,9 @@ def main() -> None:
     paths = pool[: args.n]
     labels = [parse_utkface_name(Path(p).name) for p in paths]
     chips = [read_photo(p) for p in paths]
-    chip_preds = bundle.predict(chips)
+    # a bundle trained on detected crops (data.face_crop=detect) sees its chips through the same step
+    as_trained = [faces.crop_for_training(c)[0] for c in chips] if bundle.face_crop == "detect" else chips
+    chip_preds = bundle.predict(as_trained)
 
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
