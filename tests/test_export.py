@@ -4,6 +4,7 @@ load without unpickling (and without torch for ONNX), and refuse bad input with 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from conftest import cli, cli_env, write_config
 
 from pipeline import bundle as bundle_mod
 from pipeline.bundle import load_bundle, resize_face
+from pipeline.config import load_config
 from pipeline.data import decode_image, fit_square, load_competition
 from pipeline.errors import PipelineError
-from pipeline.export import export, run_config
+from pipeline.export import export, holdout_from_bundle, run_config
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
 MODELS = [
@@ -211,3 +213,24 @@ def test_export_refuses_without_a_blend(run, tmp_path):
     )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert "no such experiment" in r.stderr
+
+
+UTKFACE_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface"
+UTKFACE_RUN = Path(__file__).resolve().parents[1] / "runs" / os.environ.get("EXPORT_RUN", "utkface_cpu_review")
+
+
+@pytest.mark.utkface
+@pytest.mark.skipif(os.environ.get("UTKFACE") != "1", reason="opt-in: set UTKFACE=1")
+@pytest.mark.skipif(not UTKFACE_ROOT.is_dir(), reason=f"{UTKFACE_ROOT} is absent")
+@pytest.mark.skipif(not (UTKFACE_RUN / "blend.json").is_file(), reason=f"no blended run in {UTKFACE_RUN}")
+def test_utkface_holdout_from_the_bundle_equals_the_runs_own():
+    """The real run's held-out figures recomputed from its ONNX bundle (exported if absent) on the image files."""
+    cfg = load_config(UTKFACE_RUN / "config.yaml", [f"data.root={UTKFACE_ROOT}"])
+    folder = UTKFACE_RUN / "bundle-onnx"
+    if not (folder / "bundle.json").is_file():
+        export(cfg, UTKFACE_RUN, "onnx")
+    bundle = load_bundle(folder)
+    assert bundle.info["gender"]["labels"] == {"0": "male", "1": "female"}
+    got = holdout_from_bundle(bundle, cfg)
+    own = json.loads((UTKFACE_RUN / "blend.json").read_text())["holdout"]
+    assert got == pytest.approx(own, abs=1e-4)
