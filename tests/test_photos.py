@@ -237,3 +237,37 @@ def test_cli_usage_errors_are_one_line(fake_bundle_module, capsys):
 def test_large_image_under_pillows_own_limit_is_refused_by_its_size(tmp_path):
     with pytest.raises(DataError, match="image too large: 11000 x 11000 pixels, the limit is 100 Mpx"):
         photos.read_photo(str(bomb_png(tmp_path / "big.png", side=11000)))
+
+
+@pytest.fixture(scope="module")
+def real_bundle(tmp_path_factory) -> Path:
+    """A real bundle archive written by pipeline.export: scratch_cnn at 32 px, 2 folds, untrained weights (what
+    is under test here is reading and calling a bundle, not its accuracy)."""
+    import torch
+    from conftest import write_config
+
+    from pipeline.config import ModelConfig, load_config
+    from pipeline.export import FoldState, Member, bundle_info, write_bundle
+    from pipeline.models import create_model
+
+    root = tmp_path_factory.mktemp("bundle")
+    cfg = load_config(str(write_config(root / "cfg.yaml")))
+    torch.manual_seed(0)
+    mcfg = ModelConfig(name="scratch_cnn", pretrained=False, img_size=32)
+    folds = [FoldState(k, create_model(mcfg, load_weights=False).state_dict(), 30.0, 15.0) for k in range(2)]
+    members = [Member(mcfg, folds)]
+    blend = {"age_weights": {"scratch_cnn": 1.0}, "gender_weights": {"scratch_cnn": 1.0}, "threshold": 0.5}
+    info = bundle_info(cfg, root, blend, members, "torch", labels=["male", "female"])
+    return write_bundle(members, info, root / "bundle", "test-bundle")
+
+
+def test_predict_images_with_a_real_bundle(real_bundle, photo_dir, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    args = [str(real_bundle), str(photo_dir / "astronaut.jpg"), str(photo_dir / "no_face.png"), "--out", str(out)]
+    assert photos.predict_images_cli([*args, "--whole-image"]) == 0
+    df = pd.read_csv(out, keep_default_na=False)
+    assert list(df.columns) == [*photos.COLUMNS, "gender_label", "note"]
+    assert df.face.tolist() == [0, -1]
+    assert df.age.map(np.isfinite).all() and set(df.gender) <= {0, 1}
+    assert df.note.iloc[1] == "no face found: predicted on the whole image"
+    assert "2 photos: 1 faces, 1 without a face, 0 unreadable" in capsys.readouterr().err
