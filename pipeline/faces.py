@@ -25,7 +25,10 @@ CHIP_SIZE = 200  # the chips' side in pixels: crops for a model trained on them 
 
 DETECT_MAX_SIDE = 640  # larger photos are detected on a copy downscaled to this longest side
 DETECT_MIN_SIDE = 128  # smaller ones on a copy upscaled to it (YuNet misses faces under ~40 pixels)
-DETECT_PAD = 0.25  # the detection copy is padded by this fraction of its side: faces that fill the frame are found
+# Small images (crops, chips) are padded by this fraction of their side before detection: on the chips it gave
+# slightly better landmarks (framing IoU 0.910 vs 0.902); on photos it would double the detection time.
+DETECT_PAD = 0.25
+DETECT_PAD_UP_TO = 400  # longest side (after scaling) up to which the padding is applied
 MIN_SCORE = 0.75  # UTKFace chips score >= 0.9; textures and an orange space suit up to 0.74
 THREADS = 1  # YuNet's OpenMP threads; more than one only spins on a busy 2-core machine
 
@@ -57,7 +60,7 @@ def detect_faces(rgb: np.ndarray, min_score: float = MIN_SCORE, max_side: int = 
         rgb if scale == 1.0 else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     )
     scale_x, scale_y = size[0] / w, size[1] / h
-    pad = round(DETECT_PAD * max(small.shape[:2]))
+    pad = round(DETECT_PAD * max(small.shape[:2])) if max(small.shape[:2]) <= DETECT_PAD_UP_TO else 0
     bgr = cv2.copyMakeBorder(small[:, :, ::-1], pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     if _GOMP is not None:
         _GOMP.omp_set_num_threads(THREADS)  # per calling thread, so set on every call
