@@ -187,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the table to this CSV (default: print it)")
     p.add_argument("--whole-image", action="store_true", help="predict on the whole photo when it has no face")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when there is one")
     return p
 
 
@@ -204,7 +205,7 @@ def predict_images_cli(argv: list[str]) -> int:
         print("error: this version of the pipeline has no bundle support (pipeline/bundle.py)", file=sys.stderr)
         return 2
     try:
-        bundle = load_bundle(args.bundle)
+        bundle = load_bundle(args.bundle, device=args.device)
         paths = photo_paths(args.paths)
         df = predict_images(bundle, paths, whole_image_if_no_face=args.whole_image, batch_size=args.batch_size)
         for row in df[(df.face < 0) & (df.note != "")].itertuples():

@@ -190,7 +190,7 @@ def fake_bundle_module(monkeypatch):
     """pipeline.bundle replaced by a module whose load_bundle returns a FakeBundle (or fails, for 'bad')."""
     from pipeline.errors import PipelineError
 
-    def load_bundle(path):
+    def load_bundle(path, device="auto"):
         if str(path).endswith("bad"):
             raise PipelineError(f"{path}: not a bundle")
         return FakeBundle()
