@@ -99,7 +99,14 @@ def connect(cfg: Config):
     try:
         if address == "":
             with system_processes_env():
-                ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=os.cpu_count(), **kwargs)
+                ray.init(
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    num_cpus=os.cpu_count(),
+                    # a job Ray's memory monitor kills is retried like a lost worker, not forever (Ray's default)
+                    _system_config={"task_oom_retries": cfg.ray.max_retries},
+                    **kwargs,
+                )
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
