@@ -113,14 +113,17 @@ def _parse_info(files: dict[str, bytes], path: Path) -> dict:
         raise BundleError(f"{path}: {BUNDLE_FILE} does not describe an age-gender bundle")
     if info.get("version") != VERSION:
         raise BundleError(f"{path}: bundle version {info.get('version')!r}; this pipeline reads version {VERSION}")
+    missing = [k for k in ("runtime", "models", "gender", "fit", "tta", "max_age") if k not in info]
+    if missing:
+        raise BundleError(f"{path}: {BUNDLE_FILE} lacks {', '.join(missing)} (damaged or foreign bundle)")
     try:
+        float(info["gender"]["threshold"])
         for m in info["models"]:
             for f in m["folds"]:
                 if f["file"] not in files:
                     raise BundleError(f"{path}: {f['file']} is missing from the bundle")
-        info["gender"]["threshold"], info["runtime"], info["fit"], info["tta"]  # noqa: B018 (presence check)
-    except (KeyError, TypeError) as e:
-        raise BundleError(f"{path}: {BUNDLE_FILE} lacks {e} (damaged or foreign bundle)") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: {BUNDLE_FILE} has no valid {e} (damaged or foreign bundle)") from None
     if info["runtime"] not in ("torch", "onnx"):
         raise BundleError(f"{path}: unknown runtime {info['runtime']!r}")
     return info

@@ -217,7 +217,8 @@ def write_torch_files(members: list[Member], out: Path, info: dict) -> None:
         for f, fe in zip(m.folds, entry["folds"]):
             fe["file"] = f"models/{m.cfg.name}/fold{f.fold}.safetensors"
             (out / fe["file"]).parent.mkdir(parents=True, exist_ok=True)
-            save_file(f.state, str(out / fe["file"]), metadata={"fold": str(f.fold), "model": m.cfg.name})
+            state = {k: v.contiguous() for k, v in f.state.items()}  # safetensors stores dense tensors only
+            save_file(state, str(out / fe["file"]), metadata={"fold": str(f.fold), "model": m.cfg.name})
 
 
 def write_onnx_files(members: list[Member], out: Path, info: dict) -> None:
