@@ -12,11 +12,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would a
 USAGE = """usage:
   python -m pipeline run|folds|train|predict|blend CONFIG [model=NAME] [fold=K] [key=value ...]
   python -m pipeline tune CONFIG [trials=N] [folds=0[,1...]] [key=value ...]
+  python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=NAME0,NAME1]
+  python -m pipeline predict-images BUNDLE PATH... [--out preds.csv] [--whole-image] [--device cpu|cuda]
   python -m pipeline demo OUT_DIR      write the synthetic demo competition to OUT_DIR
 
 stages: folds (write fold indices), train, predict (TTA OOF + test predictions),
         blend (OOF-chosen weights -> submissions/), run (all of them in order),
-        tune (Ray Tune trials over tune.space -> runs/<experiment>/tune/best.yaml)
+        tune (Ray Tune trials over tune.space -> runs/<experiment>/tune/best.yaml),
+        export (the blended ensemble -> runs/<experiment>/bundle/ and an archive of it),
+        predict-images (detect faces on any photos, predict each face with a bundle)
 launcher=ray runs every (model, fold) job as a Ray task (ray.address: "" = this machine, auto or HOST:PORT)
 key=value overrides any config entry, e.g. train.batch_size=32 models.0.name=tf_efficientnet_lite1"""
 
@@ -34,7 +38,15 @@ def main(argv: list[str]) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
 
     stage, target, rest = argv[0], argv[1], argv[2:]
+    if stage == "predict-images":
+        from .photos import predict_images_cli
+
+        return predict_images_cli(argv[1:])
     try:
+        if stage == "export":
+            from .export import export_cli
+
+            return export_cli(target, rest)
         if stage == "demo":
             from .demo import make_demo
 
