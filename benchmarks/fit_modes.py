@@ -30,7 +30,8 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.data import FITS, cached_images, parse_utkface_name  # noqa: E402
+from pipeline.data import cached_images, parse_utkface_name  # noqa: E402
+from pipeline.imaging import FITS  # noqa: E402
 from pipeline.metrics import competition_score  # noqa: E402
 from pipeline.models import create_model  # noqa: E402
 

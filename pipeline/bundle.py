@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import PipelineError
+from .imaging import FITS, square_resize
 
 FORMAT = "age-gender-bundle"
 VERSION = 1
@@ -33,30 +34,6 @@ FoldRunner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 N x 
 
 class BundleError(PipelineError):
     """Not a bundle, or a damaged one."""
-
-
-def fit_square(img: np.ndarray, fit: str) -> np.ndarray:
-    """pipeline.data.fit_square, repeated here because pipeline.data imports torch (tests check they agree)."""
-    h, w = img.shape[:2]
-    if h == w or fit == "stretch":
-        return img
-    if fit == "center_crop":
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        return img[top : top + s, left : left + s]
-    if fit == "pad":
-        s = max(h, w)
-        top, left = (s - h) // 2, (s - w) // 2
-        return cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_CONSTANT, value=0)
-    raise BundleError(f"unknown fit {fit!r} in the bundle; choose stretch, center_crop or pad")
-
-
-def resize_face(img: np.ndarray, size: int, fit: str) -> np.ndarray:
-    """An RGB face crop as the training pipeline would have cached it (pipeline.data.decode_image's last steps)."""
-    img = fit_square(img, fit)
-    h, w = img.shape[:2]
-    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
 
 
 def read_bundle_files(path: Path) -> dict[str, bytes]:
@@ -126,6 +103,8 @@ def _parse_info(files: dict[str, bytes], path: Path) -> dict:
         raise BundleError(f"{path}: {BUNDLE_FILE} has no valid {e} (damaged or foreign bundle)") from None
     if info["runtime"] not in ("torch", "onnx"):
         raise BundleError(f"{path}: unknown runtime {info['runtime']!r}")
+    if info["fit"] not in FITS:
+        raise BundleError(f"{path}: unknown fit {info['fit']!r}; this pipeline knows {', '.join(FITS)}")
     return info
 
 
@@ -235,7 +214,7 @@ class Bundle:
         for start in range(0, n, max(1, batch_size)):
             chunk = faces[start : start + batch_size]
             resized = {
-                size: np.stack([resize_face(f, size, self.info["fit"]) for f in chunk])
+                size: np.stack([square_resize(f, size, self.info["fit"]) for f in chunk])
                 for size in dict.fromkeys(m.img_size for m in self.members)
             }
             jobs = [(fold, resized[m.img_size]) for m in self.members for fold in m.folds]

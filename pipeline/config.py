@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PipelineError
+from .imaging import FITS
 from .metrics import HIGHER_IS_BETTER
 
 
@@ -20,7 +21,7 @@ class ConfigError(PipelineError):
 CHOICES = {
     "data.layout": ("auto", "utkface", "kaggle"),
     "data.on_error": ("skip", "fail"),
-    "data.fit": ("stretch", "center_crop", "pad"),
+    "data.fit": FITS,
     "train.age_loss": ("l1", "smoothl1", "mse"),
     "train.device": ("auto", "cpu", "cuda"),
     "metric": tuple(HIGHER_IS_BETTER),

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .config import Config, DataConfig
 from .errors import DataError
 from .files import atomic_path, remove_stale_temporaries
+from .imaging import decode_rgb, square_resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
@@ -296,29 +297,6 @@ def _hold_out(comp: Competition, frac: float, seed: int, bins: list[float]) -> C
 # ---------------------------------------------------------------- decoding and cache
 
 
-FITS = ("stretch", "center_crop", "pad")
-# ANYDEPTH | ANYCOLOR keeps 16-bit and grayscale (as IMREAD_UNCHANGED would) but, unlike IMREAD_UNCHANGED,
-# applies the EXIF orientation (JPEG, PNG, WebP, TIFF); the alpha channel is dropped.
-IMREAD_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
-
-
-def fit_square(img: np.ndarray, fit: str) -> np.ndarray:
-    """A non-square image as a square: unchanged (stretch: the resize does it), its largest centred
-    square (center_crop) or centred on a black square (pad)."""
-    h, w = img.shape[:2]
-    if h == w or fit == "stretch":
-        return img
-    if fit == "center_crop":
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        return img[top : top + s, left : left + s]
-    if fit == "pad":
-        s = max(h, w)
-        top, left = (s - h) // 2, (s - w) // 2
-        return cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_CONSTANT, value=0)
-    raise ValueError(f"unknown fit {fit!r}; choose one of {FITS}")
-
-
 def decode_image(path: str, size: int, fit: str = "stretch") -> np.ndarray:
     """Any image file -> size x size x 3 RGB uint8, upright per its EXIF orientation, made square by `fit`
     (stretch | center_crop | pad). Raises DataError with the reason."""
@@ -330,23 +308,7 @@ def decode_image(path: str, size: int, fit: str = "stretch") -> np.ndarray:
         raise DataError(f"cannot read file ({e.strerror})") from None
     if raw.size == 0:
         raise DataError("empty file (0 bytes)")
-    img = cv2.imdecode(raw, IMREAD_FLAGS)
-    if img is None or img.size == 0:
-        raise DataError("not a readable image (corrupt, truncated or not an image)")
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if img.ndim == 2 or img.shape[2] == 1:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    elif img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    else:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    img = fit_square(img, fit)
-    h, w = img.shape[:2]
-    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
+    return square_resize(decode_rgb(raw), size, fit)
 
 
 def _cache_key(paths: list[str], size: int, fit: str) -> str:

@@ -23,9 +23,10 @@ from torch import nn
 
 from .bundle import BUNDLE_FILE, FORMAT, VERSION, Bundle, load_bundle
 from .config import Config, ModelConfig, load_config
-from .data import IMREAD_FLAGS, decode_image, detect_layout, load_competition
+from .data import decode_image, detect_layout, load_competition
 from .errors import DataError, PipelineError
 from .files import atomic_path
+from .imaging import IMREAD_FLAGS
 from .metrics import evaluate
 from .models import AgeGenderNet, create_model
 

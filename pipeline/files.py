@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from .errors import PipelineError
 
@@ -44,6 +43,8 @@ def write_bytes(data: bytes, path: str | Path) -> None:
 
 
 def save_torch(obj, path: str | Path) -> None:
+    import torch  # here, so that torch-free users of this module (an ONNX bundle) do not load it
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 

@@ -20,9 +20,8 @@ from tqdm import tqdm
 
 from . import faces
 from .errors import DataError, PipelineError
+from .imaging import decode_rgb
 
-# As pipeline/data.py: keeps 16-bit and grayscale, applies the EXIF orientation, drops alpha.
-IMREAD_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MAX_PIXELS = 100_000_000  # larger images are refused from their header, before any decoding
 CROP_SIZE = faces.CHIP_SIZE
@@ -46,26 +45,6 @@ def image_pixels(raw: np.ndarray) -> tuple[int, str] | None:
         return n, f"{n / 1e6:.0f} Mpx"
     except Exception:  # not an image Pillow knows
         return None
-
-
-def decode_rgb(raw: np.ndarray) -> np.ndarray:
-    """Encoded image bytes -> H x W x 3 RGB uint8, upright per EXIF; first frame of an animation.
-    Raises DataError with the reason."""
-    try:
-        img = cv2.imdecode(raw, IMREAD_FLAGS)
-    except cv2.error:
-        img = None
-    if img is None or img.size == 0:
-        raise DataError("not a readable image (corrupt, truncated or not an image)")
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if img.ndim == 2 or img.shape[2] == 1:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def read_photo(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -19,12 +19,12 @@ import pytest
 import torch
 from conftest import cli, cli_env, write_config
 
-from pipeline import bundle as bundle_mod
-from pipeline.bundle import load_bundle, resize_face
+from pipeline.bundle import load_bundle
 from pipeline.config import load_config
-from pipeline.data import decode_image, fit_square, load_competition
+from pipeline.data import decode_image, load_competition
 from pipeline.errors import PipelineError
 from pipeline.export import export, holdout_from_bundle, run_config
+from pipeline.imaging import square_resize
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
 MODELS = [
@@ -110,8 +110,7 @@ def test_resize_matches_the_training_decode(tmp_path, fit):
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         path = tmp_path / f"{h}x{w}.png"  # lossless, so the file holds exactly `img`
         cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        assert np.array_equal(resize_face(img, 32, fit), decode_image(str(path), 32, fit))
-        assert np.array_equal(bundle_mod.fit_square(img, fit), fit_square(img, fit))
+        assert np.array_equal(square_resize(img, 32, fit), decode_image(str(path), 32, fit))
 
 
 def test_loading_and_predicting_never_unpickle(run, monkeypatch):

@@ -1,0 +1,60 @@
+"""Pixels: decode any image file upright to RGB, make it square, resize. numpy and OpenCV only (no torch, no
+scikit-learn), so that a bundle predicting on photos needs nothing more."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .errors import DataError
+
+FITS = ("center_crop", "stretch", "pad")  # data.fit: how a non-square image becomes square
+# ANYDEPTH | ANYCOLOR keeps 16-bit and grayscale (as IMREAD_UNCHANGED would) but, unlike IMREAD_UNCHANGED,
+# applies the EXIF orientation (JPEG, PNG, WebP, TIFF); the alpha channel is dropped.
+IMREAD_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+
+
+def fit_square(img: np.ndarray, fit: str) -> np.ndarray:
+    """A non-square image as a square: unchanged (stretch: the resize does it), its largest centred
+    square (center_crop) or centred on a black square (pad)."""
+    h, w = img.shape[:2]
+    if h == w or fit == "stretch":
+        return img
+    if fit == "center_crop":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        return img[top : top + s, left : left + s]
+    if fit == "pad":
+        s = max(h, w)
+        top, left = (s - h) // 2, (s - w) // 2
+        return cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_CONSTANT, value=0)
+    raise ValueError(f"unknown fit {fit!r}; choose one of {FITS}")
+
+
+def decode_rgb(raw: np.ndarray) -> np.ndarray:
+    """Encoded image bytes -> H x W x 3 RGB uint8, upright per its EXIF orientation (first frame of an
+    animation; 16-bit, float, grayscale, RGBA and CMYK converted). Raises DataError with the reason."""
+    try:
+        img = cv2.imdecode(raw, IMREAD_FLAGS)
+    except cv2.error:
+        img = None
+    if img is None or img.size == 0:
+        raise DataError("not a readable image (corrupt, truncated or not an image)")
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 2 or img.shape[2] == 1:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def square_resize(img: np.ndarray, size: int, fit: str) -> np.ndarray:
+    """An RGB image made square by `fit`, resized to size x size: what the cache holds, and what a bundle feeds
+    its models."""
+    img = fit_square(img, fit)
+    h, w = img.shape[:2]
+    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
