@@ -144,6 +144,7 @@ def predict_images(
     extra = [c for c in df.columns if c not in COLUMNS and c != "note"]
     df = df.reindex(columns=[*COLUMNS, *extra, "note"])
     df["face"] = df["face"].astype("int64")
+    df["gender"] = df["gender"].astype("Int64")  # 0/1 as in the training labels, empty where no prediction
     df["note"] = df["note"].fillna("")
     return df
 
