@@ -6,6 +6,7 @@
 2. local, OMP_NUM_THREADS=1                          (the thread count of a ray job with ray.cpus_per_job=1)
 3. ray, one single-CPU worker node: jobs in series   (3 - 2) / jobs = Ray's overhead per job
 4. ray, two single-CPU worker nodes: two jobs at once (4 / 1 = the headline ratio, target <= 1.1)
+5. ray started by the run itself on this machine     (what ./run.sh CONFIG launcher=ray does: 4 + Ray's start)
 
 The clusters are real Ray clusters on 127.0.0.1 (head without CPUs + worker raylets), started here and shut
 down here. Runs 2-4 must give the same submission byte for byte; the script checks it. Prints the load average
@@ -122,6 +123,11 @@ def main() -> None:
         per_job[name] = job_seconds(stdout)
         print(f"{name:<16} {walls[name]:6.1f}s  submission {hashes[name]}  jobs {per_job[name]}", flush=True)
 
+    d = fresh(out, "ray-here", config)
+    walls["ray-here"], _ = cli(["run", "config.yaml", "launcher=ray"], d)
+    hashes["ray-here"] = submission_hash(d)
+    print(f"{'ray-here':<16} {walls['ray-here']:6.1f}s  submission {hashes['ray-here']}", flush=True)
+
     jobs = len(per_job["ray-1node"])
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     print(f"jobs: {jobs}")
@@ -133,7 +139,8 @@ def main() -> None:
         f"demo wall: local {walls['local']:.1f}s, ray on two 1-CPU nodes {walls['ray-2nodes']:.1f}s, "
         f"ratio {walls['ray-2nodes'] / walls['local']:.2f} (target <= 1.1)"
     )
-    same = hashes["local-1thread"] == hashes["ray-1node"] == hashes["ray-2nodes"]
+    print(f"ray started by the run (ray.address empty): {walls['ray-here']:.1f}s")
+    same = hashes["local-1thread"] == hashes["ray-1node"] == hashes["ray-2nodes"] == hashes["ray-here"]
     print(f"ray submissions identical to local on 1 thread: {same}")
 
 
