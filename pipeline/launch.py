@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -89,9 +90,25 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def check_reachable(address: str) -> None:
+    """A HOST:PORT nobody listens on would keep ray.init retrying for minutes: refuse it in seconds."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise PipelineError(f'ray.address={address!r}: use "" (start Ray here), auto, or HOST:PORT of the head node')
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise PipelineError(
+            f"ray.address={address!r}: no Ray head node answers there ({e.strerror or e}); start one with "
+            "`ray start --head` or fix the address"
+        ) from None
+
+
 def connect(cfg: Config):
     """Start Ray on this machine (ray.address "") or join the cluster at ray.address; returns the ray module."""
     address = cfg.ray.address
+    if address not in ("", "auto"):
+        check_reachable(address)
     ray = import_ray(address)
     if ray.is_initialized():
         return ray

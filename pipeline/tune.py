@@ -127,6 +127,8 @@ def tune(cfg: Config, path: str, overrides: list[str]) -> Path:
     from .run import RUNS, claim_experiment
 
     t0 = time.perf_counter()
+    if not cfg.ray.shared_fs:
+        raise PipelineError("tune: trials write under runs/ (and Tune keeps its state there): needs ray.shared_fs=true")
     check_space(cfg, path, overrides)
     exp_dir = claim_experiment(cfg)
     trial_overrides = list(overrides)

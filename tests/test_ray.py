@@ -244,3 +244,13 @@ def test_every_ray_socket_stayed_on_loopback(cluster):
     """Checked last, after all the runs above: nothing was bound to or talked to a non-loopback address."""
     cluster.watch.check_once()
     assert cluster.watch.seen > 0 and not cluster.watch.bad, cluster.watch.bad
+
+
+def test_unreachable_or_malformed_address_is_refused_at_once():
+    from pipeline.errors import PipelineError
+    from pipeline.launch import check_reachable
+
+    with pytest.raises(PipelineError, match="no Ray head node answers there"):
+        check_reachable("127.0.0.1:1")
+    with pytest.raises(PipelineError, match='use "" \\(start Ray here\\), auto, or HOST:PORT'):
+        check_reachable("nonsense")
