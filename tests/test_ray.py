@@ -122,8 +122,10 @@ def submission(d: Path) -> bytes:
     return path.read_bytes()
 
 
-def ray_config(d: Path, demo_root, cluster) -> list[str]:
-    cfg = write_config(d / "c.yaml", data={"root": demo_root}, models=[model()])
+def ray_config(d: Path, demo_root, cluster, epochs: int | None = None) -> list[str]:
+    """The test config on the cluster; `epochs`: one long phase instead (a job still running when interrupted)."""
+    m = model() if epochs is None else {**model(), "phases": [{"epochs": epochs, "train": "all", "lr": 0.003}]}
+    cfg = write_config(d / "c.yaml", data={"root": demo_root}, models=[m])
     return [cfg, "launcher=ray", f"ray.address={cluster.address}"]
 
 
@@ -225,7 +227,7 @@ def test_failing_job_one_line_no_retry_other_folds_kept(cluster, ray_run, demo_r
 
 
 def test_ctrl_c_cancels_jobs_and_leaves_nothing_half_written(cluster, demo_root, workdir):
-    p = start(["run", *ray_config(workdir, demo_root, cluster)], workdir)
+    p = start(["run", *ray_config(workdir, demo_root, cluster, epochs=200)], workdir)  # ~1 min of work per job
     wait_for((workdir / "runs/exp/scratch_cnn/fold0/last.pt").is_file)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
