@@ -176,9 +176,21 @@ def wait_for(predicate, timeout: float = 120, every: float = 0.02):
     raise AssertionError("timed out")
 
 
+def _default_sigint() -> None:
+    # A job started in the background by a non-interactive shell (as CI may start the suite) inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt: give the driver the terminal's default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        cli_command(*args), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cli_command(*args),
+        cwd=cwd,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
     )
 
 
