@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .config import Config, DataConfig
 from .errors import DataError
 from .files import atomic_path, remove_stale_temporaries
-from .imaging import decode_rgb, square_resize
+from .imaging import decode_rgb, read_bytes, square_resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
@@ -302,13 +302,7 @@ def decode_image(path: str, size: int, fit: str = "stretch") -> np.ndarray:
     (stretch | center_crop | pad). Raises DataError with the reason."""
     if not path:
         raise DataError("no image file")
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise DataError(f"cannot read file ({e.strerror})") from None
-    if raw.size == 0:
-        raise DataError("empty file (0 bytes)")
-    return square_resize(decode_rgb(raw), size, fit)
+    return square_resize(decode_rgb(read_bytes(path)), size, fit)
 
 
 def _cache_key(paths: list[str], size: int, fit: str) -> str:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -23,10 +22,10 @@ from torch import nn
 
 from .bundle import BUNDLE_FILE, FORMAT, VERSION, Bundle, load_bundle
 from .config import Config, ModelConfig, load_config
-from .data import decode_image, detect_layout, load_competition
+from .data import detect_layout, load_competition
 from .errors import DataError, PipelineError
 from .files import atomic_path
-from .imaging import IMREAD_FLAGS
+from .imaging import decode_rgb, read_bytes, square_resize
 from .metrics import evaluate
 from .models import AgeGenderNet, create_model
 
@@ -375,11 +374,9 @@ def export(cfg: Config, exp_dir: Path, fmt: str = "torch", labels: list[str] | N
 def native_face(path: str, fit: str) -> np.ndarray:
     """An image file squared by `fit` at its own resolution, so that a bundle's resize of it equals
     decode_image(path, size, fit) at every size (a stretch-fitted non-square image is only approximated)."""
-    raw = cv2.imdecode(np.fromfile(path, np.uint8), IMREAD_FLAGS)
-    if raw is None:
-        raise DataError(f"{path}: not a readable image")
-    h, w = raw.shape[:2]
-    return decode_image(path, max(h, w) if fit == "pad" else min(h, w), fit)
+    rgb = decode_rgb(read_bytes(path))  # decoded once: decode_image's own steps, at the file's size
+    h, w = rgb.shape[:2]
+    return square_resize(rgb, max(h, w) if fit == "pad" else min(h, w), fit)
 
 
 def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[str, float]:

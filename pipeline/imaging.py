@@ -31,6 +31,17 @@ def fit_square(img: np.ndarray, fit: str) -> np.ndarray:
     raise ValueError(f"unknown fit {fit!r}; choose one of {FITS}")
 
 
+def read_bytes(path: str) -> np.ndarray:
+    """An image file's bytes, for decode_rgb. Raises DataError when it cannot be read or is empty."""
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise DataError(f"cannot read file ({e.strerror})") from None
+    if raw.size == 0:
+        raise DataError("empty file (0 bytes)")
+    return raw
+
+
 def decode_rgb(raw: np.ndarray) -> np.ndarray:
     """Encoded image bytes -> H x W x 3 RGB uint8, upright per its EXIF orientation (first frame of an
     animation; 16-bit, float, grayscale, RGBA and CMYK converted). Raises DataError with the reason."""

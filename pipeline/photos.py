@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import faces
 from .errors import DataError, PipelineError
-from .imaging import decode_rgb
+from .imaging import decode_rgb, read_bytes
 
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MAX_PIXELS = 100_000_000  # larger images are refused from their header, before any decoding
@@ -51,12 +51,7 @@ def read_photo(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A photo file at full resolution as RGB uint8; refuses images over `max_pixels` before decoding them."""
     if os.path.isdir(path):
         raise DataError("a folder without image files")
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise DataError(f"cannot read file ({e.strerror})") from None
-    if raw.size == 0:
-        raise DataError("empty file (0 bytes)")
+    raw = read_bytes(path)
     header = image_pixels(raw)
     if header and header[0] > max_pixels:
         raise DataError(
