@@ -174,11 +174,8 @@ def predict_images_cli(argv: list[str]) -> int:
     if args.batch_size < 1:
         print("error: --batch-size must be at least 1", file=sys.stderr)
         return 2
-    try:
-        from .bundle import load_bundle
-    except ImportError:
-        print("error: this version of the pipeline has no bundle support (pipeline/bundle.py)", file=sys.stderr)
-        return 2
+    from .bundle import load_bundle
+
     try:
         bundle = load_bundle(args.bundle, device=args.device)
         paths = photo_paths(args.paths)
