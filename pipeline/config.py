@@ -22,6 +22,8 @@ CHOICES = {
     "data.layout": ("auto", "utkface", "kaggle"),
     "data.on_error": ("skip", "fail"),
     "data.fit": FITS,
+    "data.face_crop": ("none", "detect"),
+    "models.age_head": ("regression", "dldl"),
     "train.age_loss": ("l1", "smoothl1", "mse"),
     "train.device": ("auto", "cpu", "cuda"),
     "metric": tuple(HIGHER_IS_BETTER),
@@ -46,6 +48,7 @@ class DataConfig:
     sample_submission: str = "sample_submission.csv"
     train_dir: str = "train"
     test_dir: str = "test"
+    face_crop: str = "none"  # detect: find the face (YuNet) and crop it framed like a UTKFace chip, before the cache
     holdout: float = 0.0  # no test set (UTKFace): keep this fraction aside as a labelled test set
     on_error: str = "skip"  # unreadable / badly labelled training rows: skip them or stop
     max_age: float = 120.0
@@ -99,6 +102,7 @@ class ModelConfig:
     weights: str = ""  # local weights file or directory (Kaggle-style offline weights)
     img_size: int = 0  # 0 = data.img_size
     drop_rate: float = 0.1
+    age_head: str = "regression"  # regression: one output; dldl: a distribution over whole years (DLDL-v2)
     batch_size: int = 0  # 0 = train.batch_size
     phases: list[Phase] = field(default_factory=list)  # empty = train.phases
 
@@ -257,6 +261,9 @@ def _validate(cfg: Config) -> None:
     check("data.layout", cfg.data.layout)
     check("data.on_error", cfg.data.on_error)
     check("data.fit", cfg.data.fit)
+    check("data.face_crop", cfg.data.face_crop)
+    for m in cfg.models:
+        check("models.age_head", m.age_head)
     check("train.age_loss", cfg.train.age_loss)
     check("train.device", cfg.train.device)
     check("metric", cfg.metric)
