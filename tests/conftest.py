@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import yaml
+from skimage import data as skimage_data
 
 from pipeline.demo import make_demo
 
@@ -89,3 +92,17 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """Run in an empty folder so that runs/, folds/ and submissions/ are the test's own."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """A real face for YuNet: scikit-image's astronaut photograph (512 x 512 RGB, one face)."""
+    return skimage_data.astronaut()
+
+
+def paste(scene: np.ndarray, img: np.ndarray, x: int, y: int, width: int) -> np.ndarray:
+    """`img` scaled to `width` pixels wide, pasted into a copy of `scene` with its top left at (x, y)."""
+    h = round(img.shape[0] * width / img.shape[1])
+    out = scene.copy()
+    out[y : y + h, x : x + width] = cv2.resize(img, (width, h), interpolation=cv2.INTER_AREA)
+    return out

@@ -11,24 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import yuface
+from conftest import paste
 from skimage import data
 
 from pipeline import faces
 
 ASTRONAUT_FACE = (177, 63, 89, 112)  # x, y, w, h of Eileen Collins' face in skimage's astronaut (checked by eye)
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> np.ndarray:
-    return data.astronaut()
-
-
-def paste(scene: np.ndarray, img: np.ndarray, x: int, y: int, width: int) -> np.ndarray:
-    """`img` scaled to `width` pixels wide, pasted into a copy of `scene` with its top left at (x, y)."""
-    h = round(img.shape[0] * width / img.shape[1])
-    out = scene.copy()
-    out[y : y + h, x : x + width] = cv2.resize(img, (width, h), interpolation=cv2.INTER_AREA)
-    return out
 
 
 def box_iou(a, b) -> float:
