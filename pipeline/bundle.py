@@ -152,6 +152,7 @@ def _torch_runners(model: dict, info: dict, files: dict[str, bytes], path: Path,
         pretrained=False,
         img_size=model["img_size"],
         drop_rate=model["drop_rate"],
+        age_head=model.get("age_head", "regression"),
     )
     runners = []
     for f in model["folds"]:

@@ -25,6 +25,7 @@ CHOICES = {
     "data.face_crop": ("none", "detect"),
     "models.age_head": ("regression", "dldl"),
     "train.age_loss": ("l1", "smoothl1", "mse"),
+    "train.select": ("best", "last"),
     "train.device": ("auto", "cpu", "cuda"),
     "metric": tuple(HIGHER_IS_BETTER),
     "tta": ("none", "hflip"),
@@ -120,7 +121,9 @@ class TrainConfig:
     warmup_frac: float = 0.1  # of each phase's steps
     grad_clip: float = 2.0
     cache_frozen: bool = True  # head / last:N phases: run the frozen trunk once per phase, reuse it per epoch
+    trunk_views: int = 2  # cached phases' augmentation: 1 = the image, 2 = + its mirror image, 3+ = + augmented
     ema: float = 0.0  # EMA decay, 0 = off
+    select: str = "best"  # the fold's checkpoint: best = best validation epoch, last = the last epoch (no selection)
     age_loss: str = "smoothl1"
     normalize_age: bool = True
     gender_weight: float = 1.0  # total loss = age loss + gender_weight * gender BCE
@@ -265,6 +268,7 @@ def _validate(cfg: Config) -> None:
     for m in cfg.models:
         check("models.age_head", m.age_head)
     check("train.age_loss", cfg.train.age_loss)
+    check("train.select", cfg.train.select)
     check("train.device", cfg.train.device)
     check("metric", cfg.metric)
     check("launcher", cfg.launcher)
@@ -280,6 +284,8 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be a positive number")
+    if cfg.train.trunk_views < 1:
+        raise ConfigError(f"train.trunk_views={cfg.train.trunk_views}: use 1 (no augmentation) or more")
     if not cfg.models:
         raise ConfigError("models: the config names no model")
     names = [m.name for m in cfg.models]

@@ -106,7 +106,12 @@ def collect_members(cfg: Config, exp_dir: Path, blend: dict) -> list[Member]:
     for name in blend["age_weights"]:
         m = cfg.model(name)
         resolved = ModelConfig(
-            name=m.name, arch=m.timm_name, pretrained=False, img_size=cfg.img_size(m), drop_rate=m.drop_rate
+            name=m.name,
+            arch=m.timm_name,
+            pretrained=False,
+            img_size=cfg.img_size(m),
+            drop_rate=m.drop_rate,
+            age_head=m.age_head,
         )
         folds = []
         for k in range(cfg.folds.n_splits):
@@ -180,6 +185,7 @@ def bundle_info(
                 "arch": m.cfg.timm_name,
                 "img_size": m.cfg.img_size,
                 "drop_rate": m.cfg.drop_rate,
+                "age_head": m.cfg.age_head,
                 "mean": (state["mean"].flatten() / 255).tolist(),  # AgeGenderNet normalises 0..255 pixels
                 "std": (state["std"].flatten() / 255).tolist(),
                 "age_weight": blend["age_weights"][m.cfg.name],

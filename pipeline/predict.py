@@ -82,6 +82,11 @@ def load_best(
     if not path.is_file():
         raise PipelineError(f"{path}: no trained checkpoint; run the train stage for this model and fold first")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("age_head", "regression") != mcfg.age_head:
+        raise PipelineError(
+            f"{path}: trained with age_head={ckpt.get('age_head', 'regression')}, the config says "
+            f"{mcfg.age_head}; use the config it was trained with or another experiment name"
+        )
     model = create_model(mcfg, load_weights=False)
     model.load_state_dict(ckpt["model"])
     model = model.to(device)

@@ -29,6 +29,7 @@ from .predict import Inference, predict_arrays
 from .trunk import CachedTrunk, TrunkCache
 
 SMOOTH_L1_BETA = 0.25  # in standard deviations of the training ages (about 5 years on UTKFace)
+DLDL_SIGMA = 2.0  # years: the spread of the label distribution around the true age (DLDL-v2)
 
 
 def seed_everything(seed: int) -> None:
@@ -64,6 +65,17 @@ def age_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, beta: float) -
     return F.smooth_l1_loss(pred, target, beta=beta)
 
 
+def dldl_loss(logits: torch.Tensor, years: torch.Tensor, spread: float) -> torch.Tensor:
+    """DLDL-v2: KL from a Gaussian around the true age (whole years 0..K-1) to the predicted distribution,
+    plus the L1 error of its expectation in units of the training ages' spread."""
+    ages = torch.arange(logits.shape[1], device=logits.device, dtype=torch.float32)
+    target = torch.exp(-0.5 * ((ages[None] - years[:, None]) / DLDL_SIGMA) ** 2)
+    target = target / target.sum(1, keepdim=True)
+    log_p = F.log_softmax(logits.float(), dim=1)
+    expectation = log_p.exp() @ ages
+    return F.kl_div(log_p, target, reduction="batchmean") + F.l1_loss(expectation, years) / spread
+
+
 def warmup_cosine(steps: int, warmup_frac: float):
     """lr factor per step: linear warm-up over warmup_frac of the steps, then cosine to 0."""
     warm = max(1, int(steps * warmup_frac))
@@ -78,18 +90,22 @@ def warmup_cosine(steps: int, warmup_frac: float):
 
 @dataclass(frozen=True)
 class Objective:
-    """The training loss: age loss on the learnt scale + gender_weight x gender BCE."""
+    """The training loss: age loss + gender_weight x gender BCE. The age loss is train.age_loss on the learnt
+    scale for a regression head, DLDL-v2's (dldl_loss, in years) for a dldl head."""
 
     age_loss: str
     beta: float  # SmoothL1 beta on the learnt scale
     gender_weight: float
+    spread: float = 1.0  # std of the training ages, in years (scales dldl's L1 term)
 
     @classmethod
-    def of(cls, t: TrainConfig, scale: AgeScale) -> Objective:
-        return cls(t.age_loss, scale.smooth_l1_beta, t.gender_weight)
+    def of(cls, t: TrainConfig, scale: AgeScale, spread: float = 1.0) -> Objective:
+        return cls(t.age_loss, scale.smooth_l1_beta, t.gender_weight, spread)
 
     def __call__(self, pred_age, gender_logit, y_age, y_gender) -> torch.Tensor:
         gender = F.binary_cross_entropy_with_logits(gender_logit.float(), y_gender)
+        if pred_age.ndim == 2:  # a dldl head's logits; y_age in years
+            return dldl_loss(pred_age, y_age, self.spread) + self.gender_weight * gender
         return age_loss(self.age_loss, pred_age.float(), y_age, self.beta) + self.gender_weight * gender
 
     def on_predictions(self, scale: AgeScale, age_pred, prob, age_true, gender_true) -> float:
@@ -250,8 +266,8 @@ def train_fold(job: FoldJob) -> None:
     tr_rows, va_rows = job.rows()
     age = job.comp.train.age.to_numpy(np.float32)
     gender = job.comp.train.gender.to_numpy(np.float32)
-    scale = AgeScale.fit(age[tr_rows], t.normalize_age)
-    objective = Objective.of(t, scale)
+    scale = AgeScale.fit(age[tr_rows], t.normalize_age and job.model.age_head == "regression")
+    objective = Objective.of(t, scale, float(age[tr_rows].std() + 1e-6))
 
     model = create_model(job.model).to(job.device)
     if t.channels_last:
@@ -267,11 +283,12 @@ def train_fold(job: FoldJob) -> None:
     if done.epoch:
         print(f"{job.name}: resuming after epoch {done.epoch}")
 
-    cache = TrunkCache(model, job.images.train, tr_rows, va_rows, batch_size, job.device)
+    cache = TrunkCache(model, job.images.train, tr_rows, va_rows, t, job.device, cfg.data.cache_dir)
     epoch = 0
     for pi, phase in enumerate(phases):
         if epoch + phase.epochs <= done.epoch:
             epoch += phase.epochs
+            cache.note_trained(frozen_prefix_length(model, phase.unfreeze))
             continue
         optim = start_phase(job, model, pi, phase, len(train_ds), done, ema)
         trunk = phase_trunk(cache, model, phases, pi) if t.cache_frozen else None
@@ -283,9 +300,9 @@ def train_fold(job: FoldJob) -> None:
             seed_everything(epoch_seed)
             if trunk is None:
                 batches = make_loader(train_ds, batch_size, True, workers, epoch_seed, job.device.type == "cuda")
-                forward = lambda x: model(to_model_input(x, job.device))  # noqa: E731
+                forward = lambda x: model(to_model_input(x, job.device), raw=True)  # noqa: E731
             else:
-                batches = trunk.batches(train_ds.age, train_ds.gender, batch_size, epoch_seed, t.hflip)
+                batches = trunk.batches(train_ds.age, train_ds.gender, batch_size, epoch_seed)
                 forward = partial(trunk.forward, model)
             t0 = time.perf_counter()
             desc = f"{job.name} e{epoch + 1}"
@@ -307,7 +324,7 @@ def train_fold(job: FoldJob) -> None:
                 "img_per_s": seen / train_time,
                 "seconds": time.perf_counter() - t0,
             }
-            improved = is_better(cfg.metric, m[cfg.metric], done.best)
+            improved = t.select == "last" or is_better(cfg.metric, m[cfg.metric], done.best)
             done.epoch, done.history = epoch, [*done.history, row]
             best_state = None
             if improved:
@@ -316,6 +333,7 @@ def train_fold(job: FoldJob) -> None:
                     "model": eval_model.state_dict(),
                     "age_mean": scale.mean,
                     "age_std": scale.std,
+                    "age_head": job.model.age_head,
                     "epoch": epoch,
                     cfg.metric: done.best,
                 }

@@ -1,45 +1,59 @@
-"""Frozen-trunk cache: a phase that keeps the first k backbone stages frozen runs them once over the fold's
-images and trains (and validates) the rest of the network on their stored outputs."""
+"""Frozen-trunk cache: a phase that keeps the first k backbone stages frozen runs them once over the images
+and trains (and validates) the rest of the network on their stored outputs.
+
+Augmentation in cached phases comes from views: the trunk outputs of whole augmented images (view 0 the image
+itself, view 1 its mirror image, views 2+ the config's training augmentation with fixed seeds), computed once;
+each epoch gives every training image one of its views at random. While the frozen prefix still holds the
+weights the model started from, the outputs do not depend on the fold: they are computed once for all images
+and stored under data.cache_dir, keyed by the images, the prefix weights and the view, and shared by every fold
+(and every later run)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .loader import FaceDataset, make_loader, to_model_input, training_batches
+from .config import TrainConfig
+from .files import atomic_path, remove_stale_temporaries
+from .loader import FaceDataset, make_loader, to_model_input, train_transform, training_batches
 from .models import AgeGenderNet, evaluating, trunk_stages
 from .predict import Inference
 
+STORE_VERSION = 1
+STORE_BATCH = 128  # the batch size of trunk passes (augmented views are seeded per batch)
+
 
 class CachedTrunk:
-    """Outputs of a phase's frozen trunk prefix (eval mode, no augmentation), reused by every epoch of the
-    phase. Augmentation on them: a random horizontal flip of the feature maps with probability `hflip`."""
+    """Outputs of a phase's frozen trunk prefix (eval mode): `views` x training rows, and the validation rows
+    (view 0), reused by every epoch of the phase."""
 
-    def __init__(self, k: int, train: torch.Tensor, val: torch.Tensor):
-        self.k, self.train, self.val = k, train, val
+    def __init__(self, k: int, views: torch.Tensor, val: torch.Tensor):
+        self.k, self.views, self.val = k, views, val
 
-    def forward(self, model: AgeGenderNet, h: torch.Tensor):
-        h = h.float()
+    def forward(self, model: AgeGenderNet, h: torch.Tensor, raw: bool = True):
+        h = h.to(model.mean.device, non_blocking=True).float()
         for stage in trunk_stages(model)[self.k :]:
             h = stage(h)
-        return model.heads(h)
+        return model.heads(h, raw)
 
-    def batches(self, age: np.ndarray, gender: np.ndarray, batch_size: int, seed: int, hflip: float):
-        """Shuffled training batches (feature maps, age, gender); the same batch count as the image loader."""
+    def batches(self, age: np.ndarray, gender: np.ndarray, batch_size: int, seed: int):
+        """Shuffled training batches (trunk outputs of a random view of each image, age, gender); the same
+        batch count as the image loader."""
+        n_views, n = self.views.shape[:2]
         g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.train), generator=g)
-        flip = torch.rand(len(self.train), generator=g) < hflip
+        order = torch.randperm(n, generator=g)
+        view = torch.randint(n_views, (n,), generator=g)
         age_t, gender_t = torch.from_numpy(age), torch.from_numpy(gender)
-        n_used = min(len(order), training_batches(len(order), batch_size) * batch_size)
+        n_used = min(n, training_batches(n, batch_size) * batch_size)
         for i in range(0, n_used, batch_size):
             idx = order[i : i + batch_size]
-            h = self.train[idx]
-            if h.ndim == 4:
-                h = torch.where(flip[idx].view(-1, 1, 1, 1).to(h.device), h.flip(3), h)
-            yield h, age_t[idx], gender_t[idx]
+            yield self.views[view[idx], idx], age_t[idx], gender_t[idx]
 
     @torch.inference_mode()
     def predict_val(self, model: AgeGenderNet, how: Inference, age_mean: float, age_std: float):
@@ -48,64 +62,125 @@ class CachedTrunk:
         with evaluating(model):
             for i in range(0, len(self.val), how.batch_size):
                 with torch.autocast(how.device.type, dtype=torch.bfloat16, enabled=how.amp):
-                    a, g = self.forward(model, self.val[i : i + how.batch_size])
+                    a, g = self.forward(model, self.val[i : i + how.batch_size], raw=False)
                 ages.append(a.float().cpu().numpy() * age_std + age_mean)
                 probs.append(torch.sigmoid(g.float()).cpu().numpy())
         return np.concatenate(ages), np.concatenate(probs)
 
 
+def view_transform(t: TrainConfig, view: int) -> A.Compose | None:
+    """View 0: the image; 1: its mirror image; 2+: the training augmentation, seeded by the view."""
+    if view == 0:
+        return None
+    if view == 1:
+        return A.Compose([A.HorizontalFlip(p=1.0)])
+    return train_transform(t, t.seed * 1000 + view)
+
+
+def view_ids(t: TrainConfig) -> list[int]:
+    """The views of train.trunk_views (the mirror view only when train.hflip > 0)."""
+    return [v for v in range(t.trunk_views) if v != 1 or t.hflip > 0]
+
+
+def _digest(arrays) -> str:
+    h = hashlib.sha1()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        flat = a.reshape(-1).view(np.uint8)
+        for i in range(0, len(flat), 1 << 26):
+            h.update(flat[i : i + (1 << 26)])
+    return h.hexdigest()[:16]
+
+
 class TrunkCache:
     """Frozen-trunk outputs shared by a fold's head / last:N phases. The prefix is computed once at the
     deepest cut that the coming cached phases need; a later phase with a shallower trainable part derives its
-    inputs from it (running only the stages in between), as long as those stages have not been trained since."""
+    inputs from it (running only the stages in between), as long as those stages have not been trained since.
 
-    def __init__(self, model: AgeGenderNet, images: np.ndarray, tr_rows, va_rows, batch_size: int, device):
+    While no stage of the prefix has been trained in this fold, its outputs for all images come from the
+    store in `store_dir` (computed on first use, then shared by the folds) and are indexed by the fold's rows."""
+
+    def __init__(self, model: AgeGenderNet, images, tr_rows, va_rows, t: TrainConfig, device, store_dir: str):
         self.model, self.images, self.rows = model, images, (tr_rows, va_rows)
-        self.batch_size, self.device = batch_size, device
+        self.t, self.device, self.store_dir = t, device, Path(store_dir)
         self.stages = trunk_stages(model)
         self.base: CachedTrunk | None = None
         self.trained_from = 10**9  # lowest stage index trained since `base` was computed
+        self.lowest_trained = 10**9  # lowest stage index trained in this fold so far
+        self._images_key = ""
+
+    def note_trained(self, k: int) -> None:
+        """A phase that kept the first k stages frozen has run (also one that finished before a resume)."""
+        self.trained_from = min(self.trained_from, k)
+        self.lowest_trained = min(self.lowest_trained, k)
 
     @torch.no_grad()
     def for_phase(self, k: int, k_min_ahead: int) -> CachedTrunk | None:
         """Cached inputs for a phase that keeps the first k stages frozen (None: no caching)."""
         if self.stages is None or k == 0:
-            self.trained_from = 0
+            self.note_trained(0)
             return None
         t0 = time.perf_counter()
         if self.base is None or self.base.k > k or self.trained_from < k:
-            k0 = min(k, k_min_ahead)
-            self.base = CachedTrunk(k0, self._from_images(self.rows[0], k0), self._from_images(self.rows[1], k0))
+            self.base = self._base(min(k, k_min_ahead))
             self.trained_from = 10**9
         if self.base.k == k:
             trunk = self.base
         else:
-            trunk = CachedTrunk(k, self._derive(self.base.train, k), self._derive(self.base.val, k))
-        self.trained_from = min(self.trained_from, k)
-        mb = (trunk.train.numel() + trunk.val.numel()) * 2 / 2**20
+            views = torch.stack([self._derive(v, k) for v in self.base.views])
+            trunk = CachedTrunk(k, views, self._derive(self.base.val, k))
+        self.note_trained(k)
+        mb = (trunk.views.numel() + trunk.val.numel()) * 2 / 2**20
         print(
-            f"  frozen trunk ({k} stages) run once for the phase: {tuple(trunk.train.shape[1:])} per image, "
+            f"  frozen trunk ({k} stages, {len(trunk.views)} views): {tuple(trunk.val.shape[1:])} per image, "
             f"{mb:.0f} MB, {time.perf_counter() - t0:.0f}s"
         )
         return trunk
 
-    def _from_images(self, rows: np.ndarray, k: int) -> torch.Tensor:
+    def _base(self, k: int) -> CachedTrunk:
+        tr, va = self.rows
+        if self.lowest_trained >= k:  # the prefix holds its starting weights: the same in every fold
+            stored = [self._stored(k, v) for v in view_ids(self.t)]
+            views = torch.stack([torch.from_numpy(s[tr]) for s in stored])
+            return CachedTrunk(k, views, torch.from_numpy(stored[0][va]))
+        views = torch.stack([self._run(tr, k, v) for v in view_ids(self.t)])
+        return CachedTrunk(k, views, self._run(va, k, 0))
+
+    def _stored(self, k: int, view: int) -> np.ndarray:
+        """All images' outputs of the first k stages for one view, from the store (computed on first use)."""
+        prefix = [p.detach().cpu().numpy() for s in self.stages[:k] for p in [*s.parameters(), *s.buffers()]]
+        spec = f"v{STORE_VERSION}|{k}|{view}|{view_transform(self.t, view)!r}|{torch.get_num_threads()}"
+        self._images_key = self._images_key or _digest([self.images])
+        key = _digest([*prefix, np.frombuffer(f"{spec}|{self._images_key}".encode(), np.uint8)])
+        path = self.store_dir / f"trunk-{self.images.shape[1]}px-k{k}-view{view}-{key}.npy"
+        if not path.is_file():
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.store_dir)
+            out = self._run(np.arange(len(self.images)), k, view).numpy()
+            with atomic_path(path) as tmp:
+                np.save(tmp, out)
+        return np.load(path, mmap_mode="r")
+
+    def _run(self, rows: np.ndarray, k: int, view: int) -> torch.Tensor:
         out = []
-        loader = make_loader(FaceDataset(self.images, rows), self.batch_size * 2, False, 0)
-        for x, _, _ in tqdm(loader, desc="frozen trunk", unit="batch", leave=False, disable=None):
-            h = (to_model_input(x, self.device).float() - self.model.mean) / self.model.std
-            for stage in self.stages[:k]:
-                h = stage(h)
-            out.append(h.to(torch.float16))
+        ds = FaceDataset(self.images, rows, transform=view_transform(self.t, view))
+        loader = make_loader(ds, STORE_BATCH, False, 0, seed=view)
+        with evaluating(self.model):
+            for x, _, _ in tqdm(loader, desc=f"frozen trunk view {view}", unit="batch", leave=False, disable=None):
+                h = (to_model_input(x, self.device).float() - self.model.mean) / self.model.std
+                for stage in self.stages[:k]:
+                    h = stage(h)
+                out.append(h.to(torch.float16).cpu())
         return torch.cat(out) if out else torch.empty(0, dtype=torch.float16)
 
     def _derive(self, base: torch.Tensor, k: int) -> torch.Tensor:
         if len(base) == 0:
             return base
         out = []
-        for i in range(0, len(base), self.batch_size * 2):
-            h = base[i : i + self.batch_size * 2].float()
+        for i in range(0, len(base), STORE_BATCH):
+            h = base[i : i + STORE_BATCH].to(self.device).float()
             for stage in self.stages[self.base.k : k]:
                 h = stage(h)
-            out.append(h.to(torch.float16))
+            out.append(h.to(torch.float16).cpu())
         return torch.cat(out)

@@ -11,10 +11,11 @@ import torch
 from pipeline import train as train_mod
 from pipeline.config import Config, ModelConfig, Phase, TrainConfig, Unfreeze
 from pipeline.data import Competition, Images
+from pipeline.errors import PipelineError
 from pipeline.job import FoldJob, fold_rows
 from pipeline.loader import FaceDataset, make_loader, train_transform
-from pipeline.models import create_model, evaluating, set_trainable
-from pipeline.predict import Inference, predict_arrays
+from pipeline.models import DLDL_MAX_AGE, create_model, evaluating, set_trainable, trunk_stages
+from pipeline.predict import Inference, load_best, predict_arrays, predict_fold
 from pipeline.tracking import Tracker
 from pipeline.train import (
     AgeScale,
@@ -45,10 +46,16 @@ def _job(tmp_path, phases, **train) -> FoldJob:
     model = ModelConfig(name="scratch_cnn", pretrained=False, phases=phases)
     cfg = Config(models=[model], train=TrainConfig(batch_size=8, num_workers=0, **train))
     cfg.data.img_size = SIZE
+    cfg.data.cache_dir = str(tmp_path / "cache")
     tracker = Tracker(cfg, "t", "train", tmp_path, enabled=False)
     return FoldJob(
         cfg, model, 0, comp, Images(images, images[:1]), folds, tmp_path / "fold0", torch.device("cpu"), tracker
     )
+
+
+def _cache(job, model) -> TrunkCache:
+    tr, va = job.rows()
+    return TrunkCache(model, job.images.train, tr, va, job.cfg.train, job.device, job.cfg.data.cache_dir)
 
 
 def _metrics(job) -> pd.DataFrame:
@@ -141,7 +148,7 @@ def test_cached_and_uncached_validation_agree_after_training_below_the_cut(tmp_p
     objective = train_mod.Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
     train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, False, "")
     start_phase(job, model, 1, phases[1], N, Progress(), ema_model)
-    trunk = phase_trunk(TrunkCache(model, job.images.train, tr, va, 8, job.device), model, phases, 1)
+    trunk = phase_trunk(_cache(job, model), model, phases, 1)
     eval_model = ema_model.module if ema else model
     how = Inference.for_job(job)
     cached = trunk.predict_val(eval_model, how, 0.0, 1.0)
@@ -165,14 +172,73 @@ def test_sync_frozen_ema_copies_only_frozen_modules(tmp_path):
     assert not torch.equal(live["age_head.weight"], avg["age_head.weight"])
 
 
-@pytest.mark.parametrize("hflip", [0.0, 1.0])
-def test_cached_phases_honour_train_hflip(hflip):
-    maps = torch.arange(2 * 1 * 2 * 3, dtype=torch.float16).view(2, 1, 2, 3)
-    trunk = CachedTrunk(1, maps, maps[:0])
-    (h, _, _), *_ = trunk.batches(np.zeros(2, np.float32), np.zeros(2, np.float32), 2, 0, hflip)
-    order = [int(torch.nonzero((maps == x).all(dim=(1, 2, 3)) | (maps.flip(3) == x).all(dim=(1, 2, 3)))[0]) for x in h]
-    expect = maps[order].flip(3) if hflip else maps[order]
-    assert torch.equal(h, expect)
+def _prefix(model, images: np.ndarray, k: int) -> torch.Tensor:
+    with evaluating(model), torch.no_grad():
+        h = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - model.mean) / model.std
+        for stage in trunk_stages(model)[:k]:
+            h = stage(h)
+    return h
+
+
+@pytest.mark.parametrize("hflip", [0.0, 0.5])
+def test_cached_views_are_the_trunk_outputs_of_the_image_and_of_its_mirror_image(tmp_path, hflip):
+    phases = [Phase(1, "head", 1e-3), Phase(1, "last:1", 1e-3)]
+    job = _job(tmp_path, phases, hflip=hflip)
+    model = create_model(job.model)
+    start_phase(job, model, 0, phases[0], N, Progress(), None)
+    cache = _cache(job, model)
+    phase_trunk(cache, model, phases, 0)
+    trunk, tr, va = cache.base, *job.rows()  # computed at the cut of the last:1 phase
+    k = len(trunk_stages(model)) - 1
+    assert trunk.k == k and len(trunk.views) == (2 if hflip else 1)
+    torch.testing.assert_close(trunk.views[0].float(), _prefix(model, job.images.train[tr], k), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(trunk.val.float(), _prefix(model, job.images.train[va], k), rtol=2e-3, atol=2e-3)
+    if hflip:
+        mirrored = np.ascontiguousarray(job.images.train[tr][:, :, ::-1])
+        torch.testing.assert_close(trunk.views[1].float(), _prefix(model, mirrored, k), rtol=2e-3, atol=2e-3)
+
+
+def test_batches_give_each_image_one_of_its_views():
+    views = torch.arange(3 * 10 * 2, dtype=torch.float16).view(3, 10, 2, 1, 1)
+    trunk = CachedTrunk(1, views, views[0, :0])
+    age = np.arange(10, dtype=np.float32)
+    seen = []
+    for h, a, _ in trunk.batches(age, np.zeros(10, np.float32), 5, seed=3):
+        for x, i in zip(h, a.long()):
+            seen.append(next(v for v in range(3) if torch.equal(x, views[v, i])))
+    assert len(seen) == 10 and len(set(seen)) > 1
+
+
+def test_the_trunk_store_is_computed_once_and_shared_by_the_folds(tmp_path, monkeypatch):
+    phases = [Phase(1, "head", 1e-3), Phase(1, "last:2", 1e-3)]
+    job = _job(tmp_path, phases, trunk_views=3)
+    calls = []
+    run = TrunkCache._run
+    monkeypatch.setattr(TrunkCache, "_run", lambda self, rows, k, v: calls.append(len(rows)) or run(self, rows, k, v))
+    trunks = []
+    for fold in (0, 1):
+        torch.manual_seed(0)  # the same starting weights, as a pretrained backbone has in every fold
+        model = create_model(job.model)
+        start_phase(job, model, 0, phases[0], N, Progress(), None)
+        cache = _cache(replace(job, fold=fold), model)
+        phase_trunk(cache, model, phases, 0)
+        trunks.append(cache.base)
+    assert calls == [N, N, N]  # 3 views of every image, once
+    assert len(list((tmp_path / "cache").glob("trunk-*.npy"))) == 3
+    tr1, _ = replace(job, fold=1).rows()
+    (view0,) = (tmp_path / "cache").glob("trunk-*-view0-*.npy")
+    assert torch.equal(trunks[1].views[0], torch.from_numpy(np.load(view0)[tr1]))
+    assert not torch.equal(trunks[0].views[0][: len(tr1)], trunks[1].views[0])
+
+
+def test_a_trunk_below_trained_stages_is_computed_for_the_fold_only(tmp_path):
+    phases = [Phase(1, "all", 1e-2), Phase(1, "head", 1e-2)]
+    job = _job(tmp_path, phases)
+    model = create_model(job.model)
+    cache = _cache(job, model)
+    assert phase_trunk(cache, model, phases, 0) is None
+    trunk = phase_trunk(cache, model, phases, 1)
+    assert trunk is not None and not (tmp_path / "cache").exists()
 
 
 def test_augmented_batches_do_not_depend_on_the_worker_count():
@@ -261,3 +327,41 @@ def test_the_gpu_recipe_code_path_runs_on_cpu(tmp_path):
     assert metrics.train.tolist() == [p.train for p in model.phases] and np.isfinite(metrics.val_loss).all()
     oof = pd.read_csv(job.out / "oof.csv")
     assert len(oof) == N // 3 and np.isfinite(oof[["age", "gender_prob"]].to_numpy()).all()
+
+
+def test_dldl_loss_is_lowest_for_a_distribution_centred_on_the_true_age():
+    ages = torch.arange(121, dtype=torch.float32)
+    centred_at = lambda c: (-0.5 * ((ages - c) / train_mod.DLDL_SIGMA) ** 2)[None]  # noqa: E731
+    years = torch.tensor([30.0])
+    losses = [float(train_mod.dldl_loss(centred_at(c), years, 10.0)) for c in (25.0, 30.0, 35.0)]
+    assert losses[1] < 1e-4 < losses[0] and losses[1] < losses[2]
+
+
+def _dldl_job(tmp_path, **train) -> FoldJob:
+    job = _job(tmp_path, [Phase(2, "all", 3e-3)], **train)
+    model = replace(job.model, age_head="dldl")
+    return replace(job, model=model, cfg=replace(job.cfg, models=[model]))
+
+
+def test_a_dldl_fold_trains_saves_its_head_and_predicts_ages_in_years(tmp_path):
+    job = _dldl_job(tmp_path)
+    train_fold(job)
+    ckpt = torch.load(job.out / "best.pt", weights_only=True)
+    assert (ckpt["age_head"], ckpt["age_mean"], ckpt["age_std"]) == ("dldl", 0.0, 1.0)
+    assert ckpt["model"]["age_head.weight"].shape[0] == DLDL_MAX_AGE + 1
+    predict_fold(job)
+    oof = pd.read_csv(job.out / "oof.csv")
+    assert oof.age.between(0, DLDL_MAX_AGE).all() and oof.age.std() > 0
+    with pytest.raises(PipelineError, match="age_head=dldl"):
+        load_best(job.out / "best.pt", replace(job.model, age_head="regression"), job.device)
+
+
+@pytest.mark.parametrize("select, kept", [("best", 1), ("last", 3)])
+def test_select_keeps_the_best_or_the_last_epoch(tmp_path, monkeypatch, select, kept):
+    scores = iter([0.9, 0.8, 0.7])  # every epoch validates worse than the one before
+    real = train_mod.evaluate
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a: {**real(*a), "score": next(scores)})
+    job = _job(tmp_path, [Phase(3, "all", 3e-3)], select=select)
+    train_fold(job)
+    assert train_mod.checkpoint_epoch(job.out / "best.pt") == kept
+    assert json.loads((job.out / "train_done.json").read_text())["best_epoch"] == kept
