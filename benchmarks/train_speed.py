@@ -183,11 +183,13 @@ def main() -> None:
         set_trainable(m, unfreeze)
         o = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 1e-4)
         t0 = time.perf_counter()
-        cache = TrunkCache(m, images, rows, rows[:0], bs, torch.device("cpu"))
+        cache = TrunkCache(
+            m, images, rows, rows[:0], TrainConfig(batch_size=bs), torch.device("cpu"), tempfile.mkdtemp()
+        )
         trunk = cache.for_phase(frozen_prefix_length(m, unfreeze), frozen_prefix_length(m, unfreeze))
         build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for h, ya_, yg_ in trunk.batches(y_age, y_gender, bs, 0, hflip=0.5):
+        for h, ya_, yg_ in trunk.batches(y_age, y_gender, bs, 0):
             age, logit = trunk.forward(m, h)
             loss = torch.nn.functional.smooth_l1_loss(age, ya_) + (
                 torch.nn.functional.binary_cross_entropy_with_logits(logit, yg_)

@@ -112,9 +112,10 @@ def test_phases_freeze_the_right_parameters(name):
 
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "scratch_cnn"])
-def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name):
+def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name, tmp_path):
     import numpy as np
 
+    from pipeline.config import TrainConfig
     from pipeline.models import frozen_prefix_length, trunk_stages
     from pipeline.trunk import TrunkCache
 
@@ -131,11 +132,12 @@ def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name):
         assert torch.allclose(h, m.backbone((x.float() - m.mean) / m.std), atol=1e-5)
         head, last2 = Unfreeze.parse("head"), Unfreeze.parse("last:2")
         set_trainable(m, head)
-        cache = TrunkCache(m, images, np.arange(4), np.arange(4, 6), 2, torch.device("cpu"))
+        t = TrainConfig(trunk_views=1)
+        cache = TrunkCache(m, images, np.arange(4), np.arange(4, 6), t, torch.device("cpu"), str(tmp_path))
         k_head, k_last2 = frozen_prefix_length(m, head), frozen_prefix_length(m, last2)
         head = cache.for_phase(k_head, k_last2)  # computed at the deeper cut, derived for the head phase
         assert cache.base.k == k_last2 and head.k == k_head
-        assert torch.allclose(head.train.float(), h[:4], atol=2e-2, rtol=2e-2)
+        assert torch.allclose(head.views[0].float(), h[:4], atol=2e-2, rtol=2e-2)
         assert torch.allclose(head.val.float(), h[4:], atol=2e-2, rtol=2e-2)
         assert cache.for_phase(k_last2, k_last2) is cache.base  # reused: nothing below the cut was trained
         assert cache.for_phase(0, 0) is None  # full fine-tuning: no cache
