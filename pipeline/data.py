@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -18,7 +19,8 @@ from tqdm import tqdm
 
 from .config import Config, DataConfig
 from .errors import DataError
-from .files import atomic_path, remove_stale_temporaries
+from .faces import Face, crop_face, detect_faces
+from .files import atomic_path, remove_stale_temporaries, write_text
 from .imaging import decode_rgb, read_bytes, square_resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -26,7 +28,20 @@ IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path
 ID_COLS = ("id", "image_id", "image", "file", "filename", "file_name")
 UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_\d+")
 CACHE_VERSION = 2  # 2: EXIF orientation applied, data.fit
+FACES_VERSION = 1  # data.face_crop=detect caches: bump when faces.py's detection or framing changes
+WORKERS = max(1, min(8, os.cpu_count() or 2))  # decode threads, and face detection processes
+DETECT_POOL_FROM = 200  # images from which detection runs in a process pool (starting one takes ~2 s)
 cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe
+
+
+@dataclass
+class FaceCropCounts:
+    """data.face_crop=detect: the readable images searched for a face, and the files without one (kept whole)."""
+
+    train_images: int
+    test_images: int
+    train_no_face: list[str]
+    test_no_face: list[str]
 
 
 @dataclass
@@ -43,12 +58,13 @@ class Competition:
     submission_header: list[str] | None = None  # sample_submission.csv's columns, in order
     holdout_labels: pd.DataFrame | None = None  # labels of a held-out test split; read only after submitting
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or row, reason)
+    face_crop: FaceCropCounts | None = None  # set by prepare_images with data.face_crop=detect
 
     def report(self) -> dict:
         reasons: dict[str, int] = {}
         for _, why in self.skipped:
             reasons[why] = reasons.get(why, 0) + 1
-        return {
+        out = {
             "dataset": self.name,
             "train_images": len(self.train),
             "test_images": len(self.test),
@@ -56,6 +72,29 @@ class Competition:
             "skipped_by_reason": reasons,
             "skipped_files": [{"file": f, "reason": r} for f, r in self.skipped],
         }
+        if self.face_crop:
+            c = self.face_crop
+            out["face_crop"] = {
+                "mode": "detect",
+                "train_images": c.train_images,
+                "train_no_face": len(c.train_no_face),
+                "test_images": c.test_images,
+                "test_no_face": len(c.test_no_face),
+                "no_face_files": [{"file": f, "split": "train"} for f in c.train_no_face]
+                + [{"file": f, "split": "test"} for f in c.test_no_face],
+            }
+        return out
+
+    def face_crop_line(self) -> str:
+        """The run's one line on face_crop=detect: how many images had no face and were kept whole."""
+        c = self.face_crop
+        if c is None:
+            return ""
+        test = f" and {len(c.test_no_face)} of {c.test_images} test images" if c.test_images else ""
+        return (
+            f"data: face_crop=detect: no face found in {len(c.train_no_face)} of {c.train_images} "
+            f"training images{test} (kept whole)"
+        )
 
 
 def parse_utkface_name(name: str) -> tuple[int, int, int] | None:
@@ -297,16 +336,19 @@ def _hold_out(comp: Competition, frac: float, seed: int, bins: list[float]) -> C
 # ---------------------------------------------------------------- decoding and cache
 
 
-def decode_image(path: str, size: int, fit: str = "stretch") -> np.ndarray:
-    """Any image file -> size x size x 3 RGB uint8, upright per its EXIF orientation, made square by `fit`
-    (stretch | center_crop | pad). Raises DataError with the reason."""
+def decode_image(path: str, size: int, fit: str = "stretch", face: Face | None = None) -> np.ndarray:
+    """Any image file -> size x size x 3 RGB uint8, upright per its EXIF orientation, cropped to `face` when
+    given (faces.crop_face), made square by `fit` (stretch | center_crop | pad). Raises DataError with the reason."""
     if not path:
         raise DataError("no image file")
-    return square_resize(decode_rgb(read_bytes(path)), size, fit)
+    rgb = decode_rgb(read_bytes(path))
+    if face is not None:
+        rgb = crop_face(rgb, face)
+    return square_resize(rgb, size, fit)
 
 
-def _cache_key(paths: list[str], size: int, fit: str) -> str:
-    h = hashlib.sha1(f"v{CACHE_VERSION}|{size}|{fit}".encode())
+def _files_key(head: str, paths: list[str]) -> str:
+    h = hashlib.sha1(head.encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -316,12 +358,54 @@ def _cache_key(paths: list[str], size: int, fit: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _cache_key(paths: list[str], size: int, fit: str, face_crop: str = "none") -> str:
+    head = f"v{CACHE_VERSION}|{size}|{fit}"
+    if face_crop != "none":  # appended only then, so that the caches made before face_crop keep their key
+        head += f"|{face_crop}-v{FACES_VERSION}"
+    return _files_key(head, paths)
+
+
+def best_face(path: str) -> Face | None:
+    """The highest-score face in an image file; None when it has none or cannot be decoded."""
+    try:
+        found = detect_faces(decode_rgb(read_bytes(path))) if path else []
+    except DataError:
+        return None  # the cache's own decode reports why
+    return found[0] if found else None
+
+
+def _detect_all(paths: list[str], desc: str) -> list[Face | None]:
+    """best_face of every path, in order. YuNet holds the GIL, so a process pool (spawned: the caller may have
+    torch's OpenMP threads running, which a fork would copy half-initialised) rather than threads."""
+    bar = {"total": len(paths), "desc": desc, "unit": "img"}
+    if WORKERS == 1 or len(paths) < DETECT_POOL_FROM:
+        return [best_face(p) for p in tqdm(paths, **bar)]
+    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(best_face, paths, chunksize=32), **bar))
+
+
+def find_faces(paths: list[str], cache_dir: str, tag: str) -> list[Face | None]:
+    """best_face of each image, detected once per file list and kept in cache_dir, so that the caches of every
+    image size crop from the same detection."""
+    key = _files_key(f"faces-v{FACES_VERSION}", paths)
+    path = Path(cache_dir) / f"{tag}-faces-{key}.json"
+    if not path.is_file():
+        found = _detect_all(paths, f"faces {tag}")
+        write_text(json.dumps([asdict(f) if f else None for f in found]), path)
+    return [_face_from_json(row) if row else None for row in json.loads(path.read_text())]
+
+
+def _face_from_json(row: dict) -> Face:
+    return Face(tuple(row["box"]), row["score"], tuple(tuple(p) for p in row["landmarks"]))
+
+
 def cached_images(
-    paths: list[str], size: int, cache_dir: str, tag: str, fit: str = "stretch"
+    paths: list[str], size: int, cache_dir: str, tag: str, fit: str = "stretch", face_crop: str = "none"
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode `paths` once into a memory-mapped N x size x size x 3 uint8 array (rebuilt when any source
-    file, the size or the fit changes). Returns (images, ok mask, error per image or '')."""
-    key = _cache_key(paths, size, fit)
+    file, the size, the fit or face_crop changes). face_crop=detect crops each image to its face (find_faces)
+    first; images without one stay whole. Returns (images, ok mask, error per image or '')."""
+    key = _cache_key(paths, size, fit, face_crop)
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     arr_path = folder / f"{tag}-{size}px-{key}.npy"
@@ -330,19 +414,19 @@ def cached_images(
         errors = json.loads(meta_path.read_text())["errors"]
         return np.load(arr_path, mmap_mode="r"), np.array([not e for e in errors]), errors
     remove_stale_temporaries(folder)
+    faces = find_faces(paths, cache_dir, tag) if face_crop == "detect" else [None] * len(paths)
     errors = [""] * len(paths)
     with atomic_path(arr_path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
 
         def work(i: int, out: np.ndarray = arr) -> None:
             try:
-                out[i] = decode_image(paths[i], size, fit)
+                out[i] = decode_image(paths[i], size, fit, faces[i])
             except DataError as e:
                 errors[i] = str(e)
                 out[i] = 0
 
-        workers = max(1, min(8, (os.cpu_count() or 2)))
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(WORKERS) as pool:
             list(tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"cache {tag} {size}px", unit="img"))
         arr.flush()
         del arr
@@ -358,10 +442,13 @@ class Images:
 
 
 def prepare_images(comp: Competition, cfg: Config, size: int) -> tuple[Competition, Images]:
-    """Decode and cache train and test images at `size` (cfg.data.fit). Returns a new Competition without
-    the unreadable training rows (listed in its skipped) and the images; stops instead with on_error=fail."""
+    """Decode and cache train and test images at `size` (cfg.data.fit, cfg.data.face_crop). Returns a new
+    Competition without the unreadable training rows (listed in its skipped), with the face_crop=detect counts,
+    and the images; stops instead with on_error=fail."""
     d = cfg.data
-    tr, ok, errors = cached_images(comp.train.path.tolist(), size, d.cache_dir, f"{comp.name}-train", d.fit)
+    train_paths, test_paths = comp.train.path.tolist(), comp.test.path.tolist()
+    train_tag, test_tag = f"{comp.name}-train", f"{comp.name}-test"
+    tr, ok, errors = cached_images(train_paths, size, d.cache_dir, train_tag, d.fit, d.face_crop)
     if not ok.all():
         bad = np.flatnonzero(~ok)
         first = comp.train.path.iat[bad[0]]
@@ -374,9 +461,9 @@ def prepare_images(comp: Competition, cfg: Config, size: int) -> tuple[Competiti
             skipped=[*comp.skipped, *((comp.train.path.iat[i], errors[i]) for i in bad)],
         )
         tr = tr[ok]
-    te = np.zeros((0, size, size, 3), np.uint8)
+    te, ok_t = np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool)
     if len(comp.test):
-        te, ok_t, errors_t = cached_images(comp.test.path.tolist(), size, d.cache_dir, f"{comp.name}-test", d.fit)
+        te, ok_t, errors_t = cached_images(test_paths, size, d.cache_dir, test_tag, d.fit, d.face_crop)
         if not ok_t.all():
             bad = np.flatnonzero(~ok_t)
             print(
@@ -384,4 +471,18 @@ def prepare_images(comp: Competition, cfg: Config, size: int) -> tuple[Competiti
                 f"(e.g. {comp.test.id.iat[bad[0]]}: {errors_t[bad[0]]}); "
                 "they keep their row in the submission, predicted from a blank image"
             )
+    if d.face_crop == "detect":
+        counts = FaceCropCounts(
+            int(ok.sum()),
+            int(ok_t.sum()),
+            _without_face(train_paths, ok, d.cache_dir, train_tag),
+            _without_face(test_paths, ok_t, d.cache_dir, test_tag) if len(test_paths) else [],
+        )
+        comp = replace(comp, face_crop=counts)
     return comp, Images(train=tr, test=te)
+
+
+def _without_face(paths: list[str], ok: np.ndarray, cache_dir: str, tag: str) -> list[str]:
+    """The readable images among `paths` in which find_faces found no face."""
+    faces = find_faces(paths, cache_dir, tag)
+    return [p for p, good, face in zip(paths, ok, faces) if good and face is None]

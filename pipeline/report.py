@@ -151,6 +151,20 @@ td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}th{background:#f4f
 .card b{display:block;font-size:1.6em}img{max-width:100%;margin:.4em 0}.grid{display:flex;flex-wrap:wrap;gap:1em}"""
 
 
+def _face_crop_html(fc: dict) -> str:
+    """data.face_crop=detect: how many images had no face (kept whole), and the first 50 of them."""
+    out = (
+        f"<p>Face crop (data.face_crop=detect): no face found in {fc['train_no_face']} of {fc['train_images']} "
+        f"training images and {fc['test_no_face']} of {fc['test_images']} test images; those were kept whole.</p>"
+    )
+    files = fc["no_face_files"]
+    if files:
+        items = "".join(f"<li><code>{html.escape(f['file'])}</code> ({f['split']})</li>" for f in files[:50])
+        first = " (the first 50)" if len(files) > 50 else ""
+        out += f"<details><summary>images without a face{first}</summary><ul>{items}</ul></details>"
+    return out
+
+
 def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, age_bins: list[float]) -> Path:
     """age_bins: the lower edges of the age bins (folds.age_bins); the last bin is open-ended."""
     summary = json.loads((exp_dir / "blend.json").read_text())
@@ -223,6 +237,8 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, a
             f"<p>{data['train_images']} training images used, {data['test_images']} test "
             f"images, {data['skipped']} skipped.</p>",
         ]
+        if data.get("face_crop"):
+            parts.append(_face_crop_html(data["face_crop"]))
         if data["skipped_by_reason"]:
             reasons = pd.DataFrame({"files": data["skipped_by_reason"]})
             reasons.index.name = "reason skipped"

@@ -118,6 +118,8 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
         else:
             comp = _run_local(stage, cfg, models, folds_to_run, comp, folds, exp_dir)
         print_fold_summary(exp_dir, models, folds_to_run, cfg.metric)
+        if comp.face_crop:
+            print(comp.face_crop_line())
         write_text(json.dumps(comp.report(), indent=1), exp_dir / "data_report.json")
         if comp.skipped:
             print(f"data report: {len(comp.skipped)} skipped rows/files, listed in {exp_dir / 'data_report.json'}")
