@@ -181,6 +181,22 @@ def holdout_scores(comp: Competition, sub: pd.DataFrame) -> dict[str, float]:
     )
 
 
+def selection_optimism(exp_dir: Path, names: list[str], n_splits: int, metric: str) -> dict | None:
+    """Mean fold validation metric (no TTA) at the epochs the folds kept and at their last epochs. With
+    train.select=best the kept epoch was chosen on the same rows the CV is scored on: the gap bounds how
+    optimistic that choice makes the CV. None when a fold's metrics.csv or train_done.json is missing."""
+    kept, last = [], []
+    for name in names:
+        for k in range(n_splits):
+            fold = exp_dir / name / f"fold{k}"
+            if not (fold / "metrics.csv").is_file() or not (fold / "train_done.json").is_file():
+                return None
+            history = pd.read_csv(fold / "metrics.csv").set_index("epoch")[f"val_{metric}"]
+            kept.append(history.loc[json.loads((fold / "train_done.json").read_text())["best_epoch"]])
+            last.append(history.iloc[-1])
+    return {"kept": float(np.mean(kept)), "last": float(np.mean(last)), "gap": float(np.mean(kept) - np.mean(last))}
+
+
 def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path = Path("submissions")) -> Path | None:
     names = [m.name for m in cfg.models]
     preds = {n: load_model_predictions(exp_dir, n, cfg.folds.n_splits) for n in names}
@@ -209,6 +225,13 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
     )
     cv = table["blend"][cfg.metric]  # what the submission earned on OOF: clipped ages, its threshold
     print(f"CV {cfg.metric}: {cv:.4f}")
+    selection = selection_optimism(exp_dir, names, cfg.folds.n_splits, cfg.metric)
+    if selection is not None:
+        print(
+            f"checkpoint epochs (train.select={cfg.train.select}): mean fold validation {cfg.metric} "
+            f"{selection['kept']:.4f} at the kept epochs, {selection['last']:.4f} at the last ones"
+            + (f" (the CV may be optimistic by up to {selection['gap']:.4f})" if cfg.train.select == "best" else "")
+        )
 
     summary = {
         "oof_rows": len(oof),
@@ -219,6 +242,7 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
         "threshold": threshold,
         "age_weights": dict(zip(names, w_age.tolist())),
         "gender_weights": dict(zip(names, w_gender.tolist())),
+        "selection": selection,
     }
     oof = oof.assign(age_blend=blend_age, prob_blend=blend_prob)
     if "group" in comp.train.columns:

@@ -202,3 +202,15 @@ def test_gender_coding_of_the_training_labels_carries_to_the_submission(workdir)
         subs[coding] = sub.set_index("id").gender.loc[test_people.id].to_numpy()
     assert subs["as_is"].tolist() == test_people.gender.tolist()
     assert subs["inverted"].tolist() == (1 - test_people.gender).tolist()
+
+
+def test_selection_optimism_compares_the_kept_epochs_with_the_last_ones(tmp_path):
+    for k, (kept_epoch, scores) in enumerate([(2, [0.70, 0.80, 0.75]), (3, [0.60, 0.65, 0.90])]):
+        fold = tmp_path / "m" / f"fold{k}"
+        fold.mkdir(parents=True)
+        pd.DataFrame({"epoch": [1, 2, 3], "val_score": scores}).to_csv(fold / "metrics.csv", index=False)
+        (fold / "train_done.json").write_text(json.dumps({"best_epoch": kept_epoch}))
+    got = blend_module.selection_optimism(tmp_path, ["m"], 2, "score")
+    assert got == pytest.approx({"kept": 0.85, "last": 0.825, "gap": 0.025})
+    (tmp_path / "m" / "fold1" / "metrics.csv").unlink()
+    assert blend_module.selection_optimism(tmp_path, ["m"], 2, "score") is None
