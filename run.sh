@@ -2,6 +2,7 @@
 # ./run.sh                         demo competition, whole pipeline, CPU, a few minutes
 # ./run.sh test [pytest args]      the test suite
 # ./run.sh CONFIG [key=value ...]  a real run, e.g. ./run.sh configs/utkface_cpu.yaml data.root=../shared/data/utkface
+# ./run.sh app BUNDLE [--port N]   the web page: drop photos, see each face's age and gender (127.0.0.1)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,8 +24,12 @@ case "${1:-}" in
     shift
     .venv/bin/python -m pytest "$@"
     ;;
+  app)
+    shift
+    .venv/bin/python -m pipeline app "$@"
+    ;;
   -h|--help)
-    sed -n '2,4p' "$0"
+    sed -n '2,5p' "$0"
     ;;
   *)
     .venv/bin/python -m pipeline run "$@"

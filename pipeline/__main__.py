@@ -14,13 +14,15 @@ USAGE = """usage:
   python -m pipeline tune CONFIG [trials=N] [folds=0[,1...]] [key=value ...]
   python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=NAME0,NAME1]
   python -m pipeline predict-images BUNDLE PATH... [--out preds.csv] [--whole-image] [--device cpu|cuda]
+  python -m pipeline app BUNDLE [--host 127.0.0.1] [--port N] [--max-file-size MB]
   python -m pipeline demo OUT_DIR      write the synthetic demo competition to OUT_DIR
 
 stages: folds (write fold indices), train, predict (TTA OOF + test predictions),
         blend (OOF-chosen weights -> submissions/), run (all of them in order),
         tune (Ray Tune trials over tune.space -> runs/<experiment>/tune/best.yaml),
         export (the blended ensemble -> runs/<experiment>/bundle/ and an archive of it),
-        predict-images (detect faces on any photos, predict each face with a bundle)
+        predict-images (detect faces on any photos, predict each face with a bundle),
+        app (a web page on 127.0.0.1: drop photos, see each face's age and gender, download the table)
 launcher=ray runs every (model, fold) job as a Ray task (ray.address: "" = this machine, auto or HOST:PORT)
 key=value overrides any config entry, e.g. train.batch_size=32 models.0.name=tf_efficientnet_lite1"""
 
@@ -42,6 +44,10 @@ def main(argv: list[str]) -> int:
         from .photos import predict_images_cli
 
         return predict_images_cli(argv[1:])
+    if stage == "app":
+        from .app import app_cli
+
+        return app_cli(argv[1:])
     try:
         if stage == "export":
             from .export import export_cli

@@ -92,21 +92,39 @@ def _face_row(path: str, index: int, face: faces.Face) -> dict:
     return {"file": path, "face": index, "x": x, "y": y, "w": w, "h": h, "score": face.score, "note": note}
 
 
-def _photo_rows(path: str, whole_image_if_no_face: bool) -> tuple[list[dict], list[np.ndarray]]:
-    """One photo's rows and the crops to predict, one per row that gets a prediction (crops[i] <-> rows[i])."""
-    try:
-        rgb = read_photo(path)
-    except DataError as e:
-        return [{"file": path, "face": -1, "note": str(e)}], []
+def face_rows(name: str, rgb: np.ndarray, whole_image_if_no_face: bool = False) -> tuple[list[dict], list[np.ndarray]]:
+    """A decoded photo's rows (one per face, best score first; or one face = -1 row saying there is none) and the
+    crops to predict, one per row that gets a prediction (crops[i] <-> rows[i])."""
     found = faces.detect_faces(rgb)
     if not found:
         h, w = rgb.shape[:2]
-        row = {"file": path, "face": -1, "note": NO_FACE}
+        row = {"file": name, "face": -1, "note": NO_FACE}
         if not whole_image_if_no_face:
             return [row], []
         row.update(x=0.0, y=0.0, w=float(w), h=float(h), note=f"{NO_FACE}: predicted on the whole image")
         return [row], [whole_image(rgb)]
-    return [_face_row(path, i, f) for i, f in enumerate(found)], [faces.crop_face(rgb, f, CROP_SIZE) for f in found]
+    return [_face_row(name, i, f) for i, f in enumerate(found)], [faces.crop_face(rgb, f, CROP_SIZE) for f in found]
+
+
+def unreadable_row(name: str, error: DataError) -> dict:
+    return {"file": name, "face": -1, "note": str(error)}
+
+
+def _photo_rows(path: str, whole_image_if_no_face: bool) -> tuple[list[dict], list[np.ndarray]]:
+    try:
+        rgb = read_photo(path)
+    except DataError as e:
+        return [unreadable_row(path, e)], []
+    return face_rows(path, rgb, whole_image_if_no_face)
+
+
+def predict_image(bundle, name: str, rgb: np.ndarray, whole_image_if_no_face: bool = False) -> list[dict]:
+    """predict_images' rows for one decoded photo, with `name` in the file column (table() makes them a table)."""
+    rows, crops = face_rows(name, rgb, whole_image_if_no_face)
+    if crops:
+        for row, pred in zip(rows, bundle.predict(crops).to_dict("records"), strict=True):
+            row.update(pred)
+    return rows
 
 
 def predict_images(
@@ -135,6 +153,11 @@ def predict_images(
         pending.extend((first + k, crop) for k, crop in enumerate(crops))
         flush(batch_size)
     flush(len(pending))
+    return table(rows)
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    """Rows as predict-images writes them: COLUMNS, then gender_label when predicted, then note."""
     df = pd.DataFrame(rows)
     extra = [c for c in df.columns if c not in COLUMNS and c != "note"]
     df = df.reindex(columns=[*COLUMNS, *extra, "note"])
@@ -144,7 +167,7 @@ def predict_images(
     return df
 
 
-def _write_csv(df: pd.DataFrame, path: str) -> None:
+def write_csv(df: pd.DataFrame, path: str) -> None:
     """Written to a temporary name and renamed: a half-written CSV is never left behind."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
@@ -183,7 +206,7 @@ def predict_images_cli(argv: list[str]) -> int:
         for row in df[(df.face < 0) & (df.note != "")].itertuples():
             print(f"{row.file}: {row.note}", file=sys.stderr)
         if args.out:
-            _write_csv(df, args.out)
+            write_csv(df, args.out)
         else:
             df.to_csv(sys.stdout, index=False, float_format="%.4f")
     except PipelineError as e:

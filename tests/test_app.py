@@ -1,0 +1,206 @@
+"""The web page (python -m pipeline app) in a real headless Chromium driven by selenium: a photo uploaded through
+the page shows the age and gender predict-images gives for it, bad files get one line each and the page keeps
+working, and every socket of the app and the browser stays on loopback."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from conftest import cli, cli_command, cli_env
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.selenium_manager import SeleniumManager
+from selenium.webdriver.support.ui import WebDriverWait
+from test_photos import GOOD, astronaut, photo_dir, real_bundle  # noqa: F401 (fixtures)
+from test_ray import SocketWatch, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"  # Debian's chromium-driver: .ci/run installs both
+MAX_MB = 1  # the app's upload limit here, so that a small file can exceed it
+BAD = {
+    "notes.jpg": "not a readable image (corrupt, truncated or not an image)",
+    "truncated.jpg": "not a readable image (corrupt, truncated or not an image)",
+    "empty.jpg": "empty file (0 bytes)",
+    "bomb.png": "image too large: 900 Mpx, the limit is 100 Mpx (not decoded: a decompression bomb or a scan far "
+    "larger than a photo)",
+    "no_face.png": "no face found",
+}
+
+
+@pytest.fixture(scope="module")
+def watch():
+    """Every socket of this test's processes (the app, chromedriver, Chromium), polled from before they start."""
+    with SocketWatch() as w:
+        yield w
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(watch, real_bundle, tmp_path_factory):  # noqa: F811
+    """The app serving the test bundle on a free loopback port (it starts while predict-images runs)."""
+    d = tmp_path_factory.mktemp("app")
+    port = free_port()
+    log = (d / "app.log").open("w")
+    args = cli_command("app", real_bundle, "--port", port, "--max-file-size", MAX_MB)
+    proc = subprocess.Popen(args, cwd=d, env=cli_env({"GRADIO_TEMP_DIR": str(d / "gradio")}), stdout=log, stderr=log)
+    yield SimpleNamespace(proc=proc, url=f"http://127.0.0.1:{port}/", port=port, log=d / "app.log")
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def expected(real_bundle, photo_dir, tmp_path_factory) -> pd.Series:  # noqa: F811
+    """predict-images' row for the astronaut photo."""
+    d = tmp_path_factory.mktemp("cli")
+    r = cli("predict-images", real_bundle, photo_dir / "astronaut.jpg", "--out", d / "preds.csv", cwd=d)
+    assert r.returncode == 0, r.stderr
+    rows = pd.read_csv(d / "preds.csv", dtype=str, keep_default_na=False)
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def served(app) -> bool:
+    assert app.proc.poll() is None, app.log.read_text()
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(app.url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def page(app, expected, tmp_path_factory):
+    """Headless Chromium on the app's page, downloads going to page.downloads."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).is_file()]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} missing: apt-get install chromium chromium-driver (.ci/run does)")
+    wait_for(lambda: served(app), timeout=180, every=0.5)
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1200",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
+        options.add_argument(flag)
+    with pytest.MonkeyPatch.context() as mp:  # the given driver is used; selenium must not fetch one
+        mp.setattr(SeleniumManager, "binary_paths", lambda *a: pytest.fail("selenium-manager was called"))
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        driver.get(app.url)
+        driver.downloads = downloads
+        yield driver
+    finally:
+        driver.quit()
+
+
+def status(driver) -> str:
+    return driver.find_element(By.CSS_SELECTOR, "#status textarea").get_attribute("value")
+
+
+def upload(driver, *paths: Path) -> list[str]:
+    """Clear the page's photos, drop these instead; the status lines once they are in (one per file)."""
+    # the file list's own Clear, not the one of the status tracker of a refused upload
+    clear = driver.find_elements(By.CSS_SELECTOR, "#photos button[aria-label=Clear]:not(.clear-status button)")
+    if clear:
+        driver.execute_script("arguments[0].click()", clear[0])  # a toast may lie over it
+        WebDriverWait(driver, 30).until(lambda d: status(d) == "")
+    field = WebDriverWait(driver, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "#photos input[type=file]"))
+    field.send_keys("\n".join(str(p) for p in paths))
+    WebDriverWait(driver, 120).until(lambda d: status(d).count("\n") == len(paths) - 1 and status(d))
+    return status(driver).splitlines()
+
+
+def table(driver) -> list[list[str]]:
+    rows = driver.find_elements(By.CSS_SELECTOR, "#table [role=row].virtual-row")
+    return [[c.text for c in r.find_elements(By.CSS_SELECTOR, "[role=gridcell]")] for r in rows]
+
+
+def warnings(driver) -> list[str]:
+    """The messages of the toasts on the page (textContent: a stack of them shows only some)."""
+    return [
+        t.get_attribute("textContent").strip()
+        for t in driver.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")
+    ]
+
+
+def test_page_shows_what_predict_images_gives(page, app, expected, photo_dir, tmp_path_factory):  # noqa: F811
+    assert upload(page, photo_dir / "astronaut.jpg") == ["astronaut.jpg: 1 face"]
+    assert page.title == "Age and gender from faces"
+    (row,) = table(page)
+    file, face, box, score, age, prob, gender = row
+    assert (file, face, gender) == ("astronaut.jpg", "0", expected.gender_label)
+    assert abs(float(age) - float(expected.age)) <= 0.05 + 1e-4  # shown with 1 decimal, 4 in the CSV
+    assert abs(float(prob) - float(expected.gender_prob)) <= 0.0005 + 1e-4
+    box_cli = [float(expected[k]) for k in "xywh"]
+    assert all(abs(a - b) <= 0.5 + 1e-4 for a, b in zip(map(float, box.split(", ")), box_cli, strict=True))
+    assert abs(float(score) - float(expected.score)) <= 0.005 + 1e-4
+    (caption,) = page.find_elements(By.CSS_SELECTOR, "#gallery .caption-label")
+    assert caption.text == "astronaut.jpg: 1 face"
+    assert page.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("naturalWidth") == "512"
+    shot = tmp_path_factory.getbasetemp() / "app-page.png"
+    page.save_screenshot(str(shot))
+    # the CSV the page offers is predict-images' own table for the same file
+    page.find_element(By.ID, "download").click()
+    csv = wait_for(lambda: (page.downloads / "faces.csv").is_file() and (page.downloads / "faces.csv"), timeout=30)
+    got = pd.read_csv(io.StringIO(csv.read_text()), dtype=str, keep_default_na=False).iloc[0]
+    assert got.drop("file").to_dict() == expected.drop("file").to_dict() and got.file == "astronaut.jpg"
+    # the browser's own connection to the app is among the sockets the watch sees
+    ss = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True).stdout
+    assert any(f"127.0.0.1:{app.port} " in line and '"chromium"' in line for line in ss.splitlines()), ss
+
+
+def test_bad_files_one_line_each_then_a_good_upload_works(page, app, photo_dir, tmp_path):  # noqa: F811
+    lines = upload(page, *(photo_dir / name for name in BAD))
+    assert lines == [f"{name}: {why}" for name, why in BAD.items()]
+    wait_for(lambda: set(lines) <= set(warnings(page)), timeout=10)
+    assert table(page) == []
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(MAX_MB * 1024 * 1024))
+    page.find_element(By.CSS_SELECTOR, "#photos input[type=file]").send_keys(str(big))
+    wait_for(lambda: any("exceed the maximum allowed size" in w and "big.png" in w for w in warnings(page)), 30)
+    # gray, RGBA, 16-bit, CMYK, animated, EXIF-rotated photos and a group of thirty
+    lines = upload(page, photo_dir / "group" / "thirty.png", *(photo_dir / name for name in GOOD))
+    assert lines == ["thirty.png: 30 faces"] + [f"{name}: 1 face" for name in GOOD]
+    grid = page.find_element(By.CSS_SELECTOR, "#table [role=grid]")  # the rows in view only are in the page
+    assert grid.get_attribute("aria-rowcount") == str(1 + 30 + len(GOOD)) and table(page)[0][:2] == ["thirty.png", "0"]
+    assert app.proc.poll() is None and "Traceback" not in app.log.read_text()
+
+
+def test_bad_bundle_or_flag_is_one_line_and_exit_2(tmp_path):
+    r = cli("app", tmp_path / "missing.tar.gz", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'missing.tar.gz'}: no such bundle folder or archive\n"
+    r = cli("app", tmp_path / "missing.tar.gz", "--max-file-size", "0", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: --max-file-size must be above 0\n"
+
+
+def test_every_socket_stayed_on_loopback(watch, page):
+    """Checked last: the app, chromedriver and Chromium never bound to or talked to a non-loopback address."""
+    time.sleep(1)  # one more poll with the page still open
+    watch.check_once()
+    assert watch.seen > 0 and not watch.bad, watch.bad
