@@ -22,8 +22,9 @@ from torch import nn
 
 from .bundle import BUNDLE_FILE, FORMAT, VERSION, Bundle, load_bundle
 from .config import Config, ModelConfig, load_config
-from .data import detect_layout, load_competition
+from .data import detect_layout, find_faces, load_competition
 from .errors import DataError, PipelineError
+from .faces import Face, crop_face
 from .files import atomic_path
 from .imaging import decode_rgb, read_bytes, square_resize
 from .metrics import evaluate
@@ -377,10 +378,13 @@ def export(cfg: Config, exp_dir: Path, fmt: str = "torch", labels: list[str] | N
     return exp_dir / name, archive
 
 
-def native_face(path: str, fit: str) -> np.ndarray:
-    """An image file squared by `fit` at its own resolution, so that a bundle's resize of it equals
-    decode_image(path, size, fit) at every size (a stretch-fitted non-square image is only approximated)."""
+def native_face(path: str, fit: str, face: Face | None = None) -> np.ndarray:
+    """An image file (cropped to `face` when given) squared by `fit` at its own resolution, so that a bundle's
+    resize of it equals decode_image(path, size, fit, face) at every size (a stretch-fitted non-square image is
+    only approximated)."""
     rgb = decode_rgb(read_bytes(path))  # decoded once: decode_image's own steps, at the file's size
+    if face is not None:
+        rgb = crop_face(rgb, face)
     h, w = rgb.shape[:2]
     return square_resize(rgb, max(h, w) if fit == "pad" else min(h, w), fit)
 
@@ -390,12 +394,14 @@ def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[s
     comp = load_competition(cfg)
     if comp.holdout_labels is None:
         raise PipelineError("this run has no held-out split (data.holdout=0)")
+    paths = comp.test.path.tolist()
+    found = find_faces(paths, cfg.data.cache_dir, f"{comp.name}-test") if cfg.data.face_crop == "detect" else None
     preds = []
-    for start in range(0, len(comp.test), chunk):
+    for start in range(0, len(paths), chunk):
         faces = []
-        for path in comp.test.path.iloc[start : start + chunk]:
+        for i in range(start, min(start + chunk, len(paths))):
             try:
-                faces.append(native_face(path, cfg.data.fit))
+                faces.append(native_face(paths[i], cfg.data.fit, found[i] if found else None))
             except DataError:  # the pipeline predicts an unreadable test image from a blank one
                 faces.append(np.zeros((8, 8, 3), np.uint8))
         preds.append(bundle.predict(faces))

@@ -28,7 +28,7 @@ from pipeline.imaging import square_resize
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
 MODELS = [
-    {"name": "scratch_cnn", "pretrained": False, "phases": ONE_EPOCH},
+    {"name": "scratch_cnn", "pretrained": False, "phases": ONE_EPOCH, "age_head": "dldl"},  # both heads exported
     {"name": "tf_efficientnet_lite0", "pretrained": False, "phases": ONE_EPOCH},
 ]
 
@@ -64,6 +64,7 @@ def test_bundle_contents(run):
     assert run.torch_archive.name == "exp-bundle.tar.gz" and run.onnx_archive.name == "exp-bundle-onnx.tar.gz"
     assert [m["name"] for m in info["models"]] == ["scratch_cnn", "tf_efficientnet_lite0"]
     assert all(len(m["folds"]) == 2 and m["img_size"] == 32 for m in info["models"])
+    assert [m["age_head"] for m in info["models"]] == ["dldl", "regression"]
     assert {m["name"]: m["age_weight"] for m in info["models"]} == blend["age_weights"]
     assert info["gender"]["threshold"] == blend["threshold"]
     assert info["tta"] == ["none", "hflip"] and info["fit"] == "center_crop" and info["face_crop"] == "none"
