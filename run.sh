@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,5p' "$0"
+  exit 0
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
@@ -27,9 +31,6 @@ case "${1:-}" in
   app)
     shift
     .venv/bin/python -m pipeline app "$@"
-    ;;
-  -h|--help)
-    sed -n '2,5p' "$0"
     ;;
   *)
     .venv/bin/python -m pipeline run "$@"
