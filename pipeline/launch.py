@@ -32,6 +32,7 @@ from .files import write_bytes, write_text
 REPO = Path(__file__).resolve().parents[1]
 # Written last, so that a fold is "done" only once everything it produced is on the driver's disk.
 DONE_MARKERS = ("train_done.json", "predict_done.json")
+CANCEL_GRACE_S = 10  # Ctrl-C: how long jobs get to stop cleanly before they are killed
 SCRATCH = Path(tempfile.gettempdir()) / "pipeline-ray"
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: a request through it fails at once, on loopback
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
@@ -325,7 +326,12 @@ def collect(ray, cfg: Config, refs: dict, exp_dir: Path) -> None:
                 write_fold_files(fold_dir(cfg, m, k), result.files)
             tqdm.write(progress_line(cfg, m, k, result))
     except KeyboardInterrupt:
+        # A plain cancel interrupts each job like Ctrl-C, so it removes its half-written temporaries on the way out;
+        # a job that has not stopped after a grace period is killed (a rerun clears what it left).
         for ref in refs:
+            ray.cancel(ref)
+        _, running = ray.wait(list(refs), num_returns=len(refs), timeout=CANCEL_GRACE_S)
+        for ref in running:
             ray.cancel(ref, force=True)
         raise
     finally:
