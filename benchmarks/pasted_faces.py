@@ -5,7 +5,10 @@ saved as JPEG, are predicted through predict_images (decode, detect, align, crop
 data.face_crop=detect). Also reports detector recall and the IoU between the crop's square
 and the pasted chip's square. The chips used to fit the framing (benchmarks/face_framing.py) are left out.
 
-    .venv/bin/python benchmarks/pasted_faces.py BUNDLE --root ../shared/data/utkface [--n 500]
+    .venv/bin/python benchmarks/pasted_faces.py BUNDLE --root ../shared/data/utkface [--n 500] [--holdout]
+
+--holdout takes the faces from the 10% held-out split of configs/utkface_cpu.yaml instead (for a bundle of that
+run, whose folds trained on every developer-set chip).
 """
 
 from __future__ import annotations
@@ -24,14 +27,21 @@ from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from face_framing import CHIP_CORNERS, dev_paths  # noqa: E402
+from face_framing import CHIP_CORNERS, REPO, dev_paths  # noqa: E402
 
 from pipeline import faces  # noqa: E402
-from pipeline.data import parse_utkface_name  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import load_competition, parse_utkface_name  # noqa: E402
 from pipeline.metrics import evaluate  # noqa: E402
 from pipeline.photos import predict_images, read_photo  # noqa: E402
 
 BACKGROUNDS = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "hubble_deep_field", "noise")
+
+
+def holdout_paths(root: str, n: int, seed: int) -> list[str]:
+    cfg = load_config(str(REPO / "configs" / "utkface_cpu.yaml"), [f"data.root={root}"])
+    test = load_competition(cfg).test  # the held-out 10%: no fold of the run trained on it
+    return test.sample(n=min(n, len(test)), random_state=seed).path.tolist()
 
 
 def background(name: str, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
@@ -91,13 +101,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", help="per-face CSV")
+    ap.add_argument("--holdout", action="store_true", help="faces from the held-out split, not the developer set")
     args = ap.parse_args()
     from pipeline.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
-    framing = set(dev_paths(args.root, 3000, 0))
-    pool = [p for p in dev_paths(args.root, 10**9, args.seed) if p not in framing]
-    paths = pool[: args.n]
+    if args.holdout:
+        paths = holdout_paths(args.root, args.n, args.seed)
+    else:
+        framing = set(dev_paths(args.root, 3000, 0))
+        paths = [p for p in dev_paths(args.root, 10**9, args.seed) if p not in framing][: args.n]
     labels = [parse_utkface_name(Path(p).name) for p in paths]
     chips = [read_photo(p) for p in paths]
     # a bundle trained on detected crops (data.face_crop=detect) sees its chips through the same step
