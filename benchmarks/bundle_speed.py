@@ -1,7 +1,7 @@
 """Images/s of a bundle's predict (resize + every fold model x TTA + blend) with torch and with onnxruntime,
 one run each, on 96 px face crops; optionally the run's held-out figures recomputed from the bundle.
 
-    .venv/bin/python benchmarks/bundle_speed.py                       # runs/utkface_cpu_review if blended
+    .venv/bin/python benchmarks/bundle_speed.py                       # runs/utkface_cpu if blended
     .venv/bin/python benchmarks/bundle_speed.py --holdout             # + held-out check (needs the data)
 
 Without a blended run the bundles hold freshly initialised models of the config's architectures (speed does not
@@ -66,7 +66,7 @@ def images_per_s(path: Path, faces: list[np.ndarray], batch_size: int, parallel:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/utkface_cpu.yaml")
-    ap.add_argument("--experiment", default="utkface_cpu_review")
+    ap.add_argument("--experiment", default="utkface_cpu")
     ap.add_argument("--data", default="../shared/data/utkface")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64)

@@ -216,7 +216,7 @@ def test_export_refuses_without_a_blend(run, tmp_path):
 
 
 UTKFACE_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface"
-UTKFACE_RUN = Path(__file__).resolve().parents[1] / "runs" / os.environ.get("EXPORT_RUN", "utkface_cpu_review")
+UTKFACE_RUN = Path(__file__).resolve().parents[1] / "runs" / os.environ.get("EXPORT_RUN", "utkface_cpu")
 
 
 @pytest.mark.utkface
