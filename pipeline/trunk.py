@@ -33,11 +33,14 @@ class CachedTrunk:
     """Outputs of a phase's frozen trunk prefix (eval mode): `views` x training rows, and the validation rows
     (view 0), reused by every epoch of the phase."""
 
-    def __init__(self, k: int, views: torch.Tensor, val: torch.Tensor):
+    def __init__(self, k: int, views: torch.Tensor, val: torch.Tensor, channels_last: bool = False):
         self.k, self.views, self.val = k, views, val
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, model: AgeGenderNet, h: torch.Tensor, raw: bool = True):
         h = h.to(model.mean.device, non_blocking=True).float()
+        if h.ndim == 4:  # the layout of the model's weights (stored outputs are plain NCHW)
+            h = h.contiguous(memory_format=self.memory_format)
         for stage in trunk_stages(model)[self.k :]:
             h = stage(h)
         return model.heads(h, raw)
@@ -127,9 +130,11 @@ class TrunkCache:
             self.trained_from = 10**9
         if self.base.k == k:
             trunk = self.base
+        elif self.lowest_trained >= k:  # still the starting weights up to k: derived once for all folds, stored
+            trunk = self._from_store(k, derive_from=self.base.k)
         else:
             views = torch.stack([self._derive(v, k) for v in self.base.views])
-            trunk = CachedTrunk(k, views, self._derive(self.base.val, k))
+            trunk = CachedTrunk(k, views, self._derive(self.base.val, k), self.t.channels_last)
         self.note_trained(k)
         mb = (trunk.views.numel() + trunk.val.numel()) * 2 / 2**20
         print(
@@ -139,27 +144,40 @@ class TrunkCache:
         return trunk
 
     def _base(self, k: int) -> CachedTrunk:
-        tr, va = self.rows
         if self.lowest_trained >= k:  # the prefix holds its starting weights: the same in every fold
-            stored = [self._stored(k, v) for v in view_ids(self.t)]
-            views = torch.stack([torch.from_numpy(s[tr]) for s in stored])
-            return CachedTrunk(k, views, torch.from_numpy(stored[0][va]))
+            return self._from_store(k)
+        tr, va = self.rows
         views = torch.stack([self._run(tr, k, v) for v in view_ids(self.t)])
-        return CachedTrunk(k, views, self._run(va, k, 0))
+        return CachedTrunk(k, views, self._run(va, k, 0), self.t.channels_last)
 
-    def _stored(self, k: int, view: int) -> np.ndarray:
-        """All images' outputs of the first k stages for one view, from the store (computed on first use)."""
+    def _from_store(self, k: int, derive_from: int | None = None) -> CachedTrunk:
+        """The fold's rows of the stored outputs at cut k (computed on first use: from the images, or from
+        the stored outputs at the shallower cut `derive_from`)."""
+        tr, va = self.rows
+        stored = [self._stored(k, v, derive_from) for v in view_ids(self.t)]
+        views = torch.stack([torch.from_numpy(s[tr]) for s in stored])
+        return CachedTrunk(k, views, torch.from_numpy(stored[0][va]), self.t.channels_last)
+
+    def _store_path(self, k: int, view: int) -> Path:
         prefix = [p.detach().cpu().numpy() for s in self.stages[:k] for p in [*s.parameters(), *s.buffers()]]
         spec = f"v{STORE_VERSION}|{k}|{view}|{view_transform(self.t, view)!r}|{torch.get_num_threads()}"
         self._images_key = self._images_key or _digest([self.images])
         key = _digest([*prefix, np.frombuffer(f"{spec}|{self._images_key}".encode(), np.uint8)])
-        path = self.store_dir / f"trunk-{self.images.shape[1]}px-k{k}-view{view}-{key}.npy"
+        return self.store_dir / f"trunk-{self.images.shape[1]}px-k{k}-view{view}-{key}.npy"
+
+    def _stored(self, k: int, view: int, derive_from: int | None = None) -> np.ndarray:
+        """All images' outputs of the first k stages for one view, from the store (computed on first use)."""
+        path = self._store_path(k, view)
         if not path.is_file():
             self.store_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.store_dir)
-            out = self._run(np.arange(len(self.images)), k, view).numpy()
+            if derive_from is None:
+                out = self._run(np.arange(len(self.images)), k, view)
+            else:
+                source = torch.from_numpy(np.load(self._store_path(derive_from, view), mmap_mode="r")[:])
+                out = self._derive(source, k, derive_from)
             with atomic_path(path) as tmp:
-                np.save(tmp, out)
+                np.save(tmp, out.numpy())
         return np.load(path, mmap_mode="r")
 
     def _run(self, rows: np.ndarray, k: int, view: int) -> torch.Tensor:
@@ -174,13 +192,14 @@ class TrunkCache:
                 out.append(h.to(torch.float16).cpu())
         return torch.cat(out) if out else torch.empty(0, dtype=torch.float16)
 
-    def _derive(self, base: torch.Tensor, k: int) -> torch.Tensor:
+    def _derive(self, base: torch.Tensor, k: int, base_k: int | None = None) -> torch.Tensor:
+        """Outputs at cut k from outputs at the shallower cut base_k (default: the base's)."""
         if len(base) == 0:
             return base
         out = []
         for i in range(0, len(base), STORE_BATCH):
             h = base[i : i + STORE_BATCH].to(self.device).float()
-            for stage in self.stages[self.base.k : k]:
+            for stage in self.stages[(self.base.k if base_k is None else base_k) : k]:
                 h = stage(h)
             out.append(h.to(torch.float16).cpu())
         return torch.cat(out)

@@ -224,9 +224,11 @@ def test_the_trunk_store_is_computed_once_and_shared_by_the_folds(tmp_path, monk
         phase_trunk(cache, model, phases, 0)
         trunks.append(cache.base)
     assert calls == [N, N, N]  # 3 views of every image, once
-    assert len(list((tmp_path / "cache").glob("trunk-*.npy"))) == 3
+    k0, k_head = trunks[1].k, len(trunk_stages(model))
+    stored = sorted(p.name for p in (tmp_path / "cache").glob("trunk-*.npy"))
+    assert [n.split("-")[2:4] for n in stored] == [[f"k{k}", f"view{v}"] for k in (k0, k_head) for v in range(3)]
     tr1, _ = replace(job, fold=1).rows()
-    (view0,) = (tmp_path / "cache").glob("trunk-*-view0-*.npy")
+    (view0,) = (tmp_path / "cache").glob(f"trunk-*-k{k0}-view0-*.npy")
     assert torch.equal(trunks[1].views[0], torch.from_numpy(np.load(view0)[tr1]))
     assert not torch.equal(trunks[0].views[0][: len(tr1)], trunks[1].views[0])
 
