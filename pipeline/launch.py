@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .config import Config, ModelConfig
 from .data import Competition, prepare_images
 from .errors import PipelineError
-from .files import write_bytes, write_text
+from .files import remove_stale_temporaries, write_bytes, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 # Written last, so that a fold is "done" only once everything it produced is on the driver's disk.
@@ -333,6 +333,11 @@ def collect(ray, cfg: Config, refs: dict, exp_dir: Path) -> None:
         _, running = ray.wait(list(refs), num_returns=len(refs), timeout=CANCEL_GRACE_S)
         for ref in running:
             ray.cancel(ref, force=True)
+        if running:
+            ray.wait(running, num_returns=len(running), timeout=CANCEL_GRACE_S)
+        if cfg.ray.shared_fs:  # what the killed jobs were writing when they died
+            for m, k in refs.values():
+                remove_stale_temporaries(fold_dir(cfg, m, k))
         raise
     finally:
         bar.close()

@@ -59,7 +59,7 @@ def app(watch, real_bundle, tmp_path_factory):  # noqa: F811
     proc = subprocess.Popen(args, cwd=d, env=cli_env({"GRADIO_TEMP_DIR": str(d / "gradio")}), stdout=log, stderr=log)
     yield SimpleNamespace(proc=proc, url=f"http://127.0.0.1:{port}/", port=port, log=d / "app.log")
     proc.terminate()
-    proc.wait(timeout=30)
+    proc.wait(timeout=120)  # a loaded machine: the app may take a while to see the signal
     log.close()
 
 
