@@ -174,7 +174,7 @@ class TrunkCache:
             if derive_from is None:
                 out = self._run(np.arange(len(self.images)), k, view)
             else:
-                source = torch.from_numpy(np.load(self._store_path(derive_from, view), mmap_mode="r")[:])
+                source = torch.from_numpy(np.load(self._store_path(derive_from, view)))
                 out = self._derive(source, k, derive_from)
             with atomic_path(path) as tmp:
                 np.save(tmp, out.numpy())
