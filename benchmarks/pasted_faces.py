@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", help="per-face CSV")
     ap.add_argument("--holdout", action="store_true", help="faces from the held-out split, not the developer set")
+    ap.add_argument("--detect-size", type=int, default=faces.DETECT_MAX_SIDE, help="predict-images' --detect-size")
     args = ap.parse_args()
     from pipeline.bundle import load_bundle
 
@@ -129,7 +130,7 @@ def main() -> None:
             found = faces.detect_faces(read_photo(path))
             ious.append(max((frame_iou(faces.frame_corners(f), corners) for f in found), default=0.0))
         t0 = time.time()
-        preds = predict_images(bundle, scene_paths, whole_image_if_no_face=True)
+        preds = predict_images(bundle, scene_paths, whole_image_if_no_face=True, detect_size=args.detect_size)
         secs = time.time() - t0
     rows = []
     for i, (path, corners) in enumerate(zip(scene_paths, truths, strict=True)):
@@ -165,7 +166,10 @@ def main() -> None:
         f"age |pasted - chip|: mean {np.abs(df.pasted_age - df.chip_age).mean():.2f} years; gender agreement "
         f"{(df.pasted_gender == df.chip_gender).mean():.4f}"
     )
-    print(f"predict_images: {len(df) / secs:.1f} scenes/s (load {os.getloadavg()[0]:.1f})")
+    print(
+        f"predict_images: {len(df) / secs:.1f} scenes/s, {bundle.runtime} bundle, detect size {args.detect_size} "
+        f"(load {os.getloadavg()[0]:.1f})"
+    )
     verdict = "PASS" if abs(diff) <= 0.02 else "FAIL"
     print(f"score pasted - chips = {diff:+.4f} ({verdict}: must be within 0.02)")
 

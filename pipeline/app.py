@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from . import photos
+from . import faces, photos
 from .errors import DataError, PipelineError
 
 # Read by gradio and huggingface_hub when they are imported or launched: no telemetry, no calls home.
@@ -50,7 +50,7 @@ class Result:
     problems: list[str] = field(default_factory=list)  # the lines that are warnings
 
 
-def analyse(bundle, paths: list[str]) -> Result:
+def analyse(bundle, paths: list[str], detect_size: int = faces.DETECT_MAX_SIDE) -> Result:
     """Every uploaded file: decoded, its faces found and predicted (predict-images' own code), drawn."""
     out = Result()
     for path in paths:
@@ -62,7 +62,7 @@ def analyse(bundle, paths: list[str]) -> Result:
             out.lines.append(f"{name}: {e}")
             out.problems.append(out.lines[-1])
             continue
-        rows = photos.predict_image(bundle, name, rgb)
+        rows = photos.predict_image(bundle, name, rgb, detect_size=detect_size)
         out.rows.extend(rows)
         found = [r for r in rows if r["face"] >= 0]
         line = f"{name}: {len(found)} face{'s' * (len(found) > 1)}" if found else f"{name}: {rows[0]['note']}"
@@ -125,13 +125,13 @@ def write_table(rows: list[dict], out_dir: Path) -> Path:
     return path
 
 
-def build_page(bundle, out_dir: Path):
+def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
     import gradio as gr
 
     def on_upload(paths: list[str] | None):
         if not paths:
             return [], shown_table([]), gr.DownloadButton(visible=False), ""
-        result = analyse(bundle, paths)
+        result = analyse(bundle, paths, detect_size)
         for line in result.problems:
             gr.Warning(line)
         csv = write_table(result.rows, out_dir)
@@ -172,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="default: 7860, or the next free port")
     p.add_argument("--max-file-size", type=float, default=20, metavar="MB", help="upload limit per file (default 20)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when there is one")
+    photos.add_detect_size(p)
     return p
 
 
@@ -198,7 +199,7 @@ def app_cli(argv: list[str]) -> int:
         return 2
     _offline_env()
     with tempfile.TemporaryDirectory(prefix="pipeline-app-") as out_dir:
-        page = build_page(bundle, Path(out_dir))
+        page = build_page(bundle, Path(out_dir), args.detect_size)
         try:
             page.launch(
                 server_name=args.host,

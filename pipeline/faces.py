@@ -61,10 +61,12 @@ def detect_faces(rgb: np.ndarray, min_score: float = MIN_SCORE, max_side: int = 
     )
     scale_x, scale_y = size[0] / w, size[1] / h
     pad = round(DETECT_PAD * max(small.shape[:2])) if max(small.shape[:2]) <= DETECT_PAD_UP_TO else 0
-    bgr = cv2.copyMakeBorder(small[:, :, ::-1], pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
+    if pad:
+        bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     if _GOMP is not None:
         _GOMP.omp_set_num_threads(THREADS)  # per calling thread, so set on every call
-    rows = yuface.c_detect(np.ascontiguousarray(bgr)).astype(np.float64)
+    rows = yuface.c_detect(bgr).astype(np.float64)
     faces = []
     for row in rows:
         score = float(row[0]) / 100.0

@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -66,6 +67,17 @@ def cli_env(env: dict | None = None) -> dict:
     """A clean environment for `python -m pipeline`: this repo on PYTHONPATH, W&B off unless `env` says
     otherwise (e.g. {"WANDB_MODE": "offline", "HOME": str(tmp)}), nothing else from the caller."""
     return {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", **(env or {})}
+
+
+def wait_for(predicate, timeout: float = 120, every: float = 0.02):
+    """predicate()'s first truthy value, polled every `every` seconds; fails the test after `timeout`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
 
 
 def cli_command(*args) -> list[str]:

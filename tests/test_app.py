@@ -15,14 +15,14 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import cli, cli_command, cli_env
+from conftest import cli, cli_command, cli_env, wait_for
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.selenium_manager import SeleniumManager
 from selenium.webdriver.support.ui import WebDriverWait
 from test_photos import GOOD, astronaut, photo_dir, real_bundle  # noqa: F401 (fixtures)
-from test_ray import SocketWatch, is_loopback, wait_for
+from test_ray import SocketWatch, is_loopback
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"  # Debian's chromium-driver: .ci/run installs both

@@ -4,8 +4,13 @@ double of pipeline.bundle.Bundle's predict interface, so these tests need no tra
 from __future__ import annotations
 
 import io
+import os
+import signal
 import struct
+import subprocess
 import sys
+import threading
+import time
 import types
 import zlib
 from pathlib import Path
@@ -14,6 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cli_command, cli_env, wait_for
 from PIL import Image
 from skimage import data
 
@@ -271,3 +277,80 @@ def test_predict_images_with_a_real_bundle(real_bundle, photo_dir, tmp_path, cap
     assert df.age.map(np.isfinite).all() and set(df.gender) <= {0, 1}
     assert df.note.iloc[1] == "no face found: predicted on the whole image"
     assert "2 photos: 1 faces, 1 without a face, 0 unreadable" in capsys.readouterr().err
+
+
+def test_many_photos_are_read_in_worker_processes_with_the_same_table(photo_dir, monkeypatch):
+    """From POOL_FROM photos on, decoding and detection run in spawned processes a few photos ahead of the
+    predictions: the table is the one a single process gives, row for row, bad files included."""
+    paths = photos.photo_paths([str(photo_dir)]) * 2
+    pools = []
+
+    class SpyPool(photos.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(photos, "ProcessPoolExecutor", SpyPool)
+    monkeypatch.setattr(photos, "POOL_FROM", 4)
+    alone = photos.predict_images(FakeBundle(), paths, batch_size=8, workers=1)
+    assert not pools
+    pooled = photos.predict_images(FakeBundle(), paths, batch_size=8, workers=2)
+    assert len(pools) == 1 and pools[0]["mp_context"].get_start_method() == "spawn"
+    pd.testing.assert_frame_equal(pooled, alone)
+    assert len(alone) == 2 * (7 + 30 + 1 + 4)
+
+
+def test_detect_size_trades_small_faces_for_speed(photo_dir, fake_bundle_module, tmp_path, capsys):
+    """--detect-size: the group photo's thirty faces are found on the default copy, few on a 128-pixel one."""
+    group = str(photo_dir / "group" / "thirty.png")
+    faces_found = {}
+    for size in ("640", "128"):
+        out = tmp_path / f"{size}.csv"
+        assert photos.predict_images_cli(["BUNDLE", group, "--detect-size", size, "--out", str(out)]) == 0
+        faces_found[size] = int((pd.read_csv(out).face >= 0).sum())
+    assert faces_found["640"] == 30 and faces_found["128"] < 10
+    assert photos.predict_images_cli(["BUNDLE", group, "--detect-size", "100"]) == 2
+    assert photos.predict_images_cli(["BUNDLE", group, "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --detect-size: expected a whole number of pixels >= 128, got '100'" in err
+    assert "error: --workers must be at least 1" in err and "Traceback" not in err
+
+
+def test_ctrl_c_stops_the_workers_and_writes_nothing(real_bundle, photo_dir, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while worker processes read photos:
+    exit 130, one line, no traceback from any process, no process left, no half-written CSV."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):
+        (folder / f"{i:03d}.jpg").symlink_to(photo_dir / "astronaut.jpg")
+    out = tmp_path / "preds.csv"
+    args = cli_command("predict-images", real_bundle, folder, "--out", out, "--workers", 2)
+    proc = subprocess.Popen(args, env=cli_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    wait_for(lambda: "/400 [" in "".join(err), timeout=120, every=0.1)
+    time.sleep(1)
+    assert proc.poll() is None, "finished before Ctrl-C: give it more photos"
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    reader.join(timeout=10)
+    text = "".join(err)
+    assert text.rstrip().endswith("interrupted") and "Traceback" not in text, text[-2000:]
+    wait_for(lambda: not group_alive(proc.pid), timeout=30, every=0.2)
+    assert not out.exists() and not list(tmp_path.glob(".preds.csv.tmp*"))
+
+
+def test_worker_processes_leave_ctrl_c_to_the_main_process():
+    """An idle worker that got the terminal's SIGINT would print a traceback; the main process reports it."""
+    ctx = photos.multiprocessing.get_context("spawn")
+    with photos.ProcessPoolExecutor(1, mp_context=ctx, initializer=photos._start_worker) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

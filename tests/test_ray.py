@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import cli, cli_command, cli_env, write_config
+from conftest import cli, cli_command, cli_env, wait_for, write_config
 
 from pipeline.launch import LOCAL_RAY_ENV, SCRATCH, system_processes_env
 
@@ -167,16 +167,6 @@ def worker_pid(cluster, task_name: str) -> int | None:
         except OSError:
             pass
     return None
-
-
-def wait_for(predicate, timeout: float = 120, every: float = 0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
 
 
 def _default_sigint() -> None:
