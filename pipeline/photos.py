@@ -15,6 +15,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -149,15 +150,22 @@ def _photos_rows(
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker) as pool:
         todo = iter(paths)
-        ahead = deque(pool.submit(work, p) for p in islice(todo, AHEAD * workers))
+        ahead = deque((p, pool.submit(work, p)) for p in islice(todo, AHEAD * workers))
         try:
             while ahead:
-                done = ahead.popleft().result()
-                ahead.extend(pool.submit(work, p) for p in islice(todo, 1))
+                path, future = ahead.popleft()
+                try:
+                    done = future.result()
+                except BrokenProcessPool:
+                    raise PipelineError(
+                        f"{path}: the worker process reading it died (a crash in the image decoder or the face "
+                        "detector, on this photo or one read beside it)"
+                    ) from None
+                ahead.extend((p, pool.submit(work, p)) for p in islice(todo, 1))
                 yield done
         finally:  # stopped early (an error, Ctrl-C): what has not started is dropped
-            for f in ahead:
-                f.cancel()
+            for _, future in ahead:
+                future.cancel()
 
 
 def predict_image(

@@ -341,6 +341,37 @@ def test_ctrl_c_stops_the_workers_and_writes_nothing(real_bundle, photo_dir, tmp
     assert not out.exists() and not list(tmp_path.glob(".preds.csv.tmp*"))
 
 
+def test_a_dead_worker_process_is_one_line_naming_the_photo(photo_dir, fake_bundle_module, monkeypatch, capsys):
+    """A crash in a decoder or the detector kills a worker: the CLI names the photo and exits 2, no traceback."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    class CrashingPool:  # runs the work in this process, except that the worker on gray.png dies
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, path):
+            future = Future()
+            if path.endswith("gray.png"):
+                future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            else:
+                future.set_result(fn(path))
+            return future
+
+    monkeypatch.setattr(photos, "ProcessPoolExecutor", CrashingPool)
+    monkeypatch.setattr(photos, "POOL_FROM", 2)
+    assert photos.predict_images_cli(["BUNDLE", str(photo_dir), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {photo_dir / 'gray.png'}: the worker process reading it died (a crash" in err
+    assert "Traceback" not in err
+
+
 def test_worker_processes_leave_ctrl_c_to_the_main_process():
     """An idle worker that got the terminal's SIGINT would print a traceback; the main process reports it."""
     ctx = photos.multiprocessing.get_context("spawn")
