@@ -13,8 +13,9 @@ USAGE = """usage:
   python -m pipeline run|folds|train|predict|blend CONFIG [model=NAME] [fold=K] [key=value ...]
   python -m pipeline tune CONFIG [trials=N] [folds=0[,1...]] [key=value ...]
   python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=NAME0,NAME1]
-  python -m pipeline predict-images BUNDLE PATH... [--out preds.csv] [--whole-image] [--device cpu|cuda]
-  python -m pipeline app BUNDLE [--host 127.0.0.1] [--port N] [--max-file-size MB]
+  python -m pipeline predict-images BUNDLE PATH... [--out preds.csv] [--whole-image] [--detect-size PX]
+                                   [--workers N] [--batch-size N] [--device cpu|cuda]
+  python -m pipeline app BUNDLE [--host 127.0.0.1] [--port N] [--max-file-size MB] [--detect-size PX]
   python -m pipeline demo OUT_DIR      write the synthetic demo competition to OUT_DIR
 
 stages: folds (write fold indices), train, predict (TTA OOF + test predictions),
