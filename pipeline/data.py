@@ -21,7 +21,7 @@ from .config import Config, DataConfig
 from .errors import DataError
 from .faces import Face, crop_face, detect_faces
 from .files import atomic_path, remove_stale_temporaries, write_text
-from .imaging import decode_rgb, read_bytes, square_resize
+from .imaging import WORKERS, decode_rgb, read_bytes, square_resize  # WORKERS: decode threads, detection processes
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
@@ -29,7 +29,6 @@ ID_COLS = ("id", "image_id", "image", "file", "filename", "file_name")
 UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_\d+")
 CACHE_VERSION = 2  # 2: EXIF orientation applied, data.fit
 FACES_VERSION = 1  # data.face_crop=detect caches: bump when faces.py's detection or framing changes
-WORKERS = max(1, min(8, os.cpu_count() or 2))  # decode threads, and face detection processes
 DETECT_POOL_FROM = 200  # images from which detection runs in a process pool (starting one takes ~2 s)
 cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe
 

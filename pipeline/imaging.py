@@ -3,11 +3,14 @@ scikit-learn), so that a bundle predicting on photos needs nothing more."""
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 
 from .errors import DataError
 
+WORKERS = max(1, min(8, os.cpu_count() or 2))  # threads or processes that decode (and detect faces in) images
 FITS = ("center_crop", "stretch", "pad")  # data.fit: how a non-square image becomes square
 # ANYDEPTH | ANYCOLOR keeps 16-bit and grayscale (as IMREAD_UNCHANGED would) but, unlike IMREAD_UNCHANGED,
 # applies the EXIF orientation (JPEG, PNG, WebP, TIFF); the alpha channel is dropped.

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import faces
 from .errors import DataError, PipelineError
-from .imaging import decode_rgb, read_bytes
+from .imaging import WORKERS, decode_rgb, read_bytes  # WORKERS: processes that decode, detect, crop
 
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MAX_PIXELS = 100_000_000  # larger images are refused from their header, before any decoding
@@ -36,7 +36,6 @@ CROP_SIZE = faces.CHIP_SIZE
 SMALL_FACE = 40  # faces smaller than this (pixels, box side) get a note: little detail to read an age from
 NO_FACE = "no face found"
 COLUMNS = ["file", "face", "x", "y", "w", "h", "score", "age", "gender_prob", "gender"]
-WORKERS = max(1, min(8, os.cpu_count() or 2))  # processes that decode, detect and crop while the bundle predicts
 POOL_FROM = 16  # photos from which those processes are worth starting (spawning them takes ~1-2 s)
 AHEAD = 4  # photos per worker process read ahead of the predictions
 
@@ -204,9 +203,8 @@ def predict_images(
                 rows[i].update(pred)
 
     found = _photos_rows(paths, whole_image_if_no_face, detect_size, workers)
-    bar = {"total": len(paths), "desc": "predict-images", "unit": "photo", "file": sys.stderr}
-    bar["disable"] = len(paths) < 2
-    for photo_rows, crops in tqdm(found, **bar):
+    bar = tqdm(found, total=len(paths), desc="predict-images", unit="photo", file=sys.stderr, disable=len(paths) < 2)
+    for photo_rows, crops in bar:
         first = len(rows)
         rows.extend(photo_rows)
         pending.extend((first + k, crop) for k, crop in enumerate(crops))
