@@ -1,3 +1,4 @@
+import os
 import time
 
 import cv2
@@ -6,8 +7,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline import data as data_module
 from pipeline.config import load_config
-from pipeline.data import cached_images, decode_image, load_competition, parse_utkface_name, prepare_images
+from pipeline.data import (
+    _files_key,
+    cached_images,
+    decode_image,
+    load_competition,
+    parse_utkface_name,
+    prepare_images,
+)
 from pipeline.errors import DataError
 
 
@@ -143,6 +152,24 @@ def test_cache_is_reused_and_rebuilt_when_a_source_changes(tmp_path):
     assert arr3[1].min() == 255 and len(list((tmp_path / "cache").glob("*.npy"))) == 2
     cached_images(paths, 12, str(tmp_path / "cache"), "t")  # another resolution: another cache
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+def test_cache_key_follows_the_contents_not_the_file_times(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "DIGEST_SPAN", 64)  # files longer than two spans: head and tail are read
+    paths = [tmp_path / f"{i}.bin" for i in range(3)]
+    for i, p in enumerate(paths):
+        p.write_bytes(bytes(range(256)) * (i + 1))
+    names = [str(p) for p in paths]
+    key = _files_key("h", names)
+    for p in paths:  # a fresh copy of the same data: new file times
+        os.utime(p, ns=(1, 1))
+    assert _files_key("h", names) == key
+    body = bytearray(paths[2].read_bytes())
+    body[-1] ^= 1  # a change in the last bytes of a file longer than the span
+    paths[2].write_bytes(bytes(body))
+    assert _files_key("h", names) != key
+    paths[2].unlink()
+    assert _files_key("h", names) != key  # a missing file is part of the key too
 
 
 def test_unreadable_training_image_skipped_and_test_image_kept(demo_root, tmp_path):
