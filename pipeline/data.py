@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +20,13 @@ from .config import Config, DataConfig
 from .errors import DataError
 from .faces import Face, crop_face, detect_faces
 from .files import atomic_path, remove_stale_temporaries, write_text
-from .imaging import WORKERS, decode_rgb, read_bytes, square_resize  # WORKERS: decode threads, detection processes
+from .imaging import (  # WORKERS: decode threads, detection processes
+    WORKERS,
+    decode_rgb,
+    ordered_map,
+    read_bytes,
+    square_resize,
+)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
@@ -31,6 +36,7 @@ CACHE_VERSION = 2  # 2: EXIF orientation applied, data.fit
 DIGEST_SPAN = 1 << 16  # cache keys read this many bytes from the start and from the end of each file
 FACES_VERSION = 1  # data.face_crop=detect caches: bump when faces.py's detection or framing changes
 DETECT_POOL_FROM = 200  # images from which detection runs in a process pool (starting one takes ~2 s)
+DETECT_CHUNK = 32  # images a detection task
 cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe
 
 
@@ -385,14 +391,29 @@ def best_face(path: str) -> Face | None:
     return found[0] if found else None
 
 
+def _best_faces(paths: list[str]) -> list[Face | None]:
+    return [best_face(p) for p in paths]
+
+
 def _detect_all(paths: list[str], desc: str) -> list[Face | None]:
-    """best_face of every path, in order. YuNet holds the GIL, so a process pool (spawned: the caller may have
-    torch's OpenMP threads running, which a fork would copy half-initialised) rather than threads."""
-    bar = {"total": len(paths), "desc": desc, "unit": "img"}
+    """best_face of every path, in order; from DETECT_POOL_FROM images on in worker processes (YuNet holds the
+    GIL), DETECT_CHUNK images a task."""
     if WORKERS == 1 or len(paths) < DETECT_POOL_FROM:
-        return [best_face(p) for p in tqdm(paths, **bar)]
-    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(best_face, paths, chunksize=32), **bar))
+        return [best_face(p) for p in tqdm(paths, desc=desc, unit="img")]
+    chunks = [paths[i : i + DETECT_CHUNK] for i in range(0, len(paths), DETECT_CHUNK)]
+    found: list[Face | None] = []
+    with tqdm(total=len(paths), desc=desc, unit="img") as bar:
+        for part in ordered_map(_best_faces, chunks, WORKERS, ahead=2, died=_detector_died):
+            found.extend(part)
+            bar.update(len(part))
+    return found
+
+
+def _detector_died(chunk: list[str]) -> str:
+    return (
+        f"face detection: a worker process died (a crash in the image decoder or the face detector) on one of "
+        f"{len(chunk)} images from {chunk[0]}"
+    )
 
 
 def find_faces(paths: list[str], cache_dir: str, tag: str) -> list[Face | None]:

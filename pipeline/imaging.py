@@ -3,12 +3,19 @@ scikit-learn), so that a bundle predicting on photos needs nothing more."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
 
 import cv2
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, PipelineError
 
 WORKERS = max(1, min(8, os.cpu_count() or 2))  # threads or processes that decode (and detect faces in) images
 FITS = ("center_crop", "stretch", "pad")  # data.fit: how a non-square image becomes square
@@ -72,3 +79,33 @@ def square_resize(img: np.ndarray, size: int, fit: str) -> np.ndarray:
     h, w = img.shape[:2]
     interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
     return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def start_worker() -> None:
+    """Initializer of the processes that decode and detect: Ctrl-C is the main process's to handle (an idle
+    worker would print a traceback), and one OpenCV thread each (a worker per core)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cv2.setNumThreads(1)
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int, died: Callable[[object], str]) -> Iterator:
+    """fn of each item, in order, in `workers` spawned processes (YuNet holds the GIL, so threads would not
+    overlap; spawned, not forked: torch or onnxruntime threads may be running), `ahead` items a worker ahead of
+    the caller. When the caller stops (an error, Ctrl-C) the items not started are dropped, so it stops at once.
+    A worker that dies (a crash in a decoder or the detector) is a PipelineError saying died(item)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=start_worker) as pool:
+        todo = iter(items)
+        queue = deque((x, pool.submit(fn, x)) for x in islice(todo, ahead * workers))
+        try:
+            while queue:
+                item, future = queue.popleft()
+                try:
+                    out = future.result()
+                except BrokenProcessPool:
+                    raise PipelineError(died(item)) from None
+                queue.extend((x, pool.submit(fn, x)) for x in islice(todo, 1))
+                yield out
+        finally:
+            for _, future in queue:
+                future.cancel()

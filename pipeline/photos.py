@@ -6,18 +6,12 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import multiprocessing
 import os
 import re
-import signal
 import sys
 import warnings
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from itertools import islice
 from pathlib import Path
 
 import cv2
@@ -28,7 +22,7 @@ from tqdm import tqdm
 
 from . import faces
 from .errors import DataError, PipelineError
-from .imaging import WORKERS, decode_rgb, read_bytes  # WORKERS: processes that decode, detect, crop
+from .imaging import WORKERS, decode_rgb, ordered_map, read_bytes  # WORKERS: processes that decode, detect
 
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MAX_PIXELS = 100_000_000  # larger images are refused from their header, before any decoding
@@ -131,40 +125,22 @@ def _photo_rows(path: str, whole_image_if_no_face: bool, detect_size: int) -> tu
     return face_rows(path, rgb, whole_image_if_no_face, detect_size)
 
 
-def _start_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: no worker tracebacks
-    cv2.setNumThreads(1)  # one core per worker process
-
-
 def _photos_rows(
     paths: list[str], whole_image_if_no_face: bool, detect_size: int, workers: int
 ) -> Iterator[tuple[list, list]]:
-    """_photo_rows of each path, in order. With many photos, in worker processes (YuNet holds the GIL, so threads
-    would not overlap; spawned, not forked: torch or onnxruntime threads may be running), a few photos ahead of
-    the caller, so that detection goes on while the caller predicts."""
+    """_photo_rows of each path, in order; with many photos in worker processes, a few photos ahead of the caller,
+    so that detection goes on while the caller predicts."""
     work = partial(_photo_rows, whole_image_if_no_face=whole_image_if_no_face, detect_size=detect_size)
     if workers <= 1 or len(paths) < POOL_FROM:
-        yield from map(work, paths)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker) as pool:
-        todo = iter(paths)
-        ahead = deque((p, pool.submit(work, p)) for p in islice(todo, AHEAD * workers))
-        try:
-            while ahead:
-                path, future = ahead.popleft()
-                try:
-                    done = future.result()
-                except BrokenProcessPool:
-                    raise PipelineError(
-                        f"{path}: the worker process reading it died (a crash in the image decoder or the face "
-                        "detector, on this photo or one read beside it)"
-                    ) from None
-                ahead.extend((p, pool.submit(work, p)) for p in islice(todo, 1))
-                yield done
-        finally:  # stopped early (an error, Ctrl-C): what has not started is dropped
-            for _, future in ahead:
-                future.cancel()
+        return map(work, paths)
+    return ordered_map(work, paths, workers, AHEAD, died=_died)
+
+
+def _died(path: str) -> str:
+    return (
+        f"{path}: the worker process reading it died (a crash in the image decoder or the face detector, on this "
+        "photo or one read beside it)"
+    )
 
 
 def predict_image(

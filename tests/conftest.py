@@ -118,3 +118,12 @@ def paste(scene: np.ndarray, img: np.ndarray, x: int, y: int, width: int) -> np.
     out = scene.copy()
     out[y : y + h, x : x + width] = cv2.resize(img, (width, h), interpolation=cv2.INTER_AREA)
     return out
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group `pgid` is still running."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import subprocess
+import threading
 
 import cv2
 import numpy as np
 import pytest
-from conftest import cli, paste, write_config
+from conftest import cli, cli_command, cli_env, group_alive, paste, wait_for, write_config
 
 from pipeline import data as data_module
 from pipeline.config import load_config
@@ -115,3 +119,39 @@ def test_demo_run_with_face_crop_detect(demo_root, workdir):
     )
     assert line in r.stdout.splitlines()
     assert "Face crop (data.face_crop=detect)" in (workdir / "runs" / "crop" / "report.html").read_text()
+
+
+def test_ctrl_c_during_face_detection_stops_every_process(face_files, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) while worker processes look for faces in the training images:
+    exit 130, one line, no traceback from any process, no process left, no detection cache written."""
+    root = tmp_path / "comp"
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+    n = 800
+    for i in range(n):
+        (root / "train" / f"t{i}.png").symlink_to(face_files[i % 4])
+    (root / "test" / "s0.png").symlink_to(face_files[0])
+    (root / "train.csv").write_text("id,age,gender\n" + "".join(f"t{i},{20 + i % 50},{i % 2}\n" for i in range(n)))
+    (root / "test.csv").write_text("id\ns0\n")
+    cache = tmp_path / "cache"
+    cfg = write_config(tmp_path / "c.yaml", data={"root": root, "face_crop": "detect", "cache_dir": cache})
+    proc = subprocess.Popen(
+        cli_command("train", cfg),
+        cwd=tmp_path,
+        env=cli_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    wait_for(lambda: re.search(rf"faces \S+: +\d+%.* [1-9]\d*/{n} \[", "".join(err)), timeout=120, every=0.1)
+    assert proc.poll() is None, "finished before Ctrl-C: give it more images"
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    reader.join(timeout=10)
+    text = "".join(err)
+    assert "interrupted" in text.rstrip().splitlines()[-1] and "Traceback" not in text, text[-2000:]
+    wait_for(lambda: not group_alive(proc.pid), timeout=30, every=0.2)
+    assert not list(cache.glob("*faces*"))

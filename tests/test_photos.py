@@ -19,11 +19,11 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli_command, cli_env, wait_for
+from conftest import cli_command, cli_env, group_alive, wait_for
 from PIL import Image
 from skimage import data
 
-from pipeline import photos
+from pipeline import imaging, photos
 from pipeline.errors import DataError
 
 ASTRONAUT_FACE = (177, 63, 89, 112)  # x, y, w, h in skimage's astronaut
@@ -285,12 +285,12 @@ def test_many_photos_are_read_in_worker_processes_with_the_same_table(photo_dir,
     paths = photos.photo_paths([str(photo_dir)]) * 2
     pools = []
 
-    class SpyPool(photos.ProcessPoolExecutor):
+    class SpyPool(imaging.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             pools.append(kwargs)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(photos, "ProcessPoolExecutor", SpyPool)
+    monkeypatch.setattr(imaging, "ProcessPoolExecutor", SpyPool)
     monkeypatch.setattr(photos, "POOL_FROM", 4)
     alone = photos.predict_images(FakeBundle(), paths, batch_size=8, workers=1)
     assert not pools
@@ -364,7 +364,7 @@ def test_a_dead_worker_process_is_one_line_naming_the_photo(photo_dir, fake_bund
                 future.set_result(fn(path))
             return future
 
-    monkeypatch.setattr(photos, "ProcessPoolExecutor", CrashingPool)
+    monkeypatch.setattr(imaging, "ProcessPoolExecutor", CrashingPool)
     monkeypatch.setattr(photos, "POOL_FROM", 2)
     assert photos.predict_images_cli(["BUNDLE", str(photo_dir), "--workers", "2"]) == 2
     err = capsys.readouterr().err
@@ -374,14 +374,6 @@ def test_a_dead_worker_process_is_one_line_naming_the_photo(photo_dir, fake_bund
 
 def test_worker_processes_leave_ctrl_c_to_the_main_process():
     """An idle worker that got the terminal's SIGINT would print a traceback; the main process reports it."""
-    ctx = photos.multiprocessing.get_context("spawn")
-    with photos.ProcessPoolExecutor(1, mp_context=ctx, initializer=photos._start_worker) as pool:
+    ctx = imaging.multiprocessing.get_context("spawn")
+    with imaging.ProcessPoolExecutor(1, mp_context=ctx, initializer=imaging.start_worker) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
