@@ -18,6 +18,7 @@ from .job import FoldJob
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input
 from .metrics import evaluate
 from .models import AgeGenderNet, create_model, evaluating
+from .trunk import predict_stored, stored_tta_inputs
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,14 @@ def predict_fold(job: FoldJob) -> None:
     how = Inference.for_job(job, cfg.tta)
     scale = dict(age_mean=ckpt["age_mean"], age_std=ckpt["age_std"])
     _, val_rows = job.rows()
-    age, prob = predict_arrays(model, job.images.train, val_rows, how, desc=f"{job.name} OOF", **scale)
+    stored = None
+    if cfg.train.cache_frozen:  # the OOF rows' TTA views went through the frozen trunk before: reuse its outputs
+        stored = stored_tta_inputs(model, job.images.train, cfg.train, cfg.data.cache_dir, how.tta)
+    if stored is not None:
+        age, prob = predict_stored(model, stored, val_rows, how, **scale)
+        print(f"{job.name}: OOF rows from the stored outputs of the frozen trunk ({stored.k} stages)")
+    else:
+        age, prob = predict_arrays(model, job.images.train, val_rows, how, desc=f"{job.name} OOF", **scale)
     oof = pd.DataFrame(
         {
             "id": train.id.to_numpy()[val_rows],

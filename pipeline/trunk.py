@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import albumentations as A
 import numpy as np
@@ -23,7 +24,9 @@ from .config import TrainConfig
 from .files import atomic_path, remove_stale_temporaries
 from .loader import FaceDataset, make_loader, to_model_input, train_transform, training_batches
 from .models import AgeGenderNet, evaluating, trunk_stages
-from .predict import Inference
+
+if TYPE_CHECKING:
+    from .predict import Inference
 
 STORE_VERSION = 1
 STORE_BATCH = 128  # the batch size of trunk passes (augmented views are seeded per batch)
@@ -83,6 +86,15 @@ def view_transform(t: TrainConfig, view: int) -> A.Compose | None:
 def view_ids(t: TrainConfig) -> list[int]:
     """The views of train.trunk_views (the mirror view only when train.hflip > 0)."""
     return [v for v in range(t.trunk_views) if v != 1 or t.hflip > 0]
+
+
+def store_path(store_dir: Path, stages, size: int, images_key: str, t: TrainConfig, k: int, view: int) -> Path:
+    """Where the outputs of the first k `stages` for one view of the images (digest `images_key`) are stored:
+    keyed by the prefix weights, the view, and the torch thread count (CPU results depend on it)."""
+    prefix = [p.detach().cpu().numpy() for s in stages[:k] for p in [*s.parameters(), *s.buffers()]]
+    spec = f"v{STORE_VERSION}|{k}|{view}|{view_transform(t, view)!r}|{torch.get_num_threads()}"
+    key = _digest([*prefix, np.frombuffer(f"{spec}|{images_key}".encode(), np.uint8)])
+    return Path(store_dir) / f"trunk-{size}px-k{k}-view{view}-{key}.npy"
 
 
 def _digest(arrays) -> str:
@@ -159,11 +171,8 @@ class TrunkCache:
         return CachedTrunk(k, views, torch.from_numpy(stored[0][va]), self.t.channels_last)
 
     def _store_path(self, k: int, view: int) -> Path:
-        prefix = [p.detach().cpu().numpy() for s in self.stages[:k] for p in [*s.parameters(), *s.buffers()]]
-        spec = f"v{STORE_VERSION}|{k}|{view}|{view_transform(self.t, view)!r}|{torch.get_num_threads()}"
         self._images_key = self._images_key or _digest([self.images])
-        key = _digest([*prefix, np.frombuffer(f"{spec}|{self._images_key}".encode(), np.uint8)])
-        return self.store_dir / f"trunk-{self.images.shape[1]}px-k{k}-view{view}-{key}.npy"
+        return store_path(self.store_dir, self.stages, self.images.shape[1], self._images_key, self.t, k, view)
 
     def _stored(self, k: int, view: int, derive_from: int | None = None) -> np.ndarray:
         """All images' outputs of the first k stages for one view, from the store (computed on first use)."""
@@ -203,3 +212,49 @@ class TrunkCache:
                 h = stage(h)
             out.append(h.to(torch.float16).cpu())
         return torch.cat(out)
+
+
+TTA_VIEWS = {"none": 0, "hflip": 1}  # the stored view that is each TTA view's input
+
+
+def stored_tta_inputs(
+    model: AgeGenderNet, images: np.ndarray, t: TrainConfig, store_dir: str, tta
+) -> CachedTrunk | None:
+    """The stored trunk outputs of all `images` for each TTA view (CachedTrunk.views: one array per TTA view), at
+    the deepest cut whose prefix still holds this model's weights (a phase that trained the prefix makes another
+    key); None when the store lacks them or a TTA view is no stored view."""
+    stages = trunk_stages(model)
+    if stages is None or any(name not in TTA_VIEWS for name in tta):
+        return None
+    views, size, images_key = [TTA_VIEWS[name] for name in tta], images.shape[1], ""
+    for k in range(len(stages) - 1, 0, -1):
+        if not all(any(Path(store_dir).glob(f"trunk-{size}px-k{k}-view{v}-*.npy")) for v in views):
+            continue
+        images_key = images_key or _digest([images])
+        paths = [store_path(Path(store_dir), stages, size, images_key, t, k, v) for v in views]
+        if all(p.is_file() for p in paths):
+            return CachedTrunk(k, [np.load(p, mmap_mode="r") for p in paths], None, t.channels_last)
+    return None
+
+
+@torch.inference_mode()
+def predict_stored(
+    model: AgeGenderNet, trunk: CachedTrunk, rows: np.ndarray, how: Inference, age_mean: float, age_std: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """predict_arrays' result for images[rows] from stored_tta_inputs: only the stages above the cut run. The
+    outputs are stored as float16, so the ages agree with the image path's to about 0.01 years."""
+    ages, probs = [], []
+    with evaluating(model):
+        for i in range(0, len(rows), how.batch_size):
+            idx = rows[i : i + how.batch_size]
+            age = prob = 0.0
+            for view in trunk.views:
+                with torch.autocast(how.device.type, dtype=torch.bfloat16, enabled=how.amp):
+                    a, g = trunk.forward(model, torch.from_numpy(view[idx]), raw=False)
+                age = age + a.float()
+                prob = prob + torch.sigmoid(g.float())
+            ages.append((age / len(trunk.views)).cpu().numpy() * age_std + age_mean)
+            probs.append((prob / len(trunk.views)).cpu().numpy())
+    if not ages:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(ages), np.concatenate(probs)

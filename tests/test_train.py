@@ -367,3 +367,29 @@ def test_select_keeps_the_best_or_the_last_epoch(tmp_path, monkeypatch, select, 
     train_fold(job)
     assert train_mod.checkpoint_epoch(job.out / "best.pt") == kept
     assert json.loads((job.out / "train_done.json").read_text())["best_epoch"] == kept
+
+
+@pytest.mark.parametrize("phases, stored", [([Phase(1, "head", 3e-3), Phase(2, "last:1", 3e-3)], True), ([], False)])
+def test_oof_rows_are_predicted_from_the_stored_trunk_while_its_weights_are_the_stored_ones(
+    tmp_path, capsys, phases, stored
+):
+    """After head / last:N phases the frozen prefix still holds the weights whose outputs (of each training image
+    and of its mirror image, the TTA views) are stored: the OOF rows run only the stages above the cut, with the
+    image path's predictions. A phase that trained the prefix makes the store not apply: the images are run."""
+    phases = phases or [Phase(1, "last:1", 3e-3), Phase(1, "all", 3e-3)]
+    job = _job(tmp_path, phases)
+    job = replace(job, cfg=replace(job.cfg, tta=["none", "hflip"]))
+    train_fold(job)
+    predict_fold(job)
+    assert ("OOF rows from the stored outputs of the frozen trunk" in capsys.readouterr().out) == stored
+    model, ckpt = load_best(job.out / "best.pt", job.model, job.device)
+    _, va = job.rows()
+    how = Inference.for_job(job, ["none", "hflip"])
+    age, prob = predict_arrays(model, job.images.train, va, how, ckpt["age_mean"], ckpt["age_std"])
+    oof = pd.read_csv(job.out / "oof.csv")
+    assert (oof.id == job.comp.train.id.to_numpy()[va]).all()
+    np.testing.assert_allclose(oof.age, age, atol=0.05 if stored else 1e-4)  # the store holds float16
+    np.testing.assert_allclose(oof.gender_prob, prob, atol=2e-3 if stored else 1e-6)
+    test = pd.read_csv(job.out / "test.csv")  # test images are not in the store: always the image path
+    t_age, t_prob = predict_arrays(model, job.images.test, np.arange(1), how, ckpt["age_mean"], ckpt["age_std"])
+    np.testing.assert_allclose(test.age, t_age, atol=1e-4)
