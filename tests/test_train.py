@@ -339,23 +339,42 @@ def test_dldl_loss_is_lowest_for_a_distribution_centred_on_the_true_age():
     assert losses[1] < 1e-4 < losses[0] and losses[1] < losses[2]
 
 
-def _dldl_job(tmp_path, **train) -> FoldJob:
+def _head_job(tmp_path, head: str = "dldl", **train) -> FoldJob:
     job = _job(tmp_path, [Phase(2, "all", 3e-3)], **train)
-    model = replace(job.model, age_head="dldl")
+    model = replace(job.model, age_head=head)
     return replace(job, model=model, cfg=replace(job.cfg, models=[model]))
 
 
-def test_a_dldl_fold_trains_saves_its_head_and_predicts_ages_in_years(tmp_path):
-    job = _dldl_job(tmp_path)
+@pytest.mark.parametrize("head", ["dldl", "meanvar"])
+def test_a_distribution_head_fold_trains_saves_its_head_and_predicts_ages_in_years(tmp_path, head):
+    job = _head_job(tmp_path, head)
     train_fold(job)
     ckpt = torch.load(job.out / "best.pt", weights_only=True)
-    assert (ckpt["age_head"], ckpt["age_mean"], ckpt["age_std"]) == ("dldl", 0.0, 1.0)
+    assert (ckpt["age_head"], ckpt["age_mean"], ckpt["age_std"]) == (head, 0.0, 1.0)
     assert ckpt["model"]["age_head.weight"].shape[0] == DLDL_MAX_AGE + 1
     predict_fold(job)
     oof = pd.read_csv(job.out / "oof.csv")
     assert oof.age.between(0, DLDL_MAX_AGE).all() and oof.age.std() > 0
-    with pytest.raises(PipelineError, match="age_head=dldl"):
+    with pytest.raises(PipelineError, match=f"age_head={head}"):
         load_best(job.out / "best.pt", replace(job.model, age_head="regression"), job.device)
+
+
+def test_mean_variance_loss_is_its_three_terms_and_prefers_a_sharp_distribution_at_the_true_age():
+    ages = torch.arange(DLDL_MAX_AGE + 1, dtype=torch.float32)
+    years = torch.tensor([30.0, 61.0])
+
+    def logits(centre, width):
+        return -0.5 * ((ages[None] - torch.tensor(centre)[:, None]) / width) ** 2
+
+    at, off, wide = logits([30.0, 61.0], 1.5), logits([35.0, 56.0], 1.5), logits([30.0, 61.0], 6.0)
+    loss = train_mod.mean_variance_loss
+    assert loss(at, years) < loss(wide, years) < loss(off, years)
+    p = torch.softmax(off, 1)
+    mean = p @ ages
+    variance = (p * (ages - mean[:, None]) ** 2).sum(1)
+    ce = -torch.log(p[[0, 1], [30, 61]])
+    expected = ce.mean() + 0.2 * 0.5 * ((mean - years) ** 2).mean() + 0.05 * variance.mean()
+    torch.testing.assert_close(loss(off, years), expected)
 
 
 @pytest.mark.parametrize("select, kept", [("best", 1), ("last", 3)])
