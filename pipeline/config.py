@@ -127,6 +127,7 @@ class TrainConfig:
     age_loss: str = "smoothl1"
     normalize_age: bool = True
     gender_weight: float = 1.0  # total loss = age loss + gender_weight * gender BCE
+    gender_smoothing: float = 0.0  # label smoothing of the gender BCE: targets eps/2 and 1 - eps/2
     device: str = "auto"
     amp: bool = True  # CUDA only
     channels_last: bool = True  # faster on CPU (oneDNN) and CUDA alike
@@ -284,6 +285,8 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be a positive number")
+    if not 0 <= cfg.train.gender_smoothing < 1:
+        raise ConfigError(f"train.gender_smoothing={cfg.train.gender_smoothing}: use 0 (off) up to below 1, e.g. 0.1")
     if cfg.train.trunk_views < 1:
         raise ConfigError(f"train.trunk_views={cfg.train.trunk_views}: use 1 (no augmentation) or more")
     if not cfg.models:

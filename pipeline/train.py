@@ -7,7 +7,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -111,13 +111,15 @@ class Objective:
     gender_weight: float
     spread: float = 1.0  # std of the training ages, in years (scales dldl's L1 term)
     age_head: str = "regression"
+    gender_smoothing: float = 0.0
 
     @classmethod
     def of(cls, t: TrainConfig, scale: AgeScale, spread: float = 1.0, age_head: str = "regression") -> Objective:
-        return cls(t.age_loss, scale.smooth_l1_beta, t.gender_weight, spread, age_head)
+        return cls(t.age_loss, scale.smooth_l1_beta, t.gender_weight, spread, age_head, t.gender_smoothing)
 
     def __call__(self, pred_age, gender_logit, y_age, y_gender) -> torch.Tensor:
-        gender = F.binary_cross_entropy_with_logits(gender_logit.float(), y_gender)
+        target = y_gender * (1 - self.gender_smoothing) + self.gender_smoothing / 2
+        gender = F.binary_cross_entropy_with_logits(gender_logit.float(), target)
         if pred_age.ndim == 2:  # a distribution head's logits; y_age in years
             if self.age_head == "meanvar":
                 return mean_variance_loss(pred_age, y_age) + self.gender_weight * gender
@@ -125,12 +127,13 @@ class Objective:
         return age_loss(self.age_loss, pred_age.float(), y_age, self.beta) + self.gender_weight * gender
 
     def on_predictions(self, scale: AgeScale, age_pred, prob, age_true, gender_true) -> float:
-        """The same loss from raw-scale predictions (validation rows)."""
+        """The same loss from raw-scale predictions (validation rows), against the true labels (no smoothing)."""
         a = torch.from_numpy(scale.to_target(np.asarray(age_pred)))
         y = torch.from_numpy(scale.to_target(np.asarray(age_true)))
         p = np.clip(np.asarray(prob, np.float64), 1e-7, 1 - 1e-7)
         logit = torch.from_numpy(np.log(p / (1 - p))).float()
-        return float(self(a, logit, y, torch.from_numpy(np.asarray(gender_true, np.float32))))
+        unsmoothed = replace(self, gender_smoothing=0.0)
+        return float(unsmoothed(a, logit, y, torch.from_numpy(np.asarray(gender_true, np.float32))))
 
 
 @dataclass

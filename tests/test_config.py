@@ -33,6 +33,8 @@ def test_defaults_and_dotted_overrides(tmp_path):
         ("folds.age_bins=[0, 20, 10]", ["age_bins", "increasing"]),
         ("models.0.name=blend", ["blend"]),
         ("train.batch_size=[", ["train.batch_size", "not a valid value"]),
+        ("train.gender_smoothing=1", ["train.gender_smoothing=1", "below 1"]),
+        ("models.0.age_head=coral", ["regression", "dldl", "meanvar"]),
     ],
 )
 def test_bad_keys_and_values_are_refused_with_choices(override, words):

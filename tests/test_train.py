@@ -412,3 +412,18 @@ def test_oof_rows_are_predicted_from_the_stored_trunk_while_its_weights_are_the_
     test = pd.read_csv(job.out / "test.csv")  # test images are not in the store: always the image path
     t_age, t_prob = predict_arrays(model, job.images.test, np.arange(1), how, ckpt["age_mean"], ckpt["age_std"])
     np.testing.assert_allclose(test.age, t_age, atol=1e-4)
+
+
+def test_gender_smoothing_moves_the_training_targets_but_not_the_validation_loss():
+    t = TrainConfig(gender_smoothing=0.1)
+    scale = AgeScale(0.0, 1.0, 0.25)
+    smooth, plain = train_mod.Objective.of(t, scale), train_mod.Objective.of(TrainConfig(), scale)
+    age, logit = torch.zeros(4), torch.tensor([2.0, -1.0, 0.5, 3.0])
+    y_age, y_gender = torch.zeros(4), torch.tensor([1.0, 0.0, 0.0, 1.0])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.tensor([0.95, 0.05, 0.05, 0.95]))
+    torch.testing.assert_close(smooth(age, logit, y_age, y_gender), expected)
+    assert plain(age, logit, y_age, y_gender) < expected  # confident and right: smoothing costs something
+    prob = torch.sigmoid(logit).numpy()
+    assert smooth.on_predictions(scale, np.zeros(4), prob, np.zeros(4), y_gender.numpy()) == pytest.approx(
+        plain.on_predictions(scale, np.zeros(4), prob, np.zeros(4), y_gender.numpy())
+    )
