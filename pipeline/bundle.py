@@ -105,6 +105,8 @@ def _parse_info(files: dict[str, bytes], path: Path) -> dict:
         raise BundleError(f"{path}: unknown runtime {info['runtime']!r}")
     if info["fit"] not in FITS:
         raise BundleError(f"{path}: unknown fit {info['fit']!r}; this pipeline knows {', '.join(FITS)}")
+    if not isinstance(info.get("zoom", 1.0), (int, float)) or not 1 <= info.get("zoom", 1.0) <= 4:
+        raise BundleError(f"{path}: zoom {info.get('zoom')!r} is no number from 1 to 4 (damaged bundle)")
     return info
 
 
@@ -199,6 +201,10 @@ class Bundle:
         return self.info["runtime"]
 
     @property
+    def zoom(self) -> float:
+        return float(self.info.get("zoom", 1.0))  # bundles made before data.zoom: the whole crop
+
+    @property
     def threshold(self) -> float:
         return float(self.info["gender"]["threshold"])
 
@@ -215,7 +221,7 @@ class Bundle:
         for start in range(0, n, max(1, batch_size)):
             chunk = faces[start : start + batch_size]
             resized = {
-                size: np.stack([square_resize(f, size, self.info["fit"]) for f in chunk])
+                size: np.stack([square_resize(f, size, self.info["fit"], self.zoom) for f in chunk])
                 for size in dict.fromkeys(m.img_size for m in self.members)
             }
             jobs = [(fold, resized[m.img_size]) for m in self.members for fold in m.folds]

@@ -49,6 +49,7 @@ class DataConfig:
     sample_submission: str = "sample_submission.csv"
     train_dir: str = "train"
     test_dir: str = "test"
+    zoom: float = 1.0  # keep the centred 1/zoom of each (face) image before resizing: 1.25 = the central 80%
     face_crop: str = "none"  # detect: find the face (YuNet) and crop it framed like a UTKFace chip, before the cache
     holdout: float = 0.0  # no test set (UTKFace): keep this fraction aside as a labelled test set
     on_error: str = "skip"  # unreadable / badly labelled training rows: skip them or stop
@@ -285,6 +286,8 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be a positive number")
+    if not 1 <= cfg.data.zoom <= 4:
+        raise ConfigError(f"data.zoom={cfg.data.zoom}: use 1 (the whole image) up to 4, e.g. 1.25 (the central 80%)")
     if not 0 <= cfg.train.gender_smoothing < 1:
         raise ConfigError(f"train.gender_smoothing={cfg.train.gender_smoothing}: use 0 (off) up to below 1, e.g. 0.1")
     if cfg.train.trunk_views < 1:

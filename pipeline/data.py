@@ -342,15 +342,16 @@ def _hold_out(comp: Competition, frac: float, seed: int, bins: list[float]) -> C
 # ---------------------------------------------------------------- decoding and cache
 
 
-def decode_image(path: str, size: int, fit: str = "stretch", face: Face | None = None) -> np.ndarray:
+def decode_image(path: str, size: int, fit: str = "stretch", face: Face | None = None, zoom: float = 1.0) -> np.ndarray:
     """Any image file -> size x size x 3 RGB uint8, upright per its EXIF orientation, cropped to `face` when
-    given (faces.crop_face), made square by `fit` (stretch | center_crop | pad). Raises DataError with the reason."""
+    given (faces.crop_face), made square by `fit` (stretch | center_crop | pad), its centred 1/zoom kept. Raises
+    DataError with the reason."""
     if not path:
         raise DataError("no image file")
     rgb = decode_rgb(read_bytes(path))
     if face is not None:
         rgb = crop_face(rgb, face)
-    return square_resize(rgb, size, fit)
+    return square_resize(rgb, size, fit, zoom)
 
 
 def _file_digest(path: str) -> str:
@@ -375,10 +376,12 @@ def _files_key(head: str, paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_key(paths: list[str], size: int, fit: str, face_crop: str = "none") -> str:
+def _cache_key(paths: list[str], size: int, fit: str, face_crop: str = "none", zoom: float = 1.0) -> str:
     head = f"v{CACHE_VERSION}|{size}|{fit}"
     if face_crop != "none":  # appended only then, so that the caches made before face_crop keep their key
         head += f"|{face_crop}-v{FACES_VERSION}"
+    if zoom != 1.0:  # likewise
+        head += f"|zoom-{zoom!r}"
     return _files_key(head, paths)
 
 
@@ -432,12 +435,18 @@ def _face_from_json(row: dict) -> Face:
 
 
 def cached_images(
-    paths: list[str], size: int, cache_dir: str, tag: str, fit: str = "stretch", face_crop: str = "none"
+    paths: list[str],
+    size: int,
+    cache_dir: str,
+    tag: str,
+    fit: str = "stretch",
+    face_crop: str = "none",
+    zoom: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode `paths` once into a memory-mapped N x size x size x 3 uint8 array (rebuilt when any source
-    file, the size, the fit or face_crop changes). face_crop=detect crops each image to its face (find_faces)
-    first; images without one stay whole. Returns (images, ok mask, error per image or '')."""
-    key = _cache_key(paths, size, fit, face_crop)
+    file, the size, the fit, face_crop or zoom changes). face_crop=detect crops each image to its face
+    (find_faces) first; images without one stay whole. Returns (images, ok mask, error per image or '')."""
+    key = _cache_key(paths, size, fit, face_crop, zoom)
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     arr_path = folder / f"{tag}-{size}px-{key}.npy"
@@ -453,7 +462,7 @@ def cached_images(
 
         def work(i: int, out: np.ndarray = arr) -> None:
             try:
-                out[i] = decode_image(paths[i], size, fit, faces[i])
+                out[i] = decode_image(paths[i], size, fit, faces[i], zoom)
             except DataError as e:
                 errors[i] = str(e)
                 out[i] = 0
@@ -480,7 +489,7 @@ def prepare_images(comp: Competition, cfg: Config, size: int) -> tuple[Competiti
     d = cfg.data
     train_paths, test_paths = comp.train.path.tolist(), comp.test.path.tolist()
     train_tag, test_tag = f"{comp.name}-train", f"{comp.name}-test"
-    tr, ok, errors = cached_images(train_paths, size, d.cache_dir, train_tag, d.fit, d.face_crop)
+    tr, ok, errors = cached_images(train_paths, size, d.cache_dir, train_tag, d.fit, d.face_crop, d.zoom)
     if not ok.all():
         bad = np.flatnonzero(~ok)
         first = comp.train.path.iat[bad[0]]
@@ -495,7 +504,7 @@ def prepare_images(comp: Competition, cfg: Config, size: int) -> tuple[Competiti
         tr = tr[ok]
     te, ok_t = np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool)
     if len(comp.test):
-        te, ok_t, errors_t = cached_images(test_paths, size, d.cache_dir, test_tag, d.fit, d.face_crop)
+        te, ok_t, errors_t = cached_images(test_paths, size, d.cache_dir, test_tag, d.fit, d.face_crop, d.zoom)
         if not ok_t.all():
             bad = np.flatnonzero(~ok_t)
             print(

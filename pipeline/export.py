@@ -206,9 +206,11 @@ def bundle_info(
         "versions": versions(fmt),
         "face_crop": getattr(cfg.data, "face_crop", "none"),
         "fit": cfg.data.fit,
+        "zoom": cfg.data.zoom,
         "tta": list(cfg.tta),
         "max_age": cfg.data.max_age,
-        "input": "RGB uint8 face crops of any size; each model fits them square (fit) and resizes to its img_size",
+        "input": "RGB uint8 face crops of any size; each model fits them square (fit), keeps the centred 1/zoom and "
+        "resizes to its img_size",
         "gender": {"threshold": blend["threshold"], "labels": coding, "labels_from": source},
         "models": models,
         "oof": {k: blend.get(k) for k in ("metric", "cv", "oof_rows", "table", "table_at_0.5")},

@@ -72,10 +72,20 @@ def decode_rgb(raw: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def square_resize(img: np.ndarray, size: int, fit: str) -> np.ndarray:
-    """An RGB image made square by `fit`, resized to size x size: what the cache holds, and what a bundle feeds
-    its models."""
-    img = fit_square(img, fit)
+def zoom_centre(img: np.ndarray, zoom: float) -> np.ndarray:
+    """The centred 1/zoom of an image's height and width (zoom >= 1): a tighter crop around a centred face."""
+    if zoom == 1.0:
+        return img
+    h, w = img.shape[:2]
+    ch, cw = max(1, round(h / zoom)), max(1, round(w / zoom))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return img[top : top + ch, left : left + cw]
+
+
+def square_resize(img: np.ndarray, size: int, fit: str, zoom: float = 1.0) -> np.ndarray:
+    """An RGB image made square by `fit`, its centred 1/zoom kept (data.zoom), resized to size x size: what the
+    cache holds, and what a bundle feeds its models."""
+    img = zoom_centre(fit_square(img, fit), zoom)
     h, w = img.shape[:2]
     interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
     return cv2.resize(img, (size, size), interpolation=interp)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline import data as data_module
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data import (
     _files_key,
     cached_images,
@@ -306,3 +306,19 @@ def test_cache_is_keyed_by_fit_and_prepare_images_uses_the_config(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
     assert got["pad"][:, 4:6, :3].max() == 0 and got["stretch"][:, 4:6, :3].max() > 0
     assert not np.array_equal(got["stretch"], got["center_crop"])
+
+
+def test_zoom_keeps_the_centred_part_of_each_image_in_its_own_cache(tmp_path):
+    img = np.zeros((40, 40, 3), np.uint8)
+    img[10:30, 10:30] = 200  # the centred half is bright, the border dark
+    _write(tmp_path / "a.png", img)
+    paths = [str(tmp_path / "a.png")]
+    whole, _, _ = cached_images(paths, 20, str(tmp_path / "cache"), "t")
+    zoomed, _, _ = cached_images(paths, 20, str(tmp_path / "cache"), "t", zoom=2.0)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # one cache per zoom
+    assert zoomed.min() == 200 and whole.min() == 0
+    assert np.array_equal(zoomed[0], cv2.resize(img[10:30, 10:30], (20, 20), interpolation=cv2.INTER_LINEAR))
+    cfg = load_config(None, ["data.zoom=1.25"])
+    assert cfg.data.zoom == 1.25
+    with pytest.raises(ConfigError, match="data.zoom=0.8"):
+        load_config(None, ["data.zoom=0.8"])

@@ -35,9 +35,11 @@ MODELS = [
 
 @pytest.fixture(scope="module")
 def run(demo_root, tmp_path_factory):
-    """A blended 2-model x 2-fold run at 32 px, exported as torch and ONNX bundles."""
+    """A blended 2-model x 2-fold run at 32 px on the central 80% of each image (data.zoom), exported as torch and
+    ONNX bundles."""
     root = tmp_path_factory.mktemp("export")
-    cfg_path = write_config(root / "cfg.yaml", data={"root": demo_root, "img_size": 32}, models=MODELS)
+    data = {"root": demo_root, "img_size": 32, "zoom": 1.25}
+    cfg_path = write_config(root / "cfg.yaml", data=data, models=MODELS)
     r = cli("run", cfg_path, cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
     cfg, exp_dir = run_config(str(cfg_path), [], runs=root / "runs")
@@ -68,6 +70,7 @@ def test_bundle_contents(run):
     assert {m["name"]: m["age_weight"] for m in info["models"]} == blend["age_weights"]
     assert info["gender"]["threshold"] == blend["threshold"]
     assert info["tta"] == ["none", "hflip"] and info["fit"] == "center_crop" and info["face_crop"] == "none"
+    assert info["zoom"] == 1.25
     assert info["gender"]["labels"] == {"0": "0", "1": "1"}  # a Kaggle layout: the codes' names are unknown
     assert info["models"][1]["mean"] == pytest.approx([0.5, 0.5, 0.5])  # tf_efficientnet_lite0's own normalisation
     files = sorted(p.relative_to(run.torch_dir).as_posix() for p in run.torch_dir.rglob("*") if p.is_file())
@@ -104,14 +107,15 @@ def test_onnx_agrees_with_torch_on_any_size(run):
     assert list(load_bundle(run.onnx_dir).predict([]).columns) == ["age", "gender_prob", "gender", "gender_label"]
 
 
+@pytest.mark.parametrize("zoom", [1.0, 1.25])
 @pytest.mark.parametrize("fit", ["stretch", "center_crop", "pad"])
-def test_resize_matches_the_training_decode(tmp_path, fit):
+def test_resize_matches_the_training_decode(tmp_path, fit, zoom):
     rng = np.random.default_rng(1)
     for h, w in ((50, 70), (81, 30), (20, 20), (16, 40)):
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         path = tmp_path / f"{h}x{w}.png"  # lossless, so the file holds exactly `img`
         cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        assert np.array_equal(square_resize(img, 32, fit), decode_image(str(path), 32, fit))
+        assert np.array_equal(square_resize(img, 32, fit, zoom), decode_image(str(path), 32, fit, zoom=zoom))
 
 
 def test_loading_and_predicting_never_unpickle(run, monkeypatch):
