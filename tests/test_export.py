@@ -23,7 +23,7 @@ from pipeline.bundle import load_bundle
 from pipeline.config import load_config
 from pipeline.data import decode_image, load_competition
 from pipeline.errors import PipelineError
-from pipeline.export import export, holdout_from_bundle, run_config
+from pipeline.export import export, holdout_from_bundle, native_face, run_config
 from pipeline.imaging import square_resize
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
@@ -85,8 +85,9 @@ def test_bundle_contents(run):
 
 @pytest.mark.parametrize("which", ["torch_dir", "torch_archive", "onnx_archive"])
 def test_bundle_reproduces_the_submission(run, which):
-    """The test images as the pipeline cached them (same paths, decode_image at the model size, data.fit)."""
-    faces = [decode_image(p, 32, run.cfg.data.fit) for p in run.comp.test.path]
+    """The test images at their own resolution, squared by data.fit (native_face): the bundle's resize and zoom
+    of them is what the pipeline cached and predicted."""
+    faces = [native_face(p, run.cfg.data.fit) for p in run.comp.test.path]
     pred = load_bundle(getattr(run, which)).predict(faces, batch_size=7).set_index(run.comp.test.id)
     pred = pred.loc[run.submission.index]
     assert np.abs(pred.age.to_numpy() - run.submission.age.to_numpy()).max() < 1e-4
