@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -127,3 +128,17 @@ def group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def interruptible(args: list[str], **kwargs) -> subprocess.Popen:
+    """`args` started in its own process group (a terminal's Ctrl-C goes to a whole group: os.killpg) with
+    SIGINT at its default even when this test run was started in the background (`cmd &` in a script starts
+    with SIGINT ignored, and Python then installs no KeyboardInterrupt handler), stderr as text on a pipe."""
+    return subprocess.Popen(
+        args,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kwargs,
+    )

@@ -6,13 +6,12 @@ import json
 import os
 import re
 import signal
-import subprocess
 import threading
 
 import cv2
 import numpy as np
 import pytest
-from conftest import cli, cli_command, cli_env, group_alive, paste, wait_for, write_config
+from conftest import cli, cli_command, cli_env, group_alive, interruptible, paste, wait_for, write_config
 
 from pipeline import data as data_module
 from pipeline.config import load_config
@@ -135,14 +134,7 @@ def test_ctrl_c_during_face_detection_stops_every_process(face_files, tmp_path):
     (root / "test.csv").write_text("id\ns0\n")
     cache = tmp_path / "cache"
     cfg = write_config(tmp_path / "c.yaml", data={"root": root, "face_crop": "detect", "cache_dir": cache})
-    proc = subprocess.Popen(
-        cli_command("train", cfg),
-        cwd=tmp_path,
-        env=cli_env(),
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = interruptible(cli_command("train", cfg), cwd=tmp_path, env=cli_env())
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
     reader.start()

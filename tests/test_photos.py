@@ -7,7 +7,6 @@ import io
 import os
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli_command, cli_env, group_alive, wait_for
+from conftest import cli_command, cli_env, group_alive, interruptible, wait_for
 from PIL import Image
 from skimage import data
 
@@ -325,7 +324,7 @@ def test_ctrl_c_stops_the_workers_and_writes_nothing(real_bundle, photo_dir, tmp
         (folder / f"{i:03d}.jpg").symlink_to(photo_dir / "astronaut.jpg")
     out = tmp_path / "preds.csv"
     args = cli_command("predict-images", real_bundle, folder, "--out", out, "--workers", 2)
-    proc = subprocess.Popen(args, env=cli_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = interruptible(args, env=cli_env())
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
     reader.start()
