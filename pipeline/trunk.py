@@ -235,26 +235,3 @@ def stored_tta_inputs(
         if all(p.is_file() for p in paths):
             return CachedTrunk(k, [np.load(p, mmap_mode="r") for p in paths], None, t.channels_last)
     return None
-
-
-@torch.inference_mode()
-def predict_stored(
-    model: AgeGenderNet, trunk: CachedTrunk, rows: np.ndarray, how: Inference, age_mean: float, age_std: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """predict_arrays' result for images[rows] from stored_tta_inputs: only the stages above the cut run. The
-    outputs are stored as float16, so the ages agree with the image path's to about 0.01 years."""
-    ages, probs = [], []
-    with evaluating(model):
-        for i in range(0, len(rows), how.batch_size):
-            idx = rows[i : i + how.batch_size]
-            age = prob = 0.0
-            for view in trunk.views:
-                with torch.autocast(how.device.type, dtype=torch.bfloat16, enabled=how.amp):
-                    a, g = trunk.forward(model, torch.from_numpy(view[idx]), raw=False)
-                age = age + a.float()
-                prob = prob + torch.sigmoid(g.float())
-            ages.append((age / len(trunk.views)).cpu().numpy() * age_std + age_mean)
-            probs.append((prob / len(trunk.views)).cpu().numpy())
-    if not ages:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return np.concatenate(ages), np.concatenate(probs)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,15 +131,27 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-def interruptible(args: list[str], **kwargs) -> subprocess.Popen:
-    """`args` started in its own process group (a terminal's Ctrl-C goes to a whole group: os.killpg) with
-    SIGINT at its default even when this test run was started in the background (`cmd &` in a script starts
-    with SIGINT ignored, and Python then installs no KeyboardInterrupt handler), stderr as text on a pipe."""
-    return subprocess.Popen(
+def ctrl_c(args: list, started, settle: float = 0.0, **popen) -> str:
+    """Run `args` in its own process group, wait until started(stderr so far) is true (and `settle` seconds
+    more), then send SIGINT to the whole group as a terminal's Ctrl-C does. Asserts exit 130 and that no process
+    of the group is left; returns stderr. SIGINT starts at its default even when this test run was started in
+    the background (`cmd &` in a script starts with SIGINT ignored, and Python then installs no handler)."""
+    proc = subprocess.Popen(
         args,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        **kwargs,
+        **popen,
     )
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    wait_for(lambda: started("".join(err)), timeout=120, every=0.1)
+    time.sleep(settle)
+    assert proc.poll() is None, "finished before Ctrl-C: give it more work"
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    reader.join(timeout=10)
+    wait_for(lambda: not group_alive(proc.pid), timeout=30, every=0.2)
+    return "".join(err)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import threading
 
 import cv2
 import numpy as np
 import pytest
-from conftest import cli, cli_command, cli_env, group_alive, interruptible, paste, wait_for, write_config
+from conftest import cli, cli_command, cli_env, ctrl_c, paste, write_config
 
 from pipeline import data as data_module
 from pipeline.config import load_config
@@ -134,16 +132,7 @@ def test_ctrl_c_during_face_detection_stops_every_process(face_files, tmp_path):
     (root / "test.csv").write_text("id\ns0\n")
     cache = tmp_path / "cache"
     cfg = write_config(tmp_path / "c.yaml", data={"root": root, "face_crop": "detect", "cache_dir": cache})
-    proc = interruptible(cli_command("train", cfg), cwd=tmp_path, env=cli_env())
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
-    reader.start()
-    wait_for(lambda: re.search(rf"faces \S+: +\d+%.* [1-9]\d*/{n} \[", "".join(err)), timeout=120, every=0.1)
-    assert proc.poll() is None, "finished before Ctrl-C: give it more images"
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
-    reader.join(timeout=10)
-    text = "".join(err)
+    progress = re.compile(rf"faces \S+: +\d+%.* [1-9]\d*/{n} \[")
+    text = ctrl_c(cli_command("train", cfg), progress.search, cwd=tmp_path, env=cli_env())
     assert "interrupted" in text.rstrip().splitlines()[-1] and "Traceback" not in text, text[-2000:]
-    wait_for(lambda: not group_alive(proc.pid), timeout=30, every=0.2)
     assert not list(cache.glob("*faces*"))

@@ -4,12 +4,9 @@ double of pipeline.bundle.Bundle's predict interface, so these tests need no tra
 from __future__ import annotations
 
 import io
-import os
 import signal
 import struct
 import sys
-import threading
-import time
 import types
 import zlib
 from pathlib import Path
@@ -18,7 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli_command, cli_env, group_alive, interruptible, wait_for
+from conftest import cli_command, cli_env, ctrl_c
 from PIL import Image
 from skimage import data
 
@@ -324,19 +321,8 @@ def test_ctrl_c_stops_the_workers_and_writes_nothing(real_bundle, photo_dir, tmp
         (folder / f"{i:03d}.jpg").symlink_to(photo_dir / "astronaut.jpg")
     out = tmp_path / "preds.csv"
     args = cli_command("predict-images", real_bundle, folder, "--out", out, "--workers", 2)
-    proc = interruptible(args, env=cli_env())
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
-    reader.start()
-    wait_for(lambda: "/400 [" in "".join(err), timeout=120, every=0.1)
-    time.sleep(1)
-    assert proc.poll() is None, "finished before Ctrl-C: give it more photos"
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
-    reader.join(timeout=10)
-    text = "".join(err)
+    text = ctrl_c(args, lambda err: "/400 [" in err, settle=1.0, env=cli_env())
     assert text.rstrip().endswith("interrupted") and "Traceback" not in text, text[-2000:]
-    wait_for(lambda: not group_alive(proc.pid), timeout=30, every=0.2)
     assert not out.exists() and not list(tmp_path.glob(".preds.csv.tmp*"))
 
 
