@@ -23,7 +23,7 @@ CHOICES = {
     "data.on_error": ("skip", "fail"),
     "data.fit": FITS,
     "data.face_crop": ("none", "detect"),
-    "models.age_head": ("regression", "dldl", "meanvar"),
+    "models.age_head": ("regression", "dldl", "meanvar", "coral"),
     "train.age_loss": ("l1", "smoothl1", "mse"),
     "train.select": ("best", "last"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -104,7 +104,7 @@ class ModelConfig:
     weights: str = ""  # local weights file or directory (Kaggle-style offline weights)
     img_size: int = 0  # 0 = data.img_size
     drop_rate: float = 0.1
-    age_head: str = "regression"  # regression: one output; dldl (DLDL-v2), meanvar (mean-variance): over whole years
+    age_head: str = "regression"  # regression: one output; dldl (DLDL-v2), meanvar (mean-variance), coral (ordinal)
     batch_size: int = 0  # 0 = train.batch_size
     phases: list[Phase] = field(default_factory=list)  # empty = train.phases
 

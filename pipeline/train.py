@@ -89,6 +89,13 @@ def mean_variance_loss(logits: torch.Tensor, years: torch.Tensor) -> torch.Tenso
     return ce + MV_MEAN_WEIGHT * 0.5 * ((mean - years) ** 2).mean() + MV_VARIANCE_WEIGHT * variance.mean()
 
 
+def coral_loss(logits: torch.Tensor, years: torch.Tensor) -> torch.Tensor:
+    """CORAL: binary cross-entropy of each threshold "age >= k" (k = 1..K), summed over thresholds as in the paper."""
+    k = torch.arange(1, logits.shape[1] + 1, device=logits.device, dtype=torch.float32)
+    above = (years[:, None] >= k[None]).float()
+    return F.binary_cross_entropy_with_logits(logits.float(), above, reduction="none").sum(1).mean()
+
+
 def warmup_cosine(steps: int, warmup_frac: float):
     """lr factor per step: linear warm-up over warmup_frac of the steps, then cosine to 0."""
     warm = max(1, int(steps * warmup_frac))
@@ -104,7 +111,8 @@ def warmup_cosine(steps: int, warmup_frac: float):
 @dataclass(frozen=True)
 class Objective:
     """The training loss: age loss + gender_weight x gender BCE. The age loss is train.age_loss on the learnt
-    scale for a regression head; for a distribution head its own loss (dldl_loss, mean_variance_loss), in years."""
+    scale for a regression head; for the other heads their own loss (dldl_loss, mean_variance_loss, coral_loss), in
+    years."""
 
     age_loss: str
     beta: float  # SmoothL1 beta on the learnt scale
@@ -120,9 +128,11 @@ class Objective:
     def __call__(self, pred_age, gender_logit, y_age, y_gender) -> torch.Tensor:
         target = y_gender * (1 - self.gender_smoothing) + self.gender_smoothing / 2
         gender = F.binary_cross_entropy_with_logits(gender_logit.float(), target)
-        if pred_age.ndim == 2:  # a distribution head's logits; y_age in years
+        if pred_age.ndim == 2:  # a distribution or ordinal head's logits; y_age in years
             if self.age_head == "meanvar":
                 return mean_variance_loss(pred_age, y_age) + self.gender_weight * gender
+            if self.age_head == "coral":
+                return coral_loss(pred_age, y_age) + self.gender_weight * gender
             return dldl_loss(pred_age, y_age, self.spread) + self.gender_weight * gender
         return age_loss(self.age_loss, pred_age.float(), y_age, self.beta) + self.gender_weight * gender
 
@@ -288,7 +298,10 @@ def train_fold(job: FoldJob) -> None:
     scale = AgeScale.fit(age[tr_rows], t.normalize_age and job.model.age_head == "regression")
     objective = Objective.of(t, scale, float(age[tr_rows].std() + 1e-6), job.model.age_head)
 
-    model = create_model(job.model).to(job.device)
+    model = create_model(job.model)
+    if job.model.age_head == "coral":
+        model.age_head.start_at(age[tr_rows])
+    model = model.to(job.device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=t.ema, use_warmup=True) if t.ema > 0 else None

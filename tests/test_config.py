@@ -34,7 +34,7 @@ def test_defaults_and_dotted_overrides(tmp_path):
         ("models.0.name=blend", ["blend"]),
         ("train.batch_size=[", ["train.batch_size", "not a valid value"]),
         ("train.gender_smoothing=1", ["train.gender_smoothing=1", "below 1"]),
-        ("models.0.age_head=coral", ["regression", "dldl", "meanvar"]),
+        ("models.0.age_head=corn", ["regression", "dldl", "meanvar", "coral"]),
     ],
 )
 def test_bad_keys_and_values_are_refused_with_choices(override, words):

@@ -14,7 +14,7 @@ from pipeline.data import Competition, Images
 from pipeline.errors import PipelineError
 from pipeline.job import FoldJob, fold_rows
 from pipeline.loader import FaceDataset, make_loader, train_transform
-from pipeline.models import DLDL_MAX_AGE, create_model, evaluating, set_trainable, trunk_stages
+from pipeline.models import DLDL_MAX_AGE, AgeGenderNet, CoralHead, create_model, evaluating, set_trainable, trunk_stages
 from pipeline.predict import Inference, load_best, predict_arrays, predict_fold
 from pipeline.tracking import Tracker
 from pipeline.train import (
@@ -345,18 +345,40 @@ def _head_job(tmp_path, head: str = "dldl", **train) -> FoldJob:
     return replace(job, model=model, cfg=replace(job.cfg, models=[model]))
 
 
-@pytest.mark.parametrize("head", ["dldl", "meanvar"])
-def test_a_distribution_head_fold_trains_saves_its_head_and_predicts_ages_in_years(tmp_path, head):
+@pytest.mark.parametrize("head, outputs", [("dldl", DLDL_MAX_AGE + 1), ("meanvar", DLDL_MAX_AGE + 1), ("coral", 1)])
+def test_a_distribution_or_ordinal_head_fold_trains_saves_its_head_and_predicts_ages_in_years(tmp_path, head, outputs):
     job = _head_job(tmp_path, head)
     train_fold(job)
     ckpt = torch.load(job.out / "best.pt", weights_only=True)
     assert (ckpt["age_head"], ckpt["age_mean"], ckpt["age_std"]) == (head, 0.0, 1.0)
-    assert ckpt["model"]["age_head.weight"].shape[0] == DLDL_MAX_AGE + 1
+    weight = ckpt["model"]["age_head.fc.weight" if head == "coral" else "age_head.weight"]
+    assert weight.shape[0] == outputs
     predict_fold(job)
     oof = pd.read_csv(job.out / "oof.csv")
     assert oof.age.between(0, DLDL_MAX_AGE).all() and oof.age.std() > 0
     with pytest.raises(PipelineError, match=f"age_head={head}"):
         load_best(job.out / "best.pt", replace(job.model, age_head="regression"), job.device)
+
+
+def test_coral_loss_is_lowest_at_the_true_age_and_its_age_is_the_expected_threshold_count():
+    years = torch.tensor([30.0, 61.0])
+    k = torch.arange(1, DLDL_MAX_AGE + 1, dtype=torch.float32)
+    at = lambda c: 8.0 * (torch.tensor(c)[:, None] + 0.5 - k[None])  # noqa: E731  # sharp thresholds at the age
+    losses = [float(train_mod.coral_loss(at(c), years)) for c in ([30.0, 61.0], [25.0, 66.0], [35.0, 56.0])]
+    assert losses[0] < 0.05 < min(losses[1:])
+    undecided = train_mod.coral_loss(torch.zeros(2, DLDL_MAX_AGE), years)  # every threshold at p = 0.5
+    torch.testing.assert_close(undecided, torch.tensor(DLDL_MAX_AGE * np.log(2), dtype=torch.float32))
+    backbone = torch.nn.Identity()
+    backbone.num_features = 4
+    net = AgeGenderNet(backbone, 0.0, "coral")
+    torch.testing.assert_close(net.age_value(at([30.0, 61.0])), years, atol=1e-3, rtol=0)
+
+
+def test_coral_head_starts_at_the_training_ages_prior():
+    head = CoralHead(4, thresholds=5)
+    head.start_at(np.array([1.0, 2.0, 2.0, 4.0]))  # P(age >= 1..5) = 1, 0.75, 0.25, 0.25, 0
+    p = torch.sigmoid(head(torch.zeros(1, 4)))[0]
+    torch.testing.assert_close(p, torch.tensor([1.0, 0.75, 0.25, 0.25, 0.0]), atol=1e-3, rtol=0)
 
 
 def test_mean_variance_loss_is_its_three_terms_and_prefers_a_sharp_distribution_at_the_true_age():
