@@ -28,7 +28,7 @@ CHOICES = {
     "train.select": ("best", "last"),
     "train.device": ("auto", "cpu", "cuda"),
     "metric": tuple(HIGHER_IS_BETTER),
-    "tta": ("none", "hflip"),
+    "tta": ("none", "hflip", "zoom", "zoom_hflip", "shift_left", "shift_right"),
     "launcher": ("local", "ray"),
     "tune.space.kind": ("loguniform", "uniform", "int", "choice"),
 }

@@ -29,6 +29,7 @@ from .files import atomic_path
 from .imaging import decode_rgb, read_bytes, square_resize
 from .metrics import evaluate
 from .models import AgeGenderNet, create_model
+from .predict import apply_tta
 
 RUNS = Path("runs")
 FORMATS = ("torch", "onnx")
@@ -52,7 +53,7 @@ class TTAFold(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         x = x.permute(0, 3, 1, 2)
-        views = torch.cat([x.flip(3) if t == "hflip" else x for t in self.tta])  # one batch for all views
+        views = torch.cat([apply_tta(x, t) for t in self.tta])  # one batch for all views
         age, logit = self.model(views)
         age = age.float().reshape(len(self.tta), n).mean(0)
         prob = torch.sigmoid(logit.float()).reshape(len(self.tta), n).mean(0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import ModelConfig
@@ -42,8 +43,34 @@ class Inference:
         )
 
 
+TTA_ZOOM = 0.9  # the zoom views keep the central 90% of the image
+TTA_SHIFT = 1 / 16  # the shift views move the image by this share of its width, repeating the edge column
+
+
 def apply_tta(x: torch.Tensor, name: str) -> torch.Tensor:
-    return x.flip(3) if name == "hflip" else x
+    """One TTA view of N x 3 x H x W pixels, in the input's dtype (a resampled uint8 view is rounded back, as a
+    zoomed photo would be): `none`, `hflip`, `zoom` / `zoom_hflip` (the centre TTA_ZOOM, resized back), `shift_left` /
+    `shift_right`. Shared by the predict stage and the exported bundle."""
+    if name.endswith("hflip"):
+        x = x.flip(3)
+    if name.startswith("zoom") or name.startswith("shift"):
+        h, w = x.shape[2:]
+        y = x.float()
+        if name.startswith("zoom"):
+            ch, cw = round(h * TTA_ZOOM), round(w * TTA_ZOOM)
+            top, left = (h - ch) // 2, (w - cw) // 2
+            y = F.interpolate(
+                y[:, :, top : top + ch, left : left + cw], size=(h, w), mode="bilinear", align_corners=False
+            )
+        else:
+            s = max(1, round(w * TTA_SHIFT))
+            y = (
+                F.pad(y[..., s:], (0, s, 0, 0), mode="replicate")
+                if name == "shift_left"
+                else F.pad(y[..., :-s], (s, 0, 0, 0), mode="replicate")
+            )
+        x = y.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else y.to(x.dtype)
+    return x
 
 
 @torch.inference_mode()

@@ -7,9 +7,10 @@ import torch
 from pipeline.blend import age_weights, best_threshold, gender_weights, validate_submission
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
+from pipeline.export import TTAFold
 from pipeline.metrics import competition_score, evaluate
 from pipeline.models import create_model
-from pipeline.predict import Inference, apply_tta, predict_arrays
+from pipeline.predict import TTA_SHIFT, Inference, apply_tta, predict_arrays
 
 
 def test_tta_averages_the_flipped_view():
@@ -34,6 +35,32 @@ def test_tta_averages_the_flipped_view():
     assert np.allclose(prob, ((torch.sigmoid(g0) + torch.sigmoid(g1)) / 2).numpy(), rtol=1e-4, atol=1e-4)
     age_plain, _ = predict_arrays(model, images, rows, Inference(batch_size=4, tta=("none",), **cpu), 30.0, 10.0)
     assert np.allclose(age_plain, a0.numpy() * 10 + 30, rtol=1e-4, atol=1e-3) and not np.allclose(age_plain, age)
+
+
+def test_zoom_and_shift_views_resample_like_opencv_and_the_bundle_runs_the_same_views():
+    images = np.random.default_rng(1).integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    zoomed = np.stack([cv2.resize(im[2:38, 2:38], (40, 40), interpolation=cv2.INTER_LINEAR) for im in images])
+    diff = apply_tta(x, "zoom").permute(0, 2, 3, 1).int() - torch.from_numpy(zoomed).int()
+    assert apply_tta(x, "zoom").dtype == torch.uint8 and diff.abs().max() <= 1  # OpenCV rounds its own way
+    assert torch.equal(apply_tta(x, "zoom_hflip"), apply_tta(x.flip(3), "zoom"))
+    left, right = apply_tta(x, "shift_left"), apply_tta(x, "shift_right")
+    s = round(40 * TTA_SHIFT)
+    assert torch.equal(left[..., : 40 - s], x[..., s:]) and torch.equal(
+        left[..., 40 - s :], x[..., -1:].expand(-1, -1, -1, s)
+    )
+    assert torch.equal(right[..., s:], x[..., : 40 - s]) and torch.equal(
+        right[..., :s], x[..., :1].expand(-1, -1, -1, s)
+    )
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="scratch_cnn"), load_weights=False).eval()
+    views = ["none", "zoom", "shift_left", "zoom_hflip"]
+    how = Inference(batch_size=2, tta=tuple(views), device=torch.device("cpu"), amp=False, workers=0)
+    age, prob = predict_arrays(model, images, np.arange(3), how, 30.0, 10.0)
+    with torch.no_grad():
+        bundle_age, bundle_prob = TTAFold(model, views, 30.0, 10.0)(torch.from_numpy(images))
+    assert np.allclose(age, bundle_age.numpy(), atol=1e-4) and np.allclose(prob, bundle_prob.numpy(), atol=1e-6)
 
 
 def test_blend_recovers_a_known_mix():
