@@ -63,3 +63,9 @@ def test_text_overrides_stay_as_typed_and_useless_overrides_are_refused():
         load_config(None, ["train.phases.0.epochs=0", "train.phases.1.epochs=0"])
     with pytest.raises(ConfigError, match="every model sets its own phases"):
         load_config(REPO / "configs" / "utkface_cpu.yaml", ["train.phases.0.epochs=9"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.models and all(cfg.phases(m) for m in cfg.models)
