@@ -129,6 +129,7 @@ class TrainConfig:
     normalize_age: bool = True
     gender_weight: float = 1.0  # total loss = age loss + gender_weight * gender BCE
     gender_smoothing: float = 0.0  # label smoothing of the gender BCE: targets eps/2 and 1 - eps/2
+    mixup: float = 0.0  # mixup's Beta(a, a) on each batch (images, or cached trunk outputs) and its labels; 0 = off
     device: str = "auto"
     amp: bool = True  # CUDA only
     channels_last: bool = True  # faster on CPU (oneDNN) and CUDA alike
@@ -288,6 +289,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value}: must be a positive number")
     if not 1 <= cfg.data.zoom <= 4:
         raise ConfigError(f"data.zoom={cfg.data.zoom}: use 1 (the whole image) up to 4, e.g. 1.25 (the central 80%)")
+    if cfg.train.mixup < 0:
+        raise ConfigError(f"train.mixup={cfg.train.mixup}: use 0 (off) or a positive Beta parameter, e.g. 0.2")
     if not 0 <= cfg.train.gender_smoothing < 1:
         raise ConfigError(f"train.gender_smoothing={cfg.train.gender_smoothing}: use 0 (off) up to below 1, e.g. 0.1")
     if cfg.train.trunk_views < 1:

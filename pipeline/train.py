@@ -169,15 +169,27 @@ class Optimiser:
         self.step += 1
 
 
-def train_one_epoch(forward, batches, optim: Optimiser, objective: Objective, amp: bool, desc: str):
-    """One pass over `batches` (images or cached trunk outputs). Returns (images seen, summed loss)."""
+def train_one_epoch(
+    forward, batches, optim: Optimiser, objective: Objective, amp: bool, desc: str, mixup: float = 0.0, seed: int = 0
+):
+    """One pass over `batches` (images or cached trunk outputs). Returns (images seen, summed loss). With mixup > 0
+    each batch is mixed with a shuffled copy of itself, weight lam ~ Beta(mixup, mixup), and the loss is the same
+    mix of the losses against both label sets (for cached phases the trunk outputs are mixed: manifold mixup)."""
     t0, seen, loss_sum = time.perf_counter(), 0, 0.0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)
     device = next(optim.model.parameters()).device
+    rng = np.random.default_rng(seed)
     for x, y_age, y_gender in bar:
+        y_age, y_gender = y_age.to(device), y_gender.to(device)
+        if mixup > 0:
+            lam, perm = float(rng.beta(mixup, mixup)), torch.from_numpy(rng.permutation(len(x)))
+            x = x.float() * lam + x.float()[perm] * (1 - lam)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             pred_age, logit = forward(x)
-        loss = objective(pred_age, logit, y_age.to(device), y_gender.to(device))
+        loss = objective(pred_age, logit, y_age, y_gender)
+        if mixup > 0:
+            perm = perm.to(device)
+            loss = lam * loss + (1 - lam) * objective(pred_age, logit, y_age[perm], y_gender[perm])
         optim.update(loss)
         seen += len(x)
         loss_sum += loss.item() * len(x)
@@ -338,7 +350,9 @@ def train_fold(job: FoldJob) -> None:
                 forward = partial(trunk.forward, model)
             t0 = time.perf_counter()
             desc = f"{job.name} e{epoch + 1}"
-            seen, loss_sum = train_one_epoch(forward, batches, optim, objective, job.autocast, desc)
+            seen, loss_sum = train_one_epoch(
+                forward, batches, optim, objective, job.autocast, desc, t.mixup, epoch_seed
+            )
             train_time = time.perf_counter() - t0
             eval_model = ema.module if ema is not None else model
             va_age, va_prob = validate(job, eval_model, trunk, va_rows, scale)

@@ -123,6 +123,49 @@ def test_frozen_batchnorm_statistics_and_weights_stay_put_through_an_epoch(tmp_p
     assert all(not torch.equal(before[k], after[k]) for k in trained)
 
 
+def _epoch_of_one_batch(mixup: float, seed: int = 3):
+    """One batch whose row i is all i and whose age label is i, through a linear layer; what the model and the
+    loss were given."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 1)
+    x, y = torch.arange(8.0)[:, None].repeat(1, 3), torch.arange(8.0)
+    inputs, labels, losses = [], [], []
+
+    def forward(xb):
+        inputs.append(xb.clone())
+        out = layer(xb).squeeze(1)
+        return out, out
+
+    def objective(pred, logit, y_age, y_gender):
+        labels.append(y_age.clone())
+        return ((pred - y_age) ** 2).mean()
+
+    class Optim:
+        model = layer
+
+        def update(self, loss):
+            losses.append(loss.item())
+
+    train_mod.train_one_epoch(forward, [(x, y, torch.zeros(8))], Optim(), objective, False, "", mixup, seed)
+    pred = layer(inputs[0]).squeeze(1).detach()
+    return y, inputs[0][:, 0], labels, losses[0], pred
+
+
+def test_mixup_mixes_each_batch_with_a_shuffled_copy_and_the_losses_alike():
+    y, given, labels, loss, _ = _epoch_of_one_batch(0.0)
+    assert torch.equal(given, y) and len(labels) == 1
+    y, given, labels, loss, pred = _epoch_of_one_batch(0.4)
+    shuffled = labels[1]
+    assert len(labels) == 2 and torch.equal(labels[0], y) and not torch.equal(shuffled, y)
+    assert torch.equal(shuffled.sort().values, y)  # a permutation of the batch's own labels
+    lam = float(((given - shuffled) @ (y - shuffled)) / ((y - shuffled) @ (y - shuffled)))
+    assert 0 < lam < 1 and torch.allclose(given, lam * y + (1 - lam) * shuffled, atol=1e-5)
+    mixed_loss = lam * ((pred - y) ** 2).mean() + (1 - lam) * ((pred - shuffled) ** 2).mean()
+    assert loss == pytest.approx(float(mixed_loss), rel=1e-5)
+    assert torch.equal(_epoch_of_one_batch(0.4)[1], given)  # seeded: the same mix again
+    assert not torch.equal(_epoch_of_one_batch(0.4, seed=4)[1], given)
+
+
 def test_inference_restores_each_modules_mode(tmp_path):
     job = _job(tmp_path, [Phase(1, "last:1", 1e-3)])
     model = create_model(job.model)
