@@ -107,6 +107,9 @@ class ModelConfig:
     age_head: str = "regression"  # regression: one output; dldl (DLDL-v2), meanvar (mean-variance), coral (ordinal)
     batch_size: int = 0  # 0 = train.batch_size
     phases: list[Phase] = field(default_factory=list)  # empty = train.phases
+    pseudo_labels: str = (
+        ""  # an earlier model's name: also train on the test images, labelled by its same-fold predictions
+    )
 
     @property
     def timm_name(self) -> str:
@@ -300,6 +303,12 @@ def _validate(cfg: Config) -> None:
     names = [m.name for m in cfg.models]
     if len(set(names)) != len(names):
         raise ConfigError(f"models: each model name may appear once, got {names}")
+    for i, m in enumerate(cfg.models):
+        if m.pseudo_labels and m.pseudo_labels not in names[:i]:
+            raise ConfigError(
+                f"models.{i}.pseudo_labels={m.pseudo_labels!r}: name a model listed before {m.name} "
+                f"({', '.join(names[:i]) or 'none is'}); its predictions of the same fold label the test images"
+            )
     if "blend" in names:
         raise ConfigError("models: 'blend' names the blended row of the results; call the model something else")
     bins = cfg.folds.age_bins

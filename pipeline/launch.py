@@ -28,6 +28,7 @@ from .config import Config, ModelConfig
 from .data import Competition, prepare_images
 from .errors import PipelineError
 from .files import remove_stale_temporaries, write_bytes, write_text
+from .pseudo import stage_pseudo_labels
 
 REPO = Path(__file__).resolve().parents[1]
 # Written last, so that a fold is "done" only once everything it produced is on the driver's disk.
@@ -300,11 +301,24 @@ def run_on_ray(stage: str, cfg: Config, models: list, folds_to_run: list[int], c
     ray = connect(cfg)
     started_here = cfg.ray.address == ""
     try:
-        collect(ray, cfg, submit(ray, stage, cfg, jobs, comps, folds), exp_dir)
+        for wave in pseudo_label_waves(cfg, jobs):  # a student's jobs wait for its teacher's predictions
+            if stage != "predict":
+                for m, k in wave:
+                    stage_pseudo_labels(exp_dir, m, k)
+            collect(ray, cfg, submit(ray, stage, cfg, wave, comps, folds), exp_dir)
     finally:
         if started_here:
             ray.shutdown()
     return comp
+
+
+def pseudo_label_waves(cfg: Config, jobs: list) -> list[list]:
+    """Jobs in waves: models without pseudo-labels first, then each student after its teacher's wave."""
+    level: dict[str, int] = {}
+    for m in cfg.models:  # a teacher is always listed before its students (config check)
+        level[m.name] = level[m.pseudo_labels] + 1 if m.pseudo_labels else 0
+    waves = [[(m, k) for m, k in jobs if level[m.name] == n] for n in range(max(level.values()) + 1)]
+    return [w for w in waves if w]
 
 
 def collect(ray, cfg: Config, refs: dict, exp_dir: Path) -> None:

@@ -26,6 +26,7 @@ from .loader import FaceDataset, auto_workers, make_loader, to_model_input, trai
 from .metrics import evaluate, is_better
 from .models import AgeGenderNet, create_model, frozen_prefix_length, set_trainable
 from .predict import Inference, predict_arrays
+from .pseudo import stage_pseudo_labels, with_pseudo_labels
 from .trunk import CachedTrunk, TrunkCache
 
 SMOOTH_L1_BETA = 0.25  # in standard deviations of the training ages (about 5 years on UTKFace)
@@ -313,6 +314,12 @@ def train_fold(job: FoldJob) -> None:
     model = create_model(job.model)
     if job.model.age_head == "coral":
         model.age_head.start_at(age[tr_rows])
+    images = job.images.train
+    if job.model.pseudo_labels:  # the scale and the head's start above come from the real labels only
+        stage_pseudo_labels(out.parents[1], job.model, job.fold)
+        test_ids = job.comp.test.id.to_numpy()
+        images, tr_rows, age, gender = with_pseudo_labels(out, test_ids, images, job.images.test, tr_rows, age, gender)
+        print(f"{job.name}: + {len(test_ids)} test images pseudo-labelled by {job.model.pseudo_labels} fold {job.fold}")
     model = model.to(job.device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -320,14 +327,12 @@ def train_fold(job: FoldJob) -> None:
     phases = [p for p in cfg.phases(job.model) if p.epochs > 0]
     batch_size = cfg.batch_size(job.model)
     workers = auto_workers(t.num_workers)
-    train_ds = FaceDataset(
-        job.images.train, tr_rows, scale.to_target(age[tr_rows]), gender[tr_rows], train_transform(t, seed)
-    )
+    train_ds = FaceDataset(images, tr_rows, scale.to_target(age[tr_rows]), gender[tr_rows], train_transform(t, seed))
     done = load_resume(out, model, ema)
     if done.epoch:
         print(f"{job.name}: resuming after epoch {done.epoch}")
 
-    cache = TrunkCache(model, job.images.train, tr_rows, va_rows, t, job.device, cfg.data.cache_dir)
+    cache = TrunkCache(model, images, tr_rows, va_rows, t, job.device, cfg.data.cache_dir)
     epoch = 0
     for pi, phase in enumerate(phases):
         if epoch + phase.epochs <= done.epoch:
