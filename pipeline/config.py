@@ -107,9 +107,7 @@ class ModelConfig:
     age_head: str = "regression"  # regression: one output; dldl (DLDL-v2), meanvar (mean-variance), coral (ordinal)
     batch_size: int = 0  # 0 = train.batch_size
     phases: list[Phase] = field(default_factory=list)  # empty = train.phases
-    pseudo_labels: str = (
-        ""  # an earlier model's name: also train on the test images, labelled by its same-fold predictions
-    )
+    pseudo_labels: str = ""  # an earlier model: also train on the test images, labelled by its same-fold predictions
 
     @property
     def timm_name(self) -> str:
