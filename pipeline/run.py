@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .blend import blend
-from .config import Config, dump_config
+from .config import Config, ModelConfig, Phase, TrainConfig, dump_config
 from .data import load_competition, prepare_images
 from .demo import make_demo
 from .errors import PipelineError
@@ -29,14 +29,24 @@ IGNORED_FOR_IDENTITY = {"train.num_workers", "train.device", "tracking", "data.c
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Dotted keys to values, into dicts and lists of dicts (models.0.age_head)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out.update(_flatten({str(i): x for i, x in enumerate(v)}, key + "."))
         else:
             out[key] = v
     return out
+
+
+def _defaults_like(cfg: Config) -> dict:
+    """Every key's default value, for a config with as many models and phases as `cfg`."""
+    models = [ModelConfig(phases=[Phase() for _ in m.phases]) for m in cfg.models]
+    train = TrainConfig(phases=[Phase() for _ in cfg.train.phases])
+    return _flatten(replace(Config(), models=models, train=train).to_dict())
 
 
 def print_fold_summary(exp_dir: Path, models: list, folds_to_run: list[int], metric: str) -> None:
@@ -61,10 +71,13 @@ def claim_experiment(cfg: Config) -> Path:
     if saved.is_file():
         old = _flatten(json.loads(saved.read_text()))
         new = _flatten(current)
+        # a key the saved config does not have is a setting added to the code since: at its default it changes nothing
+        defaults = _defaults_like(cfg)
         changed = [
             k
             for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_IDENTITY)
+            if old.get(k, defaults.get(k)) != new.get(k)
+            and not any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_IDENTITY)
         ]
         if changed:
             raise PipelineError(

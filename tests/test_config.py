@@ -1,8 +1,13 @@
+import json
+from dataclasses import replace
+
 import pytest
 from conftest import REPO, write_config
 
 from pipeline.__main__ import main
 from pipeline.config import ConfigError, load_config
+from pipeline.errors import PipelineError
+from pipeline.run import claim_experiment
 
 
 def test_defaults_and_dotted_overrides(tmp_path):
@@ -70,3 +75,19 @@ def test_text_overrides_stay_as_typed_and_useless_overrides_are_refused():
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
     assert cfg.models and all(cfg.phases(m) for m in cfg.models)
+
+
+def test_an_experiment_saved_before_a_setting_existed_keeps_its_identity(tmp_path, monkeypatch):
+    """Upgrading the code must not make earlier experiments 'changed': a key missing from the saved config is a
+    setting added since, which at its default changes nothing; set to anything else, it is a change."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["experiment=old", "models=[{name: scratch_cnn, phases: [{epochs: 1}]}]"])
+    exp = claim_experiment(cfg)
+    saved = json.loads((exp / "config.json").read_text())
+    del saved["train"]["mixup"], saved["models"][0]["pseudo_labels"]  # as written by older code
+    (exp / "config.json").write_text(json.dumps(saved))
+    assert claim_experiment(cfg) == exp
+    with pytest.raises(PipelineError, match="changed: train.mixup"):
+        claim_experiment(replace(cfg, train=replace(cfg.train, mixup=0.2)))
+    with pytest.raises(PipelineError, match=r"changed: models.0.phases.0.epochs"):
+        claim_experiment(load_config(None, ["experiment=old", "models=[{name: scratch_cnn, phases: [{epochs: 2}]}]"]))
