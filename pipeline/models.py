@@ -8,7 +8,6 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 from timm.models import group_parameters
@@ -61,6 +60,12 @@ class ScratchCNN(nn.Module):
         return self.pool(self.stages(self.stem(x))).flatten(1)
 
 
+def above_thresholds(years: torch.Tensor, thresholds: int) -> torch.Tensor:
+    """N x thresholds floats: whether each age is >= k, for k = 1..thresholds (CORAL's targets)."""
+    k = torch.arange(1, thresholds + 1, device=years.device, dtype=torch.float32)
+    return (years[:, None] >= k[None]).float()
+
+
 class CoralHead(nn.Module):
     """CORAL ordinal head (Cao et al., 2020): one shared weight vector and a bias per threshold, so the logit of
     "age >= k" is w.f + b_k for k = 1..DLDL_MAX_AGE and the thresholds cannot cross. The age is the sum of the
@@ -75,12 +80,11 @@ class CoralHead(nn.Module):
         return self.fc(f) + self.bias
 
     @torch.no_grad()
-    def start_at(self, years: np.ndarray) -> None:
+    def start_at(self, years) -> None:
         """Biases at the training ages' own P(age >= k): the head starts at the prior, as a regression head starts
         at the mean age (a zero bias would start every face at 60 years and take the short head phase to unlearn)."""
-        k = np.arange(1, self.bias.numel() + 1)
-        p = ((np.asarray(years)[:, None] >= k[None]).mean(0)).clip(1e-4, 1 - 1e-4)
-        self.bias.copy_(torch.from_numpy(np.log(p / (1 - p))).float())
+        p = above_thresholds(torch.as_tensor(years, dtype=torch.float32), self.bias.numel()).mean(0)
+        self.bias.copy_(torch.logit(p.clamp(1e-4, 1 - 1e-4)))
 
 
 class AgeGenderNet(nn.Module):

@@ -24,7 +24,7 @@ from .files import save_torch, write_csv, write_text
 from .job import FoldJob
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform, training_batches
 from .metrics import evaluate, is_better
-from .models import AgeGenderNet, create_model, frozen_prefix_length, set_trainable
+from .models import AgeGenderNet, above_thresholds, create_model, frozen_prefix_length, set_trainable
 from .predict import Inference, predict_arrays
 from .pseudo import stage_pseudo_labels, with_pseudo_labels
 from .trunk import CachedTrunk, TrunkCache
@@ -92,8 +92,7 @@ def mean_variance_loss(logits: torch.Tensor, years: torch.Tensor) -> torch.Tenso
 
 def coral_loss(logits: torch.Tensor, years: torch.Tensor) -> torch.Tensor:
     """CORAL: binary cross-entropy of each threshold "age >= k" (k = 1..K), summed over thresholds as in the paper."""
-    k = torch.arange(1, logits.shape[1] + 1, device=logits.device, dtype=torch.float32)
-    above = (years[:, None] >= k[None]).float()
+    above = above_thresholds(years, logits.shape[1])
     return F.binary_cross_entropy_with_logits(logits.float(), above, reduction="none").sum(1).mean()
 
 
@@ -129,13 +128,15 @@ class Objective:
     def __call__(self, pred_age, gender_logit, y_age, y_gender) -> torch.Tensor:
         target = y_gender * (1 - self.gender_smoothing) + self.gender_smoothing / 2
         gender = F.binary_cross_entropy_with_logits(gender_logit.float(), target)
-        if pred_age.ndim == 2:  # a distribution or ordinal head's logits; y_age in years
-            if self.age_head == "meanvar":
-                return mean_variance_loss(pred_age, y_age) + self.gender_weight * gender
-            if self.age_head == "coral":
-                return coral_loss(pred_age, y_age) + self.gender_weight * gender
-            return dldl_loss(pred_age, y_age, self.spread) + self.gender_weight * gender
-        return age_loss(self.age_loss, pred_age.float(), y_age, self.beta) + self.gender_weight * gender
+        if pred_age.ndim == 1:
+            age = age_loss(self.age_loss, pred_age.float(), y_age, self.beta)
+        elif self.age_head == "meanvar":  # a distribution or ordinal head's logits; y_age in years
+            age = mean_variance_loss(pred_age, y_age)
+        elif self.age_head == "coral":
+            age = coral_loss(pred_age, y_age)
+        else:
+            age = dldl_loss(pred_age, y_age, self.spread)
+        return age + self.gender_weight * gender
 
     def on_predictions(self, scale: AgeScale, age_pred, prob, age_true, gender_true) -> float:
         """The same loss from raw-scale predictions (validation rows), against the true labels (no smoothing)."""
