@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -96,10 +97,21 @@ class TrialTracker(Tracker):
         tune.report({"val": value, "cv": cv, "fold": data["fold"], "epoch": data["epoch"]})
 
 
+def quiet_sigterm_exit(unraisable) -> None:
+    """sys.unraisablehook for a trial's worker. Ray stops a trial that ASHA ended by sending its worker SIGTERM, and
+    Ray's handler raises SystemExit in whatever Python code the main thread is running. When that is a weakref or
+    __del__ callback, Python cannot raise it there and prints "Exception ignored ... Traceback ... SystemExit" on
+    the user's console. The worker is being stopped on purpose: say nothing (Ray still ends the process)."""
+    if not issubclass(unraisable.exc_type, SystemExit):
+        sys.__unraisablehook__(unraisable)
+
+
 def run_trial(params: dict, base: TrialBase) -> None:
     """One trial: train tune.model on each of tune.folds with the base config plus `params`."""
     import torch
     from ray import tune
+
+    sys.unraisablehook = quiet_sigterm_exit
 
     params = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}  # numpy scalars from the searcher
     from .train import train_fold
