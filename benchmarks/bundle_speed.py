@@ -21,20 +21,27 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bundle import cpu_cores, load_bundle  # noqa: E402
-from pipeline.config import Config, ModelConfig, load_config  # noqa: E402
-from pipeline.data import decode_image  # noqa: E402
-from pipeline.export import FoldState, Member, bundle_info, export, holdout_from_bundle, write_bundle  # noqa: E402
-from pipeline.models import create_model  # noqa: E402
+from pipeline.core.config import Config, ModelConfig, load_config  # noqa: E402
+from pipeline.data.cache import decode_image  # noqa: E402
+from pipeline.models.backbones import create_model  # noqa: E402
+from pipeline.serving.bundle import cpu_cores, load_bundle  # noqa: E402
+from pipeline.serving.export import (  # noqa: E402
+    FoldState,
+    ModelFolds,
+    bundle_info,
+    export,
+    holdout_from_bundle,
+    write_bundle,
+)
 
 
 def fresh_bundles(cfg: Config, out: Path) -> dict[str, Path]:
     """torch and onnx bundles of randomly initialised models with the config's architectures and folds."""
     members = []
     for m in cfg.models:
-        resolved = ModelConfig(name=m.name, arch=m.timm_name, pretrained=False, img_size=cfg.img_size(m))
+        resolved = ModelConfig.from_inference_spec(m.inference_spec(cfg.img_size(m)))
         state = {k: v.contiguous() for k, v in create_model(resolved, load_weights=False).state_dict().items()}
-        members.append(Member(resolved, [FoldState(k, state, 33.0, 20.0) for k in range(cfg.folds.n_splits)]))
+        members.append(ModelFolds(resolved, [FoldState(k, state, 33.0, 20.0) for k in range(cfg.folds.n_splits)]))
     weights = {m.name: 1 / len(cfg.models) for m in cfg.models}
     blend = {"age_weights": weights, "gender_weights": weights, "threshold": 0.5}
     paths = {}

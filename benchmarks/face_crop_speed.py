@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import data  # noqa: E402
-from pipeline.faces import CHIP_SIZE, chip_frame  # noqa: E402
+from pipeline.data import cache as data  # noqa: E402
+from pipeline.data.faces import CHIP_SIZE, chip_frame  # noqa: E402
 
 
 def chips(folder: str, n: int, seed: int) -> list[str]:

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline import faces  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import decode_image, load_competition  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.data import faces  # noqa: E402
+from pipeline.data.cache import decode_image  # noqa: E402
+from pipeline.data.competition import load_competition  # noqa: E402
 
 CHIP = 200.0
 CHIP_CORNERS = np.array([[0, 0], [CHIP, 0], [CHIP, CHIP], [0, CHIP]], dtype=np.float32)

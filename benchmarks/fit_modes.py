@@ -29,11 +29,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.data import cached_images, parse_utkface_name  # noqa: E402
-from pipeline.imaging import FITS  # noqa: E402
-from pipeline.metrics import competition_score  # noqa: E402
-from pipeline.models import create_model  # noqa: E402
+from pipeline.core.choices import FITS  # noqa: E402
+from pipeline.core.config import ModelConfig  # noqa: E402
+from pipeline.core.metrics import competition_score  # noqa: E402
+from pipeline.data.cache import cached_images  # noqa: E402
+from pipeline.data.competition import parse_utkface_name  # noqa: E402
+from pipeline.models.backbones import create_model  # noqa: E402
 
 VARIANTS = {
     "square (original)": lambda im: im,

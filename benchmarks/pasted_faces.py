@@ -1,7 +1,7 @@
 """Robustness check of predict-images (issue 10; nothing is tuned on it): developer-set UTKFace chips pasted at
 30-60% of the width of larger scenes (skimage photos or noise; 640-1280 px wide), tilted by up to 10 degrees and
 saved as JPEG, are predicted through predict_images (decode, detect, align, crop, bundle) and must score within
-0.02 of the same faces predicted as chips (through crop_for_training when the bundle was trained with
+0.02 of the same faces predicted as chips (cropped to their best face when the bundle was trained with
 data.face_crop=detect). Also reports detector recall and the IoU between the crop's square
 and the pasted chip's square. The chips used to fit the framing (benchmarks/face_framing.py) are left out.
 
@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from face_framing import CHIP_CORNERS, REPO, dev_paths  # noqa: E402
 
-from pipeline import faces  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import load_competition, parse_utkface_name  # noqa: E402
-from pipeline.metrics import evaluate  # noqa: E402
-from pipeline.photos import predict_images, read_photo  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.metrics import evaluate  # noqa: E402
+from pipeline.data import faces  # noqa: E402
+from pipeline.data.competition import load_competition, parse_utkface_name  # noqa: E402
+from pipeline.serving.photos import predict_images, read_photo  # noqa: E402
 
 BACKGROUNDS = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "hubble_deep_field", "noise")
 
@@ -94,6 +94,12 @@ def scores(df: pd.DataFrame, prefix: str) -> dict[str, float]:
     return evaluate(df.age_true, df[f"{prefix}age"], df.gender_true, df[f"{prefix}gender"], threshold=0.5)
 
 
+def best_crop(rgb: np.ndarray) -> np.ndarray:
+    """The image cache's face crop (data.face_crop=detect): its best face, or the image itself when it has none."""
+    found = faces.detect_faces(rgb)
+    return faces.crop_face(rgb, found[0]) if found else rgb
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
@@ -104,7 +110,7 @@ def main() -> None:
     ap.add_argument("--holdout", action="store_true", help="faces from the held-out split, not the developer set")
     ap.add_argument("--detect-size", type=int, default=faces.DETECT_MAX_SIDE, help="predict-images' --detect-size")
     args = ap.parse_args()
-    from pipeline.bundle import load_bundle
+    from pipeline.serving.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
     if args.holdout:
@@ -115,7 +121,7 @@ def main() -> None:
     labels = [parse_utkface_name(Path(p).name) for p in paths]
     chips = [read_photo(p) for p in paths]
     # a bundle trained on detected crops (data.face_crop=detect) sees its chips through the same step
-    as_trained = [faces.crop_for_training(c)[0] for c in chips] if bundle.face_crop == "detect" else chips
+    as_trained = [best_crop(c) for c in chips] if bundle.face_crop == "detect" else chips
     chip_preds = bundle.predict(as_trained)
 
     rng = np.random.default_rng(args.seed)

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.launch import LOCAL_RAY_ENV, system_processes_env  # noqa: E402
+from pipeline.orchestration.launch import LOCAL_RAY_ENV, system_processes_env  # noqa: E402
 
 os.environ.update(LOCAL_RAY_ENV)  # before ray is imported
 
@@ -62,9 +62,10 @@ def fresh(out: Path, name: str, config: Path) -> Path:
 
 def warm_up(out: Path, config: Path) -> None:
     """The demo data and every model's image cache, built once before anything is timed."""
-    from pipeline.config import load_config
-    from pipeline.data import load_competition, prepare_images
-    from pipeline.demo import make_demo
+    from pipeline.core.config import load_config
+    from pipeline.data.cache import prepare_images
+    from pipeline.data.competition import load_competition
+    from pipeline.data.demo import make_demo
 
     make_demo(out / "demo-data")
     (out / "cache").mkdir(exist_ok=True)

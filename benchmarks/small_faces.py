@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pasted_faces import background, holdout_paths  # noqa: E402
 
-from pipeline import faces  # noqa: E402
-from pipeline.photos import read_photo  # noqa: E402
+from pipeline.data import faces  # noqa: E402
+from pipeline.serving.photos import read_photo  # noqa: E402
 
 SCENE_W, SCENE_H = 1280, 960
 FACE_BINS = [19, 30, 40, 55, 80]  # face width in the photo, pixels (the chip's side / 2)

@@ -22,8 +22,8 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression, Ridge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.blend import age_weights, best_threshold, gender_weights  # noqa: E402
-from pipeline.metrics import evaluate  # noqa: E402
+from pipeline.core.metrics import evaluate  # noqa: E402
+from pipeline.inference.blend import age_weights, best_threshold, gender_weights  # noqa: E402
 
 
 def logit(p: np.ndarray) -> np.ndarray:

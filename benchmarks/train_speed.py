@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import ModelConfig, TrainConfig, Unfreeze  # noqa: E402
-from pipeline.data import cached_images  # noqa: E402
-from pipeline.demo import make_demo  # noqa: E402
-from pipeline.loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform  # noqa: E402
-from pipeline.models import create_model, frozen_prefix_length, set_trainable  # noqa: E402
-from pipeline.predict import Inference, predict_arrays  # noqa: E402
-from pipeline.trunk import TrunkCache  # noqa: E402
+from pipeline.core.config import ModelConfig, TrainConfig, Unfreeze  # noqa: E402
+from pipeline.data.cache import cached_images  # noqa: E402
+from pipeline.data.demo import make_demo  # noqa: E402
+from pipeline.models.backbones import create_model, frozen_prefix_length, set_trainable  # noqa: E402
+from pipeline.training.evaluation import predict_arrays  # noqa: E402
+from pipeline.training.job import Inference  # noqa: E402
+from pipeline.training.loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform  # noqa: E402
+from pipeline.training.trunk import TrunkCache  # noqa: E402
 
 
 def step_fn(model, opt, forward=None):

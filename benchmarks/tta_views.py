@@ -1,6 +1,6 @@
 """Test-time augmentation views against each other, on a trained fold's validation rows (by hand).
 
-Each view of `pipeline.predict.apply_tta` (none, hflip, zoom, zoom_hflip, shift_left, shift_right) is predicted
+Each view of `pipeline.models.tta.apply_tta` (none, hflip, zoom, zoom_hflip, shift_left, shift_right) is predicted
 once from the fold's validation images with its best checkpoint; each set of views is then scored as the predict
 stage averages it (ages, and gender probabilities, averaged over the views). The images come from the run's own
 cache; pass data.cache_dir=... if the run used another one.
@@ -19,12 +19,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import load_competition, prepare_images  # noqa: E402
-from pipeline.folds import ensure_folds  # noqa: E402
-from pipeline.job import fold_rows  # noqa: E402
-from pipeline.metrics import evaluate  # noqa: E402
-from pipeline.predict import Inference, load_best, predict_arrays  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.metrics import evaluate  # noqa: E402
+from pipeline.data.cache import prepare_images  # noqa: E402
+from pipeline.data.competition import load_competition  # noqa: E402
+from pipeline.data.folds import ensure_folds  # noqa: E402
+from pipeline.inference.predict import load_best  # noqa: E402
+from pipeline.training.evaluation import predict_arrays  # noqa: E402
+from pipeline.training.job import (
+    Inference,  # noqa: E402
+    fold_rows,  # noqa: E402
+)
 
 VIEWS = ["none", "hflip", "zoom", "zoom_hflip", "shift_left", "shift_right"]
 SETS = [

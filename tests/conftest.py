@@ -17,7 +17,7 @@ import pytest
 import yaml
 from skimage import data as skimage_data
 
-from pipeline.demo import make_demo
+from pipeline.data.demo import make_demo
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -9,9 +9,10 @@ import pytest
 from conftest import REPO, cli
 from PIL import Image
 
-from pipeline.config import load_config
-from pipeline.data import decode_image, load_competition, prepare_images
-from pipeline.errors import DataError
+from pipeline.core.config import load_config
+from pipeline.core.errors import DataError
+from pipeline.data.cache import decode_image, prepare_images
+from pipeline.data.competition import load_competition
 
 
 def _comp(tmp_path, demo_root):

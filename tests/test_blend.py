@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import pipeline.blend as blend_module
-from pipeline.blend import best_threshold, blend, load_model_predictions
-from pipeline.config import Config, FoldsConfig, ModelConfig, TrackingConfig, load_config
-from pipeline.data import Competition, load_competition
-from pipeline.errors import PipelineError
-from pipeline.metrics import evaluate
+import pipeline.inference.blend as blend_module
+from pipeline.core.config import Config, FoldsConfig, ModelConfig, TrackingConfig, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import evaluate
+from pipeline.data.competition import Competition, load_competition
+from pipeline.inference.blend import best_threshold, blend, load_model_predictions
 
 N_TRAIN, N_TEST, K = 60, 12, 2
 

@@ -4,10 +4,10 @@ from dataclasses import replace
 import pytest
 from conftest import REPO, write_config
 
-from pipeline.__main__ import main
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import PipelineError
-from pipeline.run import claim_experiment
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.orchestration.cli import main
+from pipeline.orchestration.run import claim_experiment
 
 
 def test_defaults_and_dotted_overrides(tmp_path):

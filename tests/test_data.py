@@ -7,17 +7,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import data as data_module
-from pipeline.config import ConfigError, load_config
-from pipeline.data import (
-    _files_key,
-    cached_images,
-    decode_image,
-    load_competition,
-    parse_utkface_name,
-    prepare_images,
-)
-from pipeline.errors import DataError
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.errors import DataError
+from pipeline.data import cache as cache_module
+from pipeline.data.cache import _files_key, cached_images, decode_image, prepare_images
+from pipeline.data.competition import load_competition, parse_utkface_name
 
 
 @pytest.mark.parametrize(
@@ -155,7 +149,7 @@ def test_cache_is_reused_and_rebuilt_when_a_source_changes(tmp_path):
 
 
 def test_cache_key_follows_the_contents_not_the_file_times(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "DIGEST_SPAN", 64)  # files longer than two spans: head and tail are read
+    monkeypatch.setattr(cache_module, "DIGEST_SPAN", 64)  # files longer than two spans: head and tail are read
     paths = [tmp_path / f"{i}.bin" for i in range(3)]
     for i, p in enumerate(paths):
         p.write_bytes(bytes(range(256)) * (i + 1))
@@ -231,7 +225,7 @@ def test_a_holdout_of_a_tiny_set_still_splits(tmp_path):
 
 
 def test_labels_are_checked_without_touching_what_was_loaded(tmp_path, monkeypatch):
-    import pipeline.data as data
+    import pipeline.data.competition as data
 
     loaded = {}
     real = data._load_kaggle

@@ -19,12 +19,13 @@ import pytest
 import torch
 from conftest import cli, cli_env, write_config
 
-from pipeline.bundle import load_bundle
-from pipeline.config import load_config
-from pipeline.data import decode_image, load_competition
-from pipeline.errors import PipelineError
-from pipeline.export import export, holdout_from_bundle, native_face, run_config
-from pipeline.imaging import square_resize
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.cache import decode_image
+from pipeline.data.competition import load_competition
+from pipeline.data.imaging import square_resize
+from pipeline.serving.bundle import load_bundle
+from pipeline.serving.export import export, holdout_from_bundle, native_face, run_config
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
 MODELS = [
@@ -135,7 +136,7 @@ def test_onnx_bundle_runs_without_torch(run):
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
         "import numpy as np\n"
-        "from pipeline.bundle import load_bundle\n"
+        "from pipeline.serving.bundle import load_bundle\n"
         f"print(load_bundle({str(run.onnx_archive)!r}).predict([np.zeros((50, 40, 3), np.uint8)]).age[0])\n"
     )
     r = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
@@ -146,7 +147,7 @@ def test_onnx_bundle_runs_without_torch(run):
 def _bundle_cli(*args, cwd, face: bool = False):
     if face:
         cv2.imwrite(str(Path(cwd) / "face.png"), np.full((60, 50, 3), 120, np.uint8))
-    cmd = [sys.executable, "-m", "pipeline.bundle", *map(str, args)]
+    cmd = [sys.executable, "-m", "pipeline.serving.bundle", *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=120)
 
 
@@ -210,7 +211,7 @@ def test_export_refuses_without_a_blend(run, tmp_path):
         export(run.cfg, run.exp_dir, "zip")
     other = write_config(tmp_path / "other.yaml", experiment="never_run")
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.export", str(other)],
+        [sys.executable, "-m", "pipeline.serving.export", str(other)],
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from conftest import cli, cli_command, cli_env, ctrl_c, paste, write_config
 
-from pipeline import data as data_module
-from pipeline.config import load_config
-from pipeline.data import _cache_key, cached_images, find_faces, load_competition, prepare_images
-from pipeline.faces import crop_for_training
-from pipeline.imaging import decode_rgb, read_bytes, square_resize
-from pipeline.report import _face_crop_html
+from pipeline.core.config import load_config
+from pipeline.data import cache as cache_module
+from pipeline.data.cache import _cache_key, best_face, cached_images, find_faces, prepare_images
+from pipeline.data.competition import load_competition
+from pipeline.data.faces import crop_face
+from pipeline.data.imaging import decode_rgb, read_bytes, square_resize
+from pipeline.inference.report import _face_crop_html
 
 
 def _scene(seed: int) -> np.ndarray:
@@ -49,8 +50,9 @@ def test_face_is_cropped_and_an_image_without_one_kept_whole(face_files, tmp_pat
     whole, _, _ = cached_images(face_files, 48, cache, "t", "center_crop")
     assert ok.all()
     for i, path in enumerate(face_files):
-        crop, found = crop_for_training(decode_rgb(read_bytes(path)))
-        assert found == (i < 2)
+        face, rgb = best_face(path), decode_rgb(read_bytes(path))
+        assert (face is not None) == (i < 2)
+        crop = rgb if face is None else crop_face(rgb, face)
         assert np.array_equal(cropped[i], square_resize(crop, 48, "center_crop"))
     assert np.abs(cropped[:2].astype(int) - whole[:2]).mean() > 20  # a face crop, not the scene
     assert np.array_equal(cropped[2:], whole[2:])
@@ -59,16 +61,16 @@ def test_face_is_cropped_and_an_image_without_one_kept_whole(face_files, tmp_pat
 def test_detection_runs_once_for_every_image_size(face_files, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     cached_images(face_files, 32, cache, "t", face_crop="detect")
-    monkeypatch.setattr(data_module, "detect_faces", lambda *a, **k: pytest.fail("detected twice"))
+    monkeypatch.setattr(cache_module, "detect_faces", lambda *a, **k: pytest.fail("detected twice"))
     large, _, _ = cached_images(face_files, 64, cache, "t", face_crop="detect")
     assert len(list((tmp_path / "cache").glob("t-faces-*.json"))) == 1
-    crop, _ = crop_for_training(decode_rgb(read_bytes(face_files[0])))
+    crop = crop_face(decode_rgb(read_bytes(face_files[0])), find_faces(face_files, cache, "t")[0])
     assert np.array_equal(large[0], square_resize(crop, 64, "stretch"))
 
 
 def test_process_pool_finds_the_same_faces(face_files, tmp_path, monkeypatch):
     serial = find_faces(face_files, str(tmp_path / "a"), "t")
-    monkeypatch.setattr(data_module, "DETECT_POOL_FROM", 0)
+    monkeypatch.setattr(cache_module, "DETECT_POOL_FROM", 0)
     pooled = find_faces(face_files, str(tmp_path / "b"), "t")
     assert pooled == serial and [f is not None for f in serial] == [True, True, False, False]
 

@@ -14,7 +14,8 @@ import yuface
 from conftest import paste
 from skimage import data
 
-from pipeline import faces
+from pipeline.data import faces
+from pipeline.data.cache import best_face
 
 ASTRONAUT_FACE = (177, 63, 89, 112)  # x, y, w, h of Eileen Collins' face in skimage's astronaut (checked by eye)
 
@@ -157,12 +158,16 @@ def test_crop_outside_the_photo_is_black_or_replicated(astronaut):
     assert edge[:5].mean() > 50
 
 
-def test_crop_for_training(astronaut):
-    crop, found = faces.crop_for_training(astronaut)
-    assert found and crop.shape[0] == crop.shape[1] < astronaut.shape[0]
-    noise = np.random.default_rng(1).integers(0, 255, (120, 160, 3), dtype=np.uint8)
-    same, found = faces.crop_for_training(noise)
-    assert not found and same is noise
+def test_best_face_is_the_top_detection_or_none(astronaut, tmp_path):
+    """The one crop the image cache makes (data.face_crop=detect): the highest-score face of the file, or None."""
+    photo, noise, broken = tmp_path / "astronaut.png", tmp_path / "noise.png", tmp_path / "broken.png"
+    cv2.imwrite(str(photo), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(noise), np.random.default_rng(1).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    broken.write_bytes(b"not an image")
+    assert best_face(str(photo)) == faces.detect_faces(astronaut)[0]
+    crop = faces.crop_face(astronaut, best_face(str(photo)))
+    assert crop.shape[0] == crop.shape[1] < astronaut.shape[0]
+    assert best_face(str(noise)) is None and best_face(str(broken)) is None and best_face("") is None
 
 
 def test_detector_has_no_network_code():

@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import load_config
-from pipeline.data import load_competition, merge_small_strata
-from pipeline.errors import PipelineError
-from pipeline.folds import ensure_folds, folds_path, make_folds
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.competition import load_competition, merge_small_strata
+from pipeline.data.folds import ensure_folds, folds_path, make_folds
 
 
 def _labels(n=600, seed=0):

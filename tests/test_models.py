@@ -6,9 +6,9 @@ import pytest
 import timm
 import torch
 
-from pipeline.config import ModelConfig, Unfreeze
-from pipeline.errors import PipelineError
-from pipeline.models import (
+from pipeline.core.config import ModelConfig, Unfreeze
+from pipeline.core.errors import PipelineError
+from pipeline.models.backbones import (
     backbone_groups,
     check_weights,
     convert_lite_keys,
@@ -115,9 +115,9 @@ def test_phases_freeze_the_right_parameters(name):
 def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name, tmp_path):
     import numpy as np
 
-    from pipeline.config import TrainConfig
-    from pipeline.models import frozen_prefix_length, trunk_stages
-    from pipeline.trunk import TrunkCache
+    from pipeline.core.config import TrainConfig
+    from pipeline.models.backbones import frozen_prefix_length, trunk_stages
+    from pipeline.training.trunk import TrunkCache
 
     torch.manual_seed(0)
     m = create_model(ModelConfig(name=name), load_weights=False).eval()

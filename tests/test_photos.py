@@ -1,5 +1,5 @@
 """predict-images: photo decoding, bad input, one row per face, the CLI. The bundle here is FakeBundle, a test
-double of pipeline.bundle.Bundle's predict interface, so these tests need no trained model."""
+double of pipeline.serving.bundle.Bundle's predict interface, so these tests need no trained model."""
 
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ from conftest import cli_command, cli_env, ctrl_c
 from PIL import Image
 from skimage import data
 
-from pipeline import imaging, photos
-from pipeline.errors import DataError
+from pipeline.core.errors import DataError
+from pipeline.data import imaging
+from pipeline.serving import photos
 
 ASTRONAUT_FACE = (177, 63, 89, 112)  # x, y, w, h in skimage's astronaut
 
 
 class FakeBundle:
-    """Test double of pipeline.bundle.Bundle: predict(list of RGB uint8 crops) -> age, gender_prob, gender,
+    """Test double of pipeline.serving.bundle.Bundle: predict(list of RGB uint8 crops) -> age, gender_prob, gender,
     gender_label. The age is the crop's mean brightness, so that a test can tell crops apart."""
 
     face_crop = "none"
@@ -189,17 +190,17 @@ def test_whole_image_when_no_face(photo_dir):
 
 @pytest.fixture
 def fake_bundle_module(monkeypatch):
-    """pipeline.bundle replaced by a module whose load_bundle returns a FakeBundle (or fails, for 'bad')."""
-    from pipeline.errors import PipelineError
+    """pipeline.serving.bundle replaced by a module whose load_bundle returns a FakeBundle (or fails, for 'bad')."""
+    from pipeline.core.errors import PipelineError
 
     def load_bundle(path, device="auto"):
         if str(path).endswith("bad"):
             raise PipelineError(f"{path}: not a bundle")
         return FakeBundle()
 
-    module = types.ModuleType("pipeline.bundle")
+    module = types.ModuleType("pipeline.serving.bundle")
     module.load_bundle = load_bundle
-    monkeypatch.setitem(sys.modules, "pipeline.bundle", module)
+    monkeypatch.setitem(sys.modules, "pipeline.serving.bundle", module)
 
 
 def test_cli_writes_the_table_and_one_line_per_problem(photo_dir, tmp_path, fake_bundle_module, capsys):
@@ -243,21 +244,21 @@ def test_large_image_under_pillows_own_limit_is_refused_by_its_size(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_bundle(tmp_path_factory) -> Path:
-    """A real bundle archive written by pipeline.export: scratch_cnn at 32 px, 2 folds, untrained weights (what
+    """A real bundle archive written by pipeline.serving.export: scratch_cnn at 32 px, 2 folds, untrained weights (what
     is under test here is reading and calling a bundle, not its accuracy)."""
     import torch
     from conftest import write_config
 
-    from pipeline.config import ModelConfig, load_config
-    from pipeline.export import FoldState, Member, bundle_info, write_bundle
-    from pipeline.models import create_model
+    from pipeline.core.config import ModelConfig, load_config
+    from pipeline.models.backbones import create_model
+    from pipeline.serving.export import FoldState, ModelFolds, bundle_info, write_bundle
 
     root = tmp_path_factory.mktemp("bundle")
     cfg = load_config(str(write_config(root / "cfg.yaml")))
     torch.manual_seed(0)
     mcfg = ModelConfig(name="scratch_cnn", pretrained=False, img_size=32)
     folds = [FoldState(k, create_model(mcfg, load_weights=False).state_dict(), 30.0, 15.0) for k in range(2)]
-    members = [Member(mcfg, folds)]
+    members = [ModelFolds(mcfg, folds)]
     blend = {"age_weights": {"scratch_cnn": 1.0}, "gender_weights": {"scratch_cnn": 1.0}, "threshold": 0.5}
     info = bundle_info(cfg, root, blend, members, "torch", labels=["male", "female"])
     return write_bundle(members, info, root / "bundle", "test-bundle")

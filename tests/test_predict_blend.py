@@ -4,13 +4,14 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.blend import age_weights, best_threshold, gender_weights, validate_submission
-from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
-from pipeline.export import TTAFold
-from pipeline.metrics import competition_score, evaluate
-from pipeline.models import create_model
-from pipeline.predict import TTA_SHIFT, Inference, apply_tta, predict_arrays
+from pipeline.core.config import ModelConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import competition_score, evaluate
+from pipeline.inference.blend import age_weights, best_threshold, gender_weights, validate_submission
+from pipeline.models.backbones import create_model
+from pipeline.models.tta import TTA_SHIFT, TTAFold, apply_tta
+from pipeline.training.evaluation import predict_arrays
+from pipeline.training.job import Inference
 
 
 def test_tta_averages_the_flipped_view():

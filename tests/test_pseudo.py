@@ -3,10 +3,11 @@ import pandas as pd
 import pytest
 from conftest import cli, write_config
 
-from pipeline.config import ConfigError, ModelConfig, load_config
-from pipeline.errors import PipelineError
-from pipeline.launch import pseudo_label_waves
-from pipeline.pseudo import PSEUDO_FILE, with_pseudo_labels
+from pipeline.core.config import ConfigError, ModelConfig, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.layout import PSEUDO_LABELS as PSEUDO_FILE
+from pipeline.orchestration.launch import pseudo_label_waves
+from pipeline.training.pseudo import with_pseudo_labels
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
 TEACHER = {"name": "scratch_cnn", "pretrained": False, "phases": ONE_EPOCH}

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import cli, cli_command, cli_env, wait_for, write_config
 
-from pipeline.launch import LOCAL_RAY_ENV, SCRATCH, system_processes_env
+from pipeline.orchestration.launch import LOCAL_RAY_ENV, SCRATCH, system_processes_env
 
 os.environ.update(LOCAL_RAY_ENV)  # before ray is imported: node addresses stay on loopback
 PHASES = [{"epochs": 3, "train": "all", "lr": 0.003}]  # 3 epochs: room to kill a job mid-fold
@@ -254,8 +254,8 @@ def test_every_ray_socket_stayed_on_loopback(cluster):
 
 
 def test_unreachable_or_malformed_address_is_refused_at_once():
-    from pipeline.errors import PipelineError
-    from pipeline.launch import check_reachable
+    from pipeline.core.errors import PipelineError
+    from pipeline.orchestration.launch import check_reachable
 
     with pytest.raises(PipelineError, match="no Ray head node answers there"):
         check_reachable("127.0.0.1:1")

@@ -1,6 +1,6 @@
 import pandas as pd
 
-from pipeline.report import age_bin
+from pipeline.inference.report import age_bin
 
 
 def test_age_bins_come_from_the_config_and_the_last_is_open_ended():

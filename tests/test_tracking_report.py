@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from conftest import cli, write_config
 
-from pipeline.config import load_config
-from pipeline.tracking import wandb_mode
+from pipeline.core.config import load_config
+from pipeline.core.tracking import wandb_mode
 
 MODELS = [
     {
@@ -165,7 +165,7 @@ def test_report_and_plots_carry_the_numbers(tracked):
 
 
 def test_report_groups_by_race_on_utkface_names(tmp_path):
-    from pipeline.report import group_table
+    from pipeline.inference.report import group_table
 
     oof = pd.DataFrame(
         {

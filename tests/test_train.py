@@ -8,25 +8,23 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import train as train_mod
-from pipeline.config import Config, ModelConfig, Phase, TrainConfig, Unfreeze
-from pipeline.data import Competition, Images
-from pipeline.errors import PipelineError
-from pipeline.job import FoldJob, fold_rows
-from pipeline.loader import FaceDataset, make_loader, train_transform
-from pipeline.models import DLDL_MAX_AGE, AgeGenderNet, CoralHead, create_model, evaluating, set_trainable, trunk_stages
-from pipeline.predict import Inference, load_best, predict_arrays, predict_fold
-from pipeline.tracking import Tracker
-from pipeline.train import (
-    AgeScale,
-    Progress,
-    phase_trunk,
-    start_phase,
-    sync_frozen_ema,
-    train_fold,
-    warmup_cosine,
-)
-from pipeline.trunk import CachedTrunk, TrunkCache
+from pipeline.core.config import Config, ModelConfig, Phase, TrainConfig, Unfreeze
+from pipeline.core.errors import PipelineError
+from pipeline.core.tracking import Tracker
+from pipeline.data.cache import Images
+from pipeline.data.competition import Competition
+from pipeline.inference.predict import load_best, predict_fold
+from pipeline.models.backbones import create_model, evaluating, set_trainable, trunk_stages
+from pipeline.models.network import DLDL_MAX_AGE, AgeGenderNet, CoralHead
+from pipeline.training import losses as loss_fns
+from pipeline.training import train as train_mod
+from pipeline.training.checkpoint import Progress
+from pipeline.training.evaluation import predict_arrays
+from pipeline.training.job import FoldJob, Inference, fold_rows
+from pipeline.training.loader import FaceDataset, make_loader, train_transform
+from pipeline.training.losses import AgeScale, Objective
+from pipeline.training.train import phase_trunk, start_phase, sync_frozen_ema, train_fold, warmup_cosine
+from pipeline.training.trunk import CachedTrunk, TrunkCache
 
 N, SIZE = 48, 32
 
@@ -113,7 +111,7 @@ def test_frozen_batchnorm_statistics_and_weights_stay_put_through_an_epoch(tmp_p
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = FaceDataset(job.images.train, np.arange(N), np.zeros(N), np.zeros(N), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
-    objective = train_mod.Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
+    objective = Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
     train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, False, "")
     after = model.state_dict()
     frozen = [k for k in after if k.startswith(("backbone.stem", "backbone.stages.0", "backbone.stages.2"))]
@@ -188,7 +186,7 @@ def test_cached_and_uncached_validation_agree_after_training_below_the_cut(tmp_p
     tr, va = job.rows()
     ds = FaceDataset(job.images.train, tr, np.zeros(len(tr)), np.zeros(len(tr)), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
-    objective = train_mod.Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
+    objective = Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
     train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, False, "")
     start_phase(job, model, 1, phases[1], N, Progress(), ema_model)
     trunk = phase_trunk(_cache(job, model), model, phases, 1)
@@ -349,8 +347,8 @@ def test_the_gpu_recipe_code_path_runs_on_cpu(tmp_path):
     models; only the device differs (FoldJob.amp=True turns on the autocast that CUDA would get)."""
     from conftest import REPO
 
-    from pipeline.config import load_config
-    from pipeline.predict import predict_fold
+    from pipeline.core.config import load_config
+    from pipeline.inference.predict import predict_fold
 
     gpu = load_config(REPO / "configs" / "utkface_gpu.yaml")
     assert gpu.train.amp and gpu.train.channels_last and gpu.train.ema > 0
@@ -376,9 +374,9 @@ def test_the_gpu_recipe_code_path_runs_on_cpu(tmp_path):
 
 def test_dldl_loss_is_lowest_for_a_distribution_centred_on_the_true_age():
     ages = torch.arange(121, dtype=torch.float32)
-    centred_at = lambda c: (-0.5 * ((ages - c) / train_mod.DLDL_SIGMA) ** 2)[None]  # noqa: E731
+    centred_at = lambda c: (-0.5 * ((ages - c) / loss_fns.DLDL_SIGMA) ** 2)[None]  # noqa: E731
     years = torch.tensor([30.0])
-    losses = [float(train_mod.dldl_loss(centred_at(c), years, 10.0)) for c in (25.0, 30.0, 35.0)]
+    losses = [float(loss_fns.dldl_loss(centred_at(c), years, 10.0)) for c in (25.0, 30.0, 35.0)]
     assert losses[1] < 1e-4 < losses[0] and losses[1] < losses[2]
 
 
@@ -407,9 +405,9 @@ def test_coral_loss_is_lowest_at_the_true_age_and_its_age_is_the_expected_thresh
     years = torch.tensor([30.0, 61.0])
     k = torch.arange(1, DLDL_MAX_AGE + 1, dtype=torch.float32)
     at = lambda c: 8.0 * (torch.tensor(c)[:, None] + 0.5 - k[None])  # noqa: E731  # sharp thresholds at the age
-    losses = [float(train_mod.coral_loss(at(c), years)) for c in ([30.0, 61.0], [25.0, 66.0], [35.0, 56.0])]
+    losses = [float(loss_fns.coral_loss(at(c), years)) for c in ([30.0, 61.0], [25.0, 66.0], [35.0, 56.0])]
     assert losses[0] < 0.05 < min(losses[1:])
-    undecided = train_mod.coral_loss(torch.zeros(2, DLDL_MAX_AGE), years)  # every threshold at p = 0.5
+    undecided = loss_fns.coral_loss(torch.zeros(2, DLDL_MAX_AGE), years)  # every threshold at p = 0.5
     torch.testing.assert_close(undecided, torch.tensor(DLDL_MAX_AGE * np.log(2), dtype=torch.float32))
     backbone = torch.nn.Identity()
     backbone.num_features = 4
@@ -432,7 +430,7 @@ def test_mean_variance_loss_is_its_three_terms_and_prefers_a_sharp_distribution_
         return -0.5 * ((ages[None] - torch.tensor(centre)[:, None]) / width) ** 2
 
     at, off, wide = logits([30.0, 61.0], 1.5), logits([35.0, 56.0], 1.5), logits([30.0, 61.0], 6.0)
-    loss = train_mod.mean_variance_loss
+    loss = loss_fns.mean_variance_loss
     assert loss(at, years) < loss(wide, years) < loss(off, years)
     p = torch.softmax(off, 1)
     mean = p @ ages
@@ -482,7 +480,7 @@ def test_oof_rows_are_predicted_from_the_stored_trunk_while_its_weights_are_the_
 def test_gender_smoothing_moves_the_training_targets_but_not_the_validation_loss():
     t = TrainConfig(gender_smoothing=0.1)
     scale = AgeScale(0.0, 1.0, 0.25)
-    smooth, plain = train_mod.Objective.of(t, scale), train_mod.Objective.of(TrainConfig(), scale)
+    smooth, plain = Objective.of(t, scale), train_mod.Objective.of(TrainConfig(), scale)
     age, logit = torch.zeros(4), torch.tensor([2.0, -1.0, 0.5, 3.0])
     y_age, y_gender = torch.zeros(4), torch.tensor([1.0, 0.0, 0.0, 1.0])
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.tensor([0.95, 0.05, 0.05, 0.95]))

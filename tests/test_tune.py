@@ -11,9 +11,9 @@ import yaml
 from conftest import cli, write_config
 from test_ray import SocketWatch
 
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import PipelineError
-from pipeline.tune import quiet_sigterm_exit, tune_overrides
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.orchestration.tune import quiet_sigterm_exit, tune_overrides
 
 SPACE = [
     {"key": "models.0.phases.0.lr", "kind": "loguniform", "low": 0.001, "high": 0.01},

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from pipeline.config import load_config
-from pipeline.data import decode_image, load_competition
+from pipeline.core.config import load_config
+from pipeline.data.cache import decode_image
+from pipeline.data.competition import load_competition
 
 ROOT = REPO.parent / "shared" / "data" / "utkface"
 pytestmark = [

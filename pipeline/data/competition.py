@@ -1,0 +1,320 @@
+"""Find the competition's images and labels (Kaggle CSV layout or UTKFace file names), check them, and hold out a
+labelled test split when there is no test set."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from ..core.config import Config, DataConfig
+from ..core.errors import DataError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
+ID_COLS = ("id", "image_id", "image", "file", "filename", "file_name")
+UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_\d+")
+
+
+@dataclass
+class FaceCropCounts:
+    """data.face_crop=detect: the readable images searched for a face, and the files without one (kept whole)."""
+
+    train_images: int
+    test_images: int
+    train_no_face: list[str]
+    test_no_face: list[str]
+
+
+@dataclass
+class Competition:
+    """Training rows (id, path, age, gender[, group]) and test rows (id, path) of one competition."""
+
+    name: str
+    train: pd.DataFrame
+    test: pd.DataFrame
+    sub_id_col: str = "id"  # the submission's column names (sample_submission.csv's header)
+    sub_age_col: str = "age"
+    sub_gender_col: str = "gender"
+    submission_ids: list[str] | None = None  # the submission's rows in order (default: test ids)
+    submission_header: list[str] | None = None  # sample_submission.csv's columns, in order
+    holdout_labels: pd.DataFrame | None = None  # labels of a held-out test split; read only after submitting
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or row, reason)
+    face_crop: FaceCropCounts | None = None  # set by prepare_images with data.face_crop=detect
+
+    def report(self) -> dict:
+        reasons: dict[str, int] = {}
+        for _, why in self.skipped:
+            reasons[why] = reasons.get(why, 0) + 1
+        out = {
+            "dataset": self.name,
+            "train_images": len(self.train),
+            "test_images": len(self.test),
+            "skipped": len(self.skipped),
+            "skipped_by_reason": reasons,
+            "skipped_files": [{"file": f, "reason": r} for f, r in self.skipped],
+        }
+        if self.face_crop:
+            c = self.face_crop
+            out["face_crop"] = {
+                "mode": "detect",
+                "train_images": c.train_images,
+                "train_no_face": len(c.train_no_face),
+                "test_images": c.test_images,
+                "test_no_face": len(c.test_no_face),
+                "no_face_files": [{"file": f, "split": "train"} for f in c.train_no_face]
+                + [{"file": f, "split": "test"} for f in c.test_no_face],
+            }
+        return out
+
+    def face_crop_line(self) -> str:
+        """The run's one line on face_crop=detect: how many images had no face and were kept whole."""
+        c = self.face_crop
+        if c is None:
+            return ""
+        test = f" and {len(c.test_no_face)} of {c.test_images} test images" if c.test_images else ""
+        return (
+            f"data: face_crop=detect: no face found in {len(c.train_no_face)} of {c.train_images} "
+            f"training images{test} (kept whole)"
+        )
+
+
+def parse_utkface_name(name: str) -> tuple[int, int, int] | None:
+    """`age_gender_race_date.jpg.chip.jpg` -> (age, gender, race); None when the name does not parse."""
+    m = UTK_NAME.match(name)
+    if not m:
+        return None
+    age, gender, race = (int(g) for g in m.groups())
+    if gender not in (0, 1):
+        return None
+    return age, gender, race
+
+
+def detect_layout(root: Path, cfg: DataConfig) -> str:
+    if cfg.layout != "auto":
+        return cfg.layout
+    if (root / cfg.train_csv).is_file():
+        return "kaggle"
+    if any(parse_utkface_name(p.name) for p in _images_in(root, limit=50)):
+        return "utkface"
+    raise DataError(
+        f"{root}: cannot tell the layout; expected {cfg.train_csv} (Kaggle layout) "
+        "or UTKFace-style image names (age_gender_race_date.jpg.chip.jpg)"
+    )
+
+
+def _images_in(folder: Path, limit: int | None = None) -> list[Path]:
+    out = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTS):
+            out.append(Path(entry.path))
+            if limit and len(out) >= limit:
+                break
+    return out
+
+
+def load_competition(cfg: Config) -> Competition:
+    d = cfg.data
+    root = Path(d.root)
+    if not root.is_dir():
+        raise DataError(f"data.root={d.root}: folder not found")
+    name = d.name or root.resolve().name
+    layout = detect_layout(root, d)
+    comp = _load_utkface(root, name) if layout == "utkface" else _load_kaggle(root, name, d)
+    if comp.skipped and d.on_error == "fail":
+        where, why = comp.skipped[0]
+        raise DataError(f"{where}: {why} ({len(comp.skipped)} such; data.on_error=skip skips them)")
+    train, bad = _check_labels(comp.train, d)
+    if d.limit:
+        train = train.iloc[: d.limit].reset_index(drop=True)
+    comp = replace(comp, train=train, skipped=[*comp.skipped, *bad])
+    _check_enough(comp, root, cfg.folds.n_splits)
+    if len(comp.test) == 0 and d.holdout > 0:
+        comp = _hold_out(comp, d.holdout, cfg.folds.seed, cfg.folds.age_bins)
+        _check_enough(comp, root, cfg.folds.n_splits)
+    return comp
+
+
+def _check_enough(comp: Competition, root: Path, n_splits: int) -> None:
+    if len(comp.train) < n_splits * 2:
+        raise DataError(f"{root}: only {len(comp.train)} usable training images; need at least {n_splits * 2}")
+
+
+def _load_utkface(root: Path, name: str) -> Competition:
+    rows, skipped = [], []
+    for p in _images_in(root):
+        parsed = parse_utkface_name(p.name)
+        if parsed is None:
+            skipped.append((p.name, "file name does not parse as age_gender_race_date"))
+            continue
+        rows.append((p.name, str(p), *parsed))
+    train = pd.DataFrame(rows, columns=["id", "path", "age", "gender", "group"])
+    test = pd.DataFrame(columns=["id", "path"])
+    return Competition(name, train, test, skipped=skipped)
+
+
+def _detect_column(df: pd.DataFrame, wanted: str, candidates: tuple[str, ...], what: str, csv: Path) -> str:
+    if wanted:
+        if wanted not in df.columns:
+            raise DataError(f"{csv}: no column {wanted!r}; columns are {list(df.columns)}")
+        return wanted
+    lower = {c.lower(): c for c in df.columns}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    raise DataError(f"{csv}: cannot find the {what} column (tried {', '.join(candidates)}); set it in config")
+
+
+def _resolve_image(value: str, folders: list[Path]) -> Path | None:
+    for folder in folders:
+        p = folder / value
+        if p.is_file():
+            return p
+        for ext in IMAGE_EXTS:
+            q = folder / f"{value}{ext}"
+            if q.is_file():
+                return q
+    return None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)  # ids such as "007" stay as written
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
+    return df
+
+
+def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
+    train_csv = root / d.train_csv
+    df = _read_csv(train_csv)
+    if df.empty:
+        raise DataError(f"{train_csv}: has a header but no rows")
+    image_col = _detect_column(df, d.image_col, IMAGE_COLS, "image", train_csv)
+    train_age_col = _detect_column(
+        df, d.age_col if d.age_col in df.columns else "", (d.age_col.lower(), "age"), "age", train_csv
+    )
+    train_gender_col = _detect_column(
+        df,
+        d.gender_col if d.gender_col in df.columns else "",
+        (d.gender_col.lower(), "gender", "sex"),
+        "gender",
+        train_csv,
+    )
+    folders = [root / d.train_dir, root]
+    rows, skipped = [], []
+    for i, value in enumerate(df[image_col].astype(str)):
+        path = _resolve_image(value, folders)
+        if path is None:
+            skipped.append((f"{train_csv.name} row {i + 2} ({value})", "image file not found"))
+            continue
+        rows.append((value, str(path), df.at[i, train_age_col], df.at[i, train_gender_col]))
+    train = pd.DataFrame(rows, columns=["id", "path", "age", "gender"])
+
+    sub_path = root / d.sample_submission
+    test_csv = root / d.test_csv
+    # The submission's columns: sample_submission.csv's header (id first), else the training CSV's names.
+    sub_id_col, sub_age_col, sub_gender_col = "id", train_age_col, train_gender_col
+    if sub_path.is_file():
+        sub = _read_csv(sub_path)
+        sub_id_col = sub.columns[0]
+        lower = {c.lower(): c for c in sub.columns[1:]}
+        sub_age_col = lower.get("age", sub_age_col)
+        sub_gender_col = lower.get("gender", lower.get("sex", sub_gender_col))
+        test_ids = sub[sub_id_col].astype(str).tolist()
+    elif test_csv.is_file():
+        t = _read_csv(test_csv)
+        sub_id_col = _detect_column(t, "", ID_COLS + IMAGE_COLS, "id", test_csv)
+        test_ids = t[sub_id_col].astype(str).tolist()
+    else:
+        test_ids = []
+    submission_ids = test_ids
+    if len(set(test_ids)) != len(test_ids):
+        dup = pd.Series(test_ids)[pd.Series(test_ids).duplicated()]
+        print(
+            f"WARNING: {len(dup)} duplicate test ids (e.g. {dup.iloc[0]!r}); each is predicted once and "
+            "written on every row where the sample submission has it"
+        )
+        test_ids = list(dict.fromkeys(test_ids))
+    test_folders = [root / d.test_dir, root]
+    test_rows = []
+    for tid in test_ids:
+        path = _resolve_image(tid, test_folders)
+        test_rows.append((tid, str(path) if path else ""))
+    test = pd.DataFrame(test_rows, columns=["id", "path"])
+    missing = test[test.path == ""]
+    if len(missing):
+        print(
+            f"WARNING: {len(missing)} test ids have no image (e.g. {missing.id.iloc[0]!r}); "
+            "they still get a row in the submission, predicted from a blank image"
+        )
+    header = list(sub.columns) if sub_path.is_file() else None
+    return Competition(
+        name, train, test, sub_id_col, sub_age_col, sub_gender_col, submission_ids, header, skipped=skipped
+    )
+
+
+def _check_labels(train: pd.DataFrame, d: DataConfig) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Numeric ages and 0/1 genders; returns the good rows and (id, reason) of the bad ones."""
+    age = pd.to_numeric(train.age, errors="coerce")
+    gender = pd.to_numeric(train.gender, errors="coerce")
+    bad = []
+    for i in range(len(train)):
+        a, g = age.iat[i], gender.iat[i]
+        if not np.isfinite(a):
+            bad.append((i, f"age {train.age.iat[i]!r} is not a number"))
+        elif a < 0 or a > d.max_age:
+            bad.append((i, f"age {a:g} outside [0, {d.max_age:g}] (data.max_age)"))
+        elif g not in (0, 1):
+            bad.append((i, f"gender {train.gender.iat[i]!r} is not 0 or 1"))
+    dup = train.id.duplicated(keep="first")
+    bad += [(i, "duplicate id") for i in np.flatnonzero(dup.to_numpy())]
+    if bad and d.on_error == "fail":
+        i, why = bad[0]
+        raise DataError(f"training row {train.id.iat[i]!r}: {why} ({len(bad)} bad rows; data.on_error=skip skips them)")
+    drop = sorted({i for i, _ in bad})
+    out = train.assign(age=age.astype("float32"), gender=gender.fillna(-1).astype("int64"))
+    return out.drop(index=drop).reset_index(drop=True), [(train.id.iat[i], why) for i, why in bad]
+
+
+def age_gender_strata(age: np.ndarray, gender: np.ndarray, bins: list[float]) -> np.ndarray:
+    return np.digitize(age, bins[1:]) * 2 + gender
+
+
+def merge_small_strata(strata: np.ndarray, min_count: int, max_strata: int | None = None) -> np.ndarray:
+    """Merge every stratum with fewer than `min_count` members (smallest first) into the nearest age bin of
+    the same gender, also while there are more than `max_strata` strata. Returns a new array."""
+    strata = strata.copy()
+    while True:
+        counts = pd.Series(strata).value_counts()
+        too_many = max_strata is not None and len(counts) > max_strata
+        if len(counts) == 1 or (counts.min() >= min_count and not too_many):
+            return strata
+        s = counts.idxmin()
+        others = [o for o in counts.index if o != s]
+        target = min(others, key=lambda o: (o % 2 != s % 2, abs(o // 2 - s // 2)))
+        strata[strata == s] = target
+
+
+def _hold_out(comp: Competition, frac: float, seed: int, bins: list[float]) -> Competition:
+    """A new Competition whose test set is a stratified `frac` of the training rows, labels kept aside."""
+    train = comp.train
+    n_held = int(np.ceil(frac * len(train)))  # as train_test_split rounds it
+    strata = age_gender_strata(train.age.to_numpy(), train.gender.to_numpy(), bins)
+    # each stratum needs a member on both sides, and each side at least one member of every stratum
+    strata = merge_small_strata(strata, 2, max_strata=min(n_held, len(train) - n_held))
+    keep, held = train_test_split(np.arange(len(train)), test_size=frac, random_state=seed, stratify=strata)
+    held_df = train.iloc[np.sort(held)].reset_index(drop=True)
+    return replace(
+        comp,
+        train=train.iloc[np.sort(keep)].reset_index(drop=True),
+        test=held_df[["id", "path"]].copy(),
+        holdout_labels=held_df,
+    )

@@ -1,0 +1,259 @@
+"""runs/<experiment>/report.html: one self-contained page with the plots and tables of a finished blend."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import confusion_matrix  # noqa: E402
+
+from ..core.files import write_bytes, write_text  # noqa: E402
+from ..core.layout import BLEND, DATA_REPORT, EPOCH_METRICS, OOF_BLEND, REPORT, fold_dir  # noqa: E402
+from ..core.metrics import METRICS, evaluate  # noqa: E402
+
+UTK_RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
+COLS = ("n", *METRICS)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _save(fig, folder: Path, name: str) -> str:
+    """Write the PNG beside the report and return it base64-encoded for embedding."""
+    data = _png(fig)
+    write_bytes(base64.b64decode(data), folder / f"{name}.png")
+    return data
+
+
+def _cell(v, floats: str) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "–" if np.isnan(v) else floats.format(v)
+    return html.escape(str(v))
+
+
+def _table(df: pd.DataFrame, floats: str = "{:.4f}") -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [df.index.name or "", *df.columns])
+    rows = [
+        f"<tr><th>{html.escape(str(r[0]))}</th>{''.join(f'<td>{_cell(v, floats)}</td>' for v in r[1:])}</tr>"
+        for r in df.itertuples()
+    ]
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def age_bin(age: pd.Series, bins: list[float]) -> pd.Series:
+    """Each age's bin, labelled like "5-11" (bins are the lower edges, as folds.age_bins; the last is open)."""
+    edges = [-np.inf, *bins[1:], np.inf]
+    labels = [f"{lo:g}-{hi - 1:g}" for lo, hi in zip(bins, bins[1:])] + [f"{bins[-1]:g}+"]
+    return pd.cut(age, edges, right=False, labels=labels).rename("age")
+
+
+def group_table(oof: pd.DataFrame, key: pd.Series, threshold: float) -> pd.DataFrame:
+    rows = {}
+    for name, part in oof.groupby(key, observed=True):
+        if len(part) == 0:
+            continue
+        m = evaluate(part.age_true, part.age_blend, part.gender_true, part.prob_blend, threshold)
+        if part.gender_true.nunique() < 2:  # macro-F1 (and so the score) means nothing within one gender
+            m.update(f1=float("nan"), score=float("nan"))
+        rows[name] = {"n": len(part), **m}
+    out = pd.DataFrame.from_dict(rows, orient="index")[list(COLS)]
+    out.index.name = key.name
+    return out
+
+
+def learning_curves(exp_dir: Path, models: list[str], n_splits: int):
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for k in range(n_splits):
+            path = fold_dir(exp_dir, model, k) / EPOCH_METRICS
+            if path.is_file():
+                m = pd.read_csv(path)
+                ax.plot(m.epoch, m.val_score, marker="o", ms=3, label=f"fold {k}")
+        ax.set(title=model, xlabel="epoch", ylabel="validation score")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return fig
+
+
+def pred_vs_true(oof: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    hb = ax.hexbin(oof.age_true, oof.age_blend, gridsize=40, mincnt=1, bins="log", cmap="viridis")
+    top = max(oof.age_true.max(), oof.age_blend.max())
+    ax.plot([0, top], [0, top], "r--", lw=1)
+    ax.set(xlabel="true age", ylabel="predicted age (blend, OOF)", title="OOF predicted vs true age")
+    fig.colorbar(hb, ax=ax, label="images (log)")
+    return fig
+
+
+def mae_by_age(oof: pd.DataFrame, models: list[str], age_bins: list[float]):
+    bins = age_bin(oof.age_true, age_bins)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    names = [*models, "blend"]
+    width = 0.8 / len(names)
+    labels = list(bins.cat.categories)
+    for i, name in enumerate(names):
+        col = "age_blend" if name == "blend" else f"age:{name}"
+        mae = (oof[col] - oof.age_true).abs().groupby(bins, observed=False).mean()
+        ax.bar(np.arange(len(labels)) + i * width, mae.to_numpy(), width, label=name)
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=0, fontsize=8)
+    ax.set(xlabel="true age", ylabel="MAE (years)", title="OOF MAE by age bin")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def gender_confusion(oof: pd.DataFrame, threshold: float):
+    cm = confusion_matrix(oof.gender_true, (oof.prob_blend >= threshold).astype(int), labels=[0, 1])
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(
+            j,
+            i,
+            f"{v}\n{v / max(1, cm[i].sum()):.1%}",
+            ha="center",
+            va="center",
+            color="white" if v > cm.max() / 2 else "black",
+        )
+    ax.set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="true", title="gender (blend, OOF)")
+    return fig
+
+
+def blend_weights(summary: dict):
+    names = list(summary["age_weights"])
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [summary["age_weights"][n] for n in names], 0.4, label="age")
+    ax.bar(x + 0.2, [summary["gender_weights"][n] for n in names], 0.4, label="gender")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set(ylim=(0, 1), ylabel="weight", title="blend weights (chosen on OOF)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;margin:.6em 0 1.4em}
+td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}th{background:#f4f4f4}
+.cards{display:flex;gap:1em;flex-wrap:wrap}.card{background:#f6f8fa;border-radius:8px;padding:.8em 1.2em}
+.card b{display:block;font-size:1.6em}img{max-width:100%;margin:.4em 0}.grid{display:flex;flex-wrap:wrap;gap:1em}"""
+
+
+def _face_crop_html(fc: dict) -> str:
+    """data.face_crop=detect: how many images had no face (kept whole), and the first 50 of them."""
+    out = (
+        f"<p>Face crop (data.face_crop=detect): no face found in {fc['train_no_face']} of {fc['train_images']} "
+        f"training images and {fc['test_no_face']} of {fc['test_images']} test images; those were kept whole.</p>"
+    )
+    files = fc["no_face_files"]
+    if files:
+        items = "".join(f"<li><code>{html.escape(f['file'])}</code> ({f['split']})</li>" for f in files[:50])
+        first = " (the first 50)" if len(files) > 50 else ""
+        out += f"<details><summary>images without a face{first}</summary><ul>{items}</ul></details>"
+    return out
+
+
+def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, age_bins: list[float]) -> Path:
+    """age_bins: the lower edges of the age bins (folds.age_bins); the last bin is open-ended."""
+    summary = json.loads((exp_dir / BLEND).read_text())
+    oof = pd.read_csv(exp_dir / OOF_BLEND, dtype={"id": str}, keep_default_na=False)
+    threshold = summary["threshold"]
+    data = json.loads((exp_dir / DATA_REPORT).read_text()) if (exp_dir / DATA_REPORT).is_file() else {}
+    plots = exp_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    img = {
+        "curves": _save(learning_curves(exp_dir, models, n_splits), plots, "learning_curves"),
+        "scatter": _save(pred_vs_true(oof), plots, "pred_vs_true"),
+        "mae_age": _save(mae_by_age(oof, models, age_bins), plots, "mae_by_age"),
+        "confusion": _save(gender_confusion(oof, threshold), plots, "gender_confusion"),
+        "weights": _save(blend_weights(summary), plots, "blend_weights"),
+    }
+    table = pd.DataFrame(summary["table"]).T[["threshold", *METRICS]]
+    table.index.name = "model"
+    table_half = pd.DataFrame(summary["table_at_0.5"]).T[list(METRICS)]
+    table_half.index.name = "model"
+    groups = []
+    if "group" in oof.columns and oof.group.notna().any():
+        key = oof.group.map(lambda g: UTK_RACES.get(int(g), str(g))).rename("race (from file name)")
+        groups.append(("By race", group_table(oof, key, threshold)))
+    groups.append(("By age bin", group_table(oof, age_bin(oof.age_true, age_bins), threshold)))
+    groups.append(("By gender", group_table(oof, oof.gender_true.rename("gender"), threshold)))
+
+    blend = summary["table"]["blend"]
+    cards = [
+        ("CV " + metric, blend[metric]),
+        ("MAE", blend["mae"]),
+        ("RMSE", blend["rmse"]),
+        ("gender accuracy", blend["accuracy"]),
+        ("macro-F1", blend["f1"]),
+    ]
+    held = summary.get("holdout")
+    parts = [
+        f"<h1>{html.escape(exp_dir.name)}</h1>",
+        f"<p class=sub>{summary['oof_rows']} out-of-fold images, {n_splits} folds, models: "
+        f"{', '.join(map(html.escape, models))}. Blend weights and gender threshold ({threshold:.2f}) were chosen "
+        "on OOF predictions only.</p>",
+        "<div class=cards>" + "".join(f"<div class=card>{k}<b>{v:.4f}</b></div>" for k, v in cards) + "</div>",
+        "<h2>OOF results</h2>",
+        f"<p>Ages clipped as in the submission; each row's gender threshold chosen on OOF (the blend's, "
+        f"{threshold:.2f}, is the submission's).</p>",
+        _table(table),
+        "<p>The same at gender threshold 0.5:</p>",
+        _table(table_half),
+    ]
+    if held:
+        parts += [
+            "<h2>Held-out test set</h2><p>Labels read only after the submission was written.</p>",
+            _table(pd.DataFrame({"held-out": held}).T),
+        ]
+    if summary.get("submission"):
+        parts.append(f"<p>Submission: <code>{html.escape(summary['submission'])}</code></p>")
+    parts += [
+        "<h2>Learning curves</h2>",
+        f"<img src='data:image/png;base64,{img['curves']}'>",
+        "<h2>Age</h2><div class=grid>",
+        f"<img src='data:image/png;base64,{img['scatter']}'><img src='data:image/png;base64,{img['mae_age']}'></div>",
+        "<h2>Gender and blend</h2><div class=grid>",
+        f"<img src='data:image/png;base64,{img['confusion']}'><img src='data:image/png;base64,{img['weights']}'>",
+        "</div><h2>Errors by group (blend, OOF)</h2>",
+    ]
+    for title, df in groups:
+        parts += [f"<h3>{title}</h3>", _table(df)]
+    if data:
+        parts += [
+            "<h2>Data</h2>",
+            f"<p>{data['train_images']} training images used, {data['test_images']} test "
+            f"images, {data['skipped']} skipped.</p>",
+        ]
+        if data.get("face_crop"):
+            parts.append(_face_crop_html(data["face_crop"]))
+        if data["skipped_by_reason"]:
+            reasons = pd.DataFrame({"files": data["skipped_by_reason"]})
+            reasons.index.name = "reason skipped"
+            parts.append(_table(reasons))
+            listed = data["skipped_files"][:50]
+            parts.append(
+                "<details><summary>skipped files</summary><ul>"
+                + "".join(f"<li><code>{html.escape(s['file'])}</code>: {html.escape(s['reason'])}</li>" for s in listed)
+                + "</ul></details>"
+            )
+    page = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(exp_dir.name)} report</title>"
+        f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    )
+    path = exp_dir / REPORT
+    write_text(page, path)
+    return path

@@ -1,0 +1,55 @@
+"""The body of one (model, fold) job, the same wherever it runs: in this process, on a Ray worker, in a Tune trial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..core.config import Config, ModelConfig
+from ..core.files import exclusive
+from ..core.layout import PREDICT_DONE, TRAIN_DONE, fold_lock
+from ..core.tracking import Tracker
+from ..data.cache import Images
+from ..data.competition import Competition
+from ..inference.predict import predict_fold
+from ..training.job import FoldJob, pick_device
+from ..training.train import train_fold
+
+
+def worker_threads(cfg: Config) -> None:
+    """A job on a Ray worker uses ray.cpus_per_job torch threads (CPU results depend on the thread count)."""
+    torch.set_num_threads(cfg.ray.cpus_per_job)
+
+
+def fold_todo(stage: str, out: Path) -> bool:
+    """Whether the stage has anything left to do for the fold in `out`."""
+    return (stage != "predict" and not (out / TRAIN_DONE).is_file()) or (
+        stage != "train" and not (out / PREDICT_DONE).is_file()
+    )
+
+
+def run_fold(
+    stage: str,
+    cfg: Config,
+    m: ModelConfig,
+    k: int,
+    comp: Competition,
+    images: Images,
+    folds: pd.DataFrame,
+    out: Path,
+    exp_dir: Path,
+    tracker: Tracker | None = None,
+) -> None:
+    """One (model, fold) job: train and/or predict, under the fold's lock, with its own tracking run (default: a
+    W&B run named <model>-fold<k>, idle when there is nothing left to do)."""
+    todo = fold_todo(stage, out)
+    with exclusive(fold_lock(out), f"{cfg.experiment}/{m.name} fold {k}"):
+        tracker = tracker or Tracker(cfg, f"{m.name}-fold{k}", stage, exp_dir, enabled=todo)
+        job = FoldJob(cfg, m, k, comp, images, folds, out, pick_device(cfg), tracker)
+        if stage in ("train", "run"):
+            train_fold(job)
+        if stage in ("predict", "run"):
+            predict_fold(job)
+        tracker.finish()

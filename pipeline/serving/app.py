@@ -1,0 +1,237 @@
+"""The web page of predict-images: drop photos, see every face boxed with its age and gender, a table, its CSV.
+`python -m pipeline app BUNDLE [--host 127.0.0.1] [--port N] [--max-file-size MB]`.
+
+Nothing leaves the machine: the page is served on 127.0.0.1 unless --host says otherwise, with no share link,
+no analytics or update checks, no run history, and system fonts only (Gradio's stock themes name web fonts)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ..core.errors import DataError, PipelineError
+from ..core.files import write_csv
+from ..data import faces
+from . import photos
+
+# Read by gradio and huggingface_hub when they are imported or launched: no telemetry, no calls home.
+OFFLINE_ENV = {
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "GRADIO_MCP_SERVER": "False",
+    "GRADIO_RUN_HISTORY": "False",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+}
+LOOPBACK = "127.0.0.1,localhost,::1"
+SHOW_SIDES = (480, 1280)  # photos are shown with their boxes at a longest side in this range
+BOX_COLOUR = (255, 200, 0)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+TABLE = ["file", "face", "box", "score", "age", "gender prob", "gender"]
+# CSS font-family entries, as written (a multi-word name needs its quotes)
+SYSTEM_FONTS = ["system-ui", "-apple-system", "'Segoe UI'", "Roboto", "'Helvetica Neue'", "Arial", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "'DejaVu Sans Mono'", "monospace"]
+
+
+@dataclass
+class Result:
+    """What the page shows for one upload."""
+
+    shown: list[tuple[np.ndarray, str]] = field(default_factory=list)  # (photo with boxes, caption)
+    rows: list[dict] = field(default_factory=list)  # predict-images rows of every file
+    lines: list[str] = field(default_factory=list)  # one status line per file
+    problems: list[str] = field(default_factory=list)  # the lines that are warnings
+
+
+def analyse(bundle, paths: list[str], detect_size: int = faces.DETECT_MAX_SIDE) -> Result:
+    """Every uploaded file: decoded, its faces found and predicted (predict-images' own code), drawn."""
+    out = Result()
+    for path in paths:
+        name = Path(path).name
+        try:
+            rgb = photos.read_photo(path)
+        except DataError as e:
+            out.rows.append(photos.unreadable_row(name, e))
+            out.lines.append(f"{name}: {e}")
+            out.problems.append(out.lines[-1])
+            continue
+        rows = photos.predict_image(bundle, name, rgb, detect_size=detect_size)
+        out.rows.extend(rows)
+        found = [r for r in rows if r["face"] >= 0]
+        line = f"{name}: {len(found)} face{'s' * (len(found) > 1)}" if found else f"{name}: {rows[0]['note']}"
+        out.lines.append(line)
+        if not found:
+            out.problems.append(line)
+        out.shown.append((draw(rgb, found), line))
+    return out
+
+
+def gender_text(row: dict) -> str:
+    label = row.get("gender_label")
+    return str(label) if isinstance(label, str) else str(row["gender"])
+
+
+def draw(rgb: np.ndarray, found: list[dict]) -> np.ndarray:
+    """The photo resized for the page, each face's box drawn with an "age, gender" label above it."""
+    longest = max(rgb.shape[:2])
+    scale = min(SHOW_SIDES[1], max(SHOW_SIDES[0], longest)) / longest
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    img = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    thick = max(1, round(max(size) / 500))
+    font_scale = max(0.5, max(size) / 1400)
+    for row in found:
+        x, y, w, h = (round(row[k] * scale) for k in ("x", "y", "w", "h"))
+        cv2.rectangle(img, (x, y), (x + w, y + h), BOX_COLOUR, thick)
+        text = f"{row['age']:.0f}, {gender_text(row)}"
+        (tw, th), base = cv2.getTextSize(text, FONT, font_scale, thick)
+        height = th + base + 2 * thick
+        top = y - height if y >= height else y + h  # above the box, or under it at the photo's top edge
+        cv2.rectangle(img, (x, top), (x + tw + 2 * thick, top + height), BOX_COLOUR, -1)
+        cv2.putText(img, text, (x + thick, top + thick + th), FONT, font_scale, (0, 0, 0), thick, cv2.LINE_AA)
+    return img
+
+
+def shown_table(rows: list[dict]) -> pd.DataFrame:
+    """One line per face, rounded for reading: file, face, box (x, y, w, h), score, age, gender prob, gender."""
+    found = [r for r in rows if r["face"] >= 0]
+    return pd.DataFrame(
+        [
+            [
+                r["file"],
+                r["face"],
+                ", ".join(f"{r[k]:.0f}" for k in ("x", "y", "w", "h")),
+                round(r["score"], 2),
+                round(r["age"], 1),
+                round(r["gender_prob"], 3),
+                gender_text(r),
+            ]
+            for r in found
+        ],
+        columns=TABLE,
+    )
+
+
+def write_table(rows: list[dict], out_dir: Path) -> Path:
+    """The rows as predict-images writes them, in a fresh folder (the page offers it as faces.csv)."""
+    path = Path(tempfile.mkdtemp(dir=out_dir)) / "faces.csv"
+    write_csv(photos.table(rows), path, photos.FLOAT_FORMAT)
+    return path
+
+
+def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
+    import gradio as gr
+
+    def on_upload(paths: list[str] | None):
+        if not paths:
+            return [], shown_table([]), gr.DownloadButton(visible=False), ""
+        result = analyse(bundle, paths, detect_size)
+        for line in result.problems:
+            gr.Warning(line)
+        csv = write_table(result.rows, out_dir)
+        status = "\n".join(result.lines)
+        gallery = gr.Gallery(value=result.shown, selected_index=0 if result.shown else None)  # opens the first
+        return gallery, shown_table(result.rows), gr.DownloadButton(value=str(csv), visible=True), status
+
+    intro = (
+        "## Age and gender from faces\nDrop or upload photos: each face gets its age and gender.  \n"
+        f"Model: {bundle.info.get('experiment', 'bundle')} ({bundle.runtime} bundle: "
+        f"{', '.join(m.name for m in bundle.members)})"
+    )
+    with gr.Blocks(title="Age and gender from faces", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+        gr.Markdown(intro)
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(
+                    label="Photos",
+                    file_count="multiple",
+                    file_types=list(photos.PHOTO_EXTS),
+                    type="filepath",
+                    height=260,
+                    elem_id="photos",
+                )
+                status = gr.Textbox(label="Status", interactive=False, lines=2, max_lines=12, elem_id="status")
+                download = gr.DownloadButton("Download CSV", visible=False, elem_id="download")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="Faces", height=640, object_fit="contain", elem_id="gallery")
+        table = gr.Dataframe(value=shown_table([]), interactive=False, label="Faces found", elem_id="table")
+        files.change(on_upload, files, [gallery, table, download, status], concurrency_limit=1)
+    return page
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline app", description="A web page for predict-images.")
+    p.add_argument("bundle", help="an exported bundle (python -m pipeline export)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="default: 7860, or the next free port")
+    p.add_argument("--max-file-size", type=float, default=20, metavar="MB", help="upload limit per file (default 20)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when there is one")
+    photos.add_detect_size(p)
+    return p
+
+
+def _offline_env() -> None:
+    os.environ.update(OFFLINE_ENV)
+    for key in ("NO_PROXY", "no_proxy"):  # Gradio checks its own URL over HTTP: never through a proxy
+        os.environ[key] = ",".join(v for v in (os.environ.get(key), LOOPBACK) if v)
+
+
+def app_cli(argv: list[str]) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage and the problem
+        return int(e.code or 0)
+    if args.max_file_size <= 0:
+        print("error: --max-file-size must be above 0", file=sys.stderr)
+        return 2
+    from .bundle import load_bundle
+
+    try:
+        bundle = load_bundle(args.bundle, device=args.device)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _offline_env()
+    with tempfile.TemporaryDirectory(prefix="pipeline-app-") as out_dir:
+        page = build_page(bundle, Path(out_dir), args.detect_size)
+        try:
+            page.launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=False,
+                max_file_size=int(args.max_file_size * 1024 * 1024),
+                theme=_theme(),
+                footer_links=[],
+                run_history=False,
+                mcp_server=False,
+                enable_monitoring=False,
+                ssr_mode=False,
+                pwa=False,
+                quiet=True,
+                prevent_thread_lock=True,
+            )
+        except OSError as e:  # the port is taken, or the address is not this machine's
+            print(f"error: cannot serve on {args.host}:{args.port or 7860} ({e})", file=sys.stderr)
+            return 2
+        print(f"serving {page.local_url} (Ctrl-C stops)", flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # a plain kill stops it like Ctrl-C: the temporary CSVs go too
+        page.block_thread()
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _theme():
+    import gradio as gr
+
+    return gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)

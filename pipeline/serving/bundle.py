@@ -1,0 +1,283 @@
+"""Load an exported ensemble (a bundle folder or its archive) and predict age and gender on face crops.
+
+Loading never unpickles: weights are safetensors (torch bundles) or ONNX (onnx bundles), the rest is JSON.
+An onnx bundle needs numpy, pandas, OpenCV and onnxruntime only (requirements-serve.txt); torch is imported only
+for torch bundles, by torch_runtime.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tarfile
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ..core.choices import FITS
+from ..core.errors import BundleError, PipelineError
+from ..data.imaging import square_resize
+
+FORMAT = "age-gender-bundle"
+VERSION = 1
+BUNDLE_FILE = "bundle.json"
+COLUMNS = ["age", "gender_prob", "gender", "gender_label"]
+ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
+MAX_BUNDLE_BYTES = 8 << 30  # a bundle of a few dozen fold models is far smaller; refuse an archive bomb
+
+FoldRunner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 N x S x S x 3 -> (age, gender_prob)
+
+
+def read_bundle_files(path: Path) -> dict[str, bytes]:
+    """Every file of a bundle folder or archive, by its path relative to the bundle's root (where bundle.json is)."""
+    if path.is_dir():
+        files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+        if BUNDLE_FILE not in files:
+            raise BundleError(
+                f"{path}: not a bundle folder (no {BUNDLE_FILE}); export one with python -m pipeline export"
+            )
+        return {name: p.read_bytes() for name, p in files.items()}
+    if not path.is_file():
+        raise BundleError(f"{path}: no such bundle folder or archive")
+    if not path.name.lower().endswith(ARCHIVES):
+        raise BundleError(f"{path}: not a bundle; give a bundle folder or its archive ({', '.join(ARCHIVES)})")
+    try:
+        members = _zip_members(path) if path.name.lower().endswith(".zip") else _tar_members(path)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise BundleError(f"{path}: damaged or unreadable archive ({e})") from None
+    roots = [name[: -len(BUNDLE_FILE)] for name in members if name.rsplit("/", 1)[-1] == BUNDLE_FILE]
+    if not roots:
+        raise BundleError(f"{path}: not a bundle archive (no {BUNDLE_FILE} inside)")
+    root = min(roots, key=len)
+    return {name[len(root) :]: data for name, data in members.items() if name.startswith(root)}
+
+
+def _tar_members(path: Path) -> dict[str, bytes]:
+    out, total = {}, 0
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            total += member.size
+            if total > MAX_BUNDLE_BYTES:
+                raise ValueError(f"more than {MAX_BUNDLE_BYTES >> 30} GiB inside")
+            out[member.name] = tar.extractfile(member).read()
+    return out
+
+
+def _zip_members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as z:
+        infos = [i for i in z.infolist() if not i.is_dir()]
+        if sum(i.file_size for i in infos) > MAX_BUNDLE_BYTES:
+            raise ValueError(f"more than {MAX_BUNDLE_BYTES >> 30} GiB inside")
+        return {i.filename: z.read(i) for i in infos}
+
+
+def _parse_info(files: dict[str, bytes], path: Path) -> dict:
+    try:
+        info = json.loads(files[BUNDLE_FILE])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BundleError(f"{path}: {BUNDLE_FILE} is not valid JSON (damaged bundle)") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise BundleError(f"{path}: {BUNDLE_FILE} does not describe an age-gender bundle")
+    if info.get("version") != VERSION:
+        raise BundleError(f"{path}: bundle version {info.get('version')!r}; this pipeline reads version {VERSION}")
+    missing = [k for k in ("runtime", "models", "gender", "fit", "tta", "max_age") if k not in info]
+    if missing:
+        raise BundleError(f"{path}: {BUNDLE_FILE} lacks {', '.join(missing)} (damaged or foreign bundle)")
+    try:
+        float(info["gender"]["threshold"])
+        for m in info["models"]:
+            for f in m["folds"]:
+                if f["file"] not in files:
+                    raise BundleError(f"{path}: {f['file']} is missing from the bundle")
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: {BUNDLE_FILE} has no valid {e} (damaged or foreign bundle)") from None
+    if info["runtime"] not in ("torch", "onnx"):
+        raise BundleError(f"{path}: unknown runtime {info['runtime']!r}")
+    if info["fit"] not in FITS:
+        raise BundleError(f"{path}: unknown fit {info['fit']!r}; this pipeline knows {', '.join(FITS)}")
+    if not isinstance(info.get("zoom", 1.0), (int, float)) or not 1 <= info.get("zoom", 1.0) <= 4:
+        raise BundleError(f"{path}: zoom {info.get('zoom')!r} is no number from 1 to 4 (damaged bundle)")
+    return info
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _onnx_runners(model: dict, files: dict[str, bytes], path: Path, threads: int) -> list[FoldRunner]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BundleError("an onnx bundle needs onnxruntime: pip install onnxruntime") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    runners = []
+    for f in model["folds"]:
+        try:
+            session = ort.InferenceSession(files[f["file"]], options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors on a damaged graph
+            raise BundleError(f"{path}: {f['file']} is not a readable ONNX model ({str(e).splitlines()[0]})") from None
+        runners.append(lambda x, s=session: tuple(s.run(["age", "gender_prob"], {"pixels": x})))
+    return runners
+
+
+@dataclass
+class Member:
+    """One backbone of the blend with its fold runners."""
+
+    name: str
+    img_size: int
+    age_weight: float
+    gender_weight: float
+    folds: list[FoldRunner] = field(repr=False)
+
+
+@dataclass
+class Bundle:
+    info: dict  # bundle.json contents
+    face_crop: str  # "none" | "detect": whether faces should be detected and cropped before predict
+    path: Path
+    members: list[Member] = field(repr=False)
+    workers: int = 1  # fold models run side by side on this many threads (onnx: one core each)
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    @property
+    def runtime(self) -> str:
+        return self.info["runtime"]
+
+    @property
+    def zoom(self) -> float:
+        return float(self.info.get("zoom", 1.0))  # bundles made before data.zoom: the whole crop
+
+    @property
+    def threshold(self) -> float:
+        return float(self.info["gender"]["threshold"])
+
+    @property
+    def gender_labels(self) -> dict[str, str]:
+        return self.info["gender"].get("labels") or {"0": "0", "1": "1"}
+
+    def predict(self, faces: list[np.ndarray], batch_size: int = 64) -> pd.DataFrame:
+        """Age, gender probability, gender (0/1 as in the training labels) and its label for RGB uint8 face crops
+        of any size: per model fit square + resize, every fold with the TTA views, folds averaged, then blended."""
+        faces = _checked_faces(faces)
+        n = len(faces)
+        age, prob = np.zeros(n), np.zeros(n)
+        for start in range(0, n, max(1, batch_size)):
+            chunk = faces[start : start + batch_size]
+            resized = {
+                size: np.stack([square_resize(f, size, self.info["fit"], self.zoom) for f in chunk])
+                for size in dict.fromkeys(m.img_size for m in self.members)
+            }
+            jobs = [(fold, resized[m.img_size]) for m in self.members for fold in m.folds]
+            outs = iter(self._map(lambda job: job[0](job[1]), jobs))
+            for m in self.members:
+                folds = [next(outs) for _ in m.folds]
+                age[start : start + len(chunk)] += m.age_weight * np.mean([np.float64(a) for a, _ in folds], axis=0)
+                prob[start : start + len(chunk)] += m.gender_weight * np.mean([np.float64(p) for _, p in folds], axis=0)
+        gender = (prob >= self.threshold).astype(int)
+        labels = self.gender_labels
+        return pd.DataFrame(
+            {
+                "age": np.clip(age, 0, float(self.info["max_age"])),
+                "gender_prob": prob,
+                "gender": gender,
+                "gender_label": [labels.get(str(g), str(g)) for g in gender],
+            },
+            columns=COLUMNS,
+        )
+
+    def _map(self, fn, jobs: list) -> list:
+        """fn over jobs in order; on a thread pool when workers > 1 (onnxruntime releases the GIL)."""
+        if self.workers <= 1 or len(jobs) <= 1:
+            return [fn(j) for j in jobs]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="bundle")
+        return list(self._pool.map(fn, jobs))
+
+
+def _checked_faces(faces) -> list[np.ndarray]:
+    if isinstance(faces, np.ndarray) and faces.ndim == 3:
+        raise PipelineError("predict takes a list of face images; wrap a single image in a list")
+    out = []
+    for i, f in enumerate(faces):
+        if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
+            what = f"{f.dtype} array of shape {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
+            raise PipelineError(f"face {i}: expected an RGB uint8 H x W x 3 image, got a {what}")
+        if min(f.shape[:2]) == 0:
+            raise PipelineError(f"face {i}: empty image ({f.shape[0]} x {f.shape[1]})")
+        out.append(np.ascontiguousarray(f))
+    return out
+
+
+def load_bundle(path: str | Path, device: str = "auto", threads: int = 0, parallel_folds: bool = True) -> Bundle:
+    """A bundle folder or its archive (.tar.gz, .tgz, .tar, .zip) -> a ready predictor.
+
+    device (torch bundles): auto (CUDA when there is one), cpu or cuda. threads (onnx bundles; 0 = every core):
+    with parallel_folds, that many fold models run side by side with one onnxruntime thread each (measured faster
+    on 2 cores than one model at a time on every core: small images parallelise poorly inside one model)."""
+    path = Path(path)
+    files = read_bundle_files(path)
+    info = _parse_info(files, path)
+    threads = threads or cpu_cores()
+    workers = threads if info["runtime"] == "onnx" and parallel_folds else 1
+    members = []
+    for m in info["models"]:
+        if not m.get("age_weight") and not m.get("gender_weight"):
+            continue  # weight 0 in both blends: it cannot change a prediction
+        if info["runtime"] == "onnx":
+            runners = _onnx_runners(m, files, path, max(1, threads // workers))
+        else:
+            try:
+                from .torch_runtime import torch_runners  # the one edge from here to torch, taken for torch bundles
+            except ImportError as e:
+                raise BundleError(f"a torch bundle needs torch and timm ({e}); or export format=onnx") from None
+            runners = torch_runners(m, info, files, path, device)
+        members.append(
+            Member(m["name"], int(m["img_size"]), float(m["age_weight"]), float(m["gender_weight"]), runners)
+        )
+    face_crop = info.get("face_crop", "none")
+    return Bundle(info=info, face_crop=face_crop, path=path, members=members, workers=workers)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m pipeline.serving.bundle BUNDLE [FACE_IMAGE ...]`: describe a bundle, predict on face-crop files."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m pipeline.serving.bundle BUNDLE [FACE_IMAGE ...]")
+        return 0 if argv else 2
+    try:
+        bundle = load_bundle(argv[0])
+        info = bundle.info
+        models = ", ".join(f"{m['name']} {m['img_size']}px x{len(m['folds'])}" for m in info["models"])
+        print(
+            f"{bundle.path}: {info['runtime']} bundle of {info['experiment']} ({models}); face_crop {bundle.face_crop}"
+        )
+        faces = [_read_rgb(p) for p in argv[1:]]
+        if faces:
+            print(bundle.predict(faces).assign(file=argv[1:]).to_string(index=False))
+        return 0
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR) if Path(path).is_file() else None
+    if img is None:
+        raise PipelineError(f"{path}: not a readable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

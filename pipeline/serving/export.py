@@ -1,0 +1,426 @@
+"""Export a blended run as a self-contained bundle: every fold model (safetensors or ONNX), the blend,
+the preprocessing, the gender coding and a model card. `pipeline.serving.bundle` loads it and predicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core.config import Config, ModelConfig, load_config
+from ..core.errors import DataError, PipelineError
+from ..core.files import atomic_path
+from ..core.layout import (
+    BEST,
+    BLEND,
+    CONFIG_YAML,
+    DATA_REPORT,
+    REPO,
+    bundle_name,
+    bundle_weights,
+    experiment_dir,
+    fold_dir,
+)
+from ..core.metrics import evaluate
+from ..data.cache import find_faces
+from ..data.competition import detect_layout, load_competition
+from ..data.faces import Face, crop_face
+from ..data.imaging import decode_rgb, read_bytes, square_resize
+from ..models.backbones import create_model
+from ..models.tta import TTAFold
+from .bundle import BUNDLE_FILE, FORMAT, VERSION, Bundle, load_bundle
+
+FORMATS = ("torch", "onnx")
+UTKFACE_LABELS = {"0": "male", "1": "female"}  # UTKFace file names: age_gender_race, gender 0 = male
+USAGE = "usage: python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=NAME0,NAME1]"
+
+
+@dataclass
+class FoldState:
+    fold: int
+    state: dict[str, torch.Tensor]  # AgeGenderNet state dict
+    age_mean: float
+    age_std: float
+    epoch: int | None = None
+
+
+@dataclass
+class ModelFolds:
+    """One backbone of the blend as exported: the config that builds it (ModelConfig.from_inference_spec) and its
+    fold checkpoints."""
+
+    cfg: ModelConfig
+    folds: list[FoldState]
+
+    def fold_module(self, f: FoldState, tta: list[str]) -> TTAFold:
+        model = create_model(self.cfg, load_weights=False)
+        model.load_state_dict(f.state)
+        return TTAFold(model, tta, f.age_mean, f.age_std).eval()
+
+
+def run_config(config_path: str, overrides: list[str], runs: Path | None = None) -> tuple[Config, Path]:
+    """The experiment's own saved config (what it was trained with) and its folder (under `runs`, default runs/)."""
+    cfg = load_config(config_path, overrides)
+    exp_dir = runs / cfg.experiment if runs is not None else experiment_dir(cfg.experiment)
+    saved = exp_dir / CONFIG_YAML
+    if not saved.is_file():
+        raise PipelineError(f"{exp_dir}: no such experiment; run it first (python -m pipeline run {config_path})")
+    return load_config(saved), exp_dir
+
+
+def read_blend(exp_dir: Path) -> dict:
+    path = exp_dir / BLEND
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: export needs a blended run; run the blend stage first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise PipelineError(f"{path}: not valid JSON; run the blend stage again") from None
+
+
+def collect_members(cfg: Config, exp_dir: Path, blend: dict) -> list[ModelFolds]:
+    """Every fold's best checkpoint of every model in the blend."""
+    members = []
+    for name in blend["age_weights"]:
+        m = cfg.model(name)
+        folds = []
+        for k in range(cfg.folds.n_splits):
+            path = fold_dir(exp_dir, name, k) / BEST
+            if not path.is_file():
+                raise PipelineError(f"{path}: missing; train model={name} fold={k} before exporting")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own checkpoint, tensors only
+            state = {key: v.contiguous() for key, v in ckpt["model"].items()}
+            folds.append(FoldState(k, state, float(ckpt["age_mean"]), float(ckpt["age_std"]), ckpt.get("epoch")))
+        members.append(ModelFolds(ModelConfig.from_inference_spec(m.inference_spec(cfg.img_size(m))), folds))
+    return members
+
+
+def gender_labels(cfg: Config, given: list[str] | None) -> tuple[dict[str, str], str]:
+    """What the submission's gender 0/1 mean, and where that comes from."""
+    if given:
+        return {"0": given[0], "1": given[1]}, "given at export (gender_labels=)"
+    try:
+        layout = detect_layout(Path(cfg.data.root), cfg.data)
+    except (DataError, OSError):
+        layout = "unknown"
+    if layout == "utkface":
+        return dict(UTKFACE_LABELS), "UTKFace file names (age_gender_race_date): 0 = male, 1 = female"
+    return {"0": "0", "1": "1"}, "the training labels' own 0/1 codes (names unknown; export with gender_labels=)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() + ("+modified" if dirty else "")
+
+
+def versions(fmt: str) -> dict[str, str]:
+    import safetensors
+    import timm
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__}
+    out |= {"numpy": np.__version__, "safetensors": safetensors.__version__}
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        out |= {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return out
+
+
+def bundle_info(
+    cfg: Config, exp_dir: Path, blend: dict, members: list[ModelFolds], fmt: str, labels: list[str] | None = None
+) -> dict:
+    """bundle.json without the weight files (write_bundle adds them)."""
+    coding, source = gender_labels(cfg, labels)
+    report = exp_dir / DATA_REPORT
+    data = json.loads(report.read_text()) if report.is_file() else {}
+    data.pop("skipped_files", None)  # names of the training files stay with the run
+    models = []
+    for m in members:
+        state = m.folds[0].state
+        models.append(
+            {
+                **m.cfg.inference_spec(m.cfg.img_size),
+                "mean": (state["mean"].flatten() / 255).tolist(),  # AgeGenderNet normalises 0..255 pixels
+                "std": (state["std"].flatten() / 255).tolist(),
+                "age_weight": blend["age_weights"][m.cfg.name],
+                "gender_weight": blend["gender_weights"][m.cfg.name],
+                "folds": [
+                    {"fold": f.fold, "age_mean": f.age_mean, "age_std": f.age_std, "epoch": f.epoch} for f in m.folds
+                ],
+            }
+        )
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "runtime": fmt,
+        "experiment": cfg.experiment,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git_commit(),
+        "versions": versions(fmt),
+        "face_crop": getattr(cfg.data, "face_crop", "none"),
+        "fit": cfg.data.fit,
+        "zoom": cfg.data.zoom,
+        "tta": list(cfg.tta),
+        "max_age": cfg.data.max_age,
+        "input": "RGB uint8 face crops of any size; each model fits them square (fit), keeps the centred 1/zoom and "
+        "resizes to its img_size",
+        "gender": {"threshold": blend["threshold"], "labels": coding, "labels_from": source},
+        "models": models,
+        "oof": {k: blend.get(k) for k in ("metric", "cv", "oof_rows", "table", "table_at_0.5")},
+        "holdout": blend.get("holdout"),
+        "data": data,
+    }
+
+
+def write_torch_files(members: list[ModelFolds], out: Path, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    for m, entry in zip(members, info["models"]):
+        for f, fe in zip(m.folds, entry["folds"]):
+            fe["file"] = bundle_weights(m.cfg.name, f.fold, "torch")
+            (out / fe["file"]).parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.contiguous() for k, v in f.state.items()}  # safetensors stores dense tensors only
+            save_file(state, str(out / fe["file"]), metadata={"fold": str(f.fold), "model": m.cfg.name})
+
+
+def write_onnx_files(members: list[ModelFolds], out: Path, info: dict) -> None:
+    """One ONNX graph per fold. The graph is traced once per model (tracing is slow) and each fold's weights
+    replace its named initializers; every fold is then checked against torch on random pixels."""
+    import onnxscript
+
+    for m, entry in zip(members, info["models"]):
+        size = m.cfg.img_size
+        example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+        first = m.fold_module(m.folds[0], info["tta"])
+        with redirect_stdout(StringIO()):  # the exporter prints its progress
+            program = torch.onnx.export(
+                first,
+                (example,),
+                input_names=["pixels"],
+                output_names=["age", "gender_prob"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+            )
+        for f, fe in zip(m.folds, entry["folds"]):
+            fold = m.fold_module(f, info["tta"])
+            program.apply_weights({k: v for k, v in fold.state_dict().items() if k in program.model.graph.initializers})
+            proto = onnxscript.optimizer.optimize(program.model_proto)
+            fe["file"] = bundle_weights(m.cfg.name, f.fold, "onnx")
+            (out / fe["file"]).parent.mkdir(parents=True, exist_ok=True)
+            (out / fe["file"]).write_bytes(proto.SerializeToString())
+            check_onnx_fold(fold, out / fe["file"], size, f"{m.cfg.name} fold {f.fold}")
+
+
+def check_onnx_fold(fold: TTAFold, path: Path, size: int, what: str) -> None:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    age, prob = session.run(None, {"pixels": x})
+    with torch.inference_mode():
+        t_age, t_prob = fold(torch.from_numpy(x))
+    err_age, err_prob = np.abs(age - t_age.numpy()).max(), np.abs(prob - t_prob.numpy()).max()
+    if err_age > 1e-3 or err_prob > 1e-5:
+        raise PipelineError(f"ONNX export of {what} disagrees with torch (age {err_age:.2g}, prob {err_prob:.2g})")
+
+
+def model_card(info: dict) -> str:
+    """README.md of the bundle: what it is, how well it did, what it was trained on, where it breaks."""
+    oof, data = info["oof"], info["data"]
+    metrics = list(next(iter(oof["table"].values())).keys()) if oof.get("table") else []
+    lines = [
+        f"# Age and gender model: {info['experiment']} ({info['runtime']} bundle)",
+        "",
+        f"Created {info['created']} from pipeline commit `{info['git_commit']}`.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
+        "",
+        "## What it does",
+        "",
+        "Predicts age in years and gender from a face crop (RGB). An ensemble of "
+        + ", ".join(f"{m['name']} ({m['arch']}, {m['img_size']} px, {len(m['folds'])} folds)" for m in info["models"])
+        + f"; test-time augmentation {info['tta']}; images made square by `{info['fit']}` and resized per model; "
+        f"face crop setting `{info['face_crop']}`. Ages are clipped to [0, {info['max_age']:g}].",
+        "",
+        f"Gender: probability of code 1, decided at threshold {info['gender']['threshold']:.2f}; codes "
+        + ", ".join(f"{k} = {v}" for k, v in info["gender"]["labels"].items())
+        + f" ({info['gender']['labels_from']}).",
+        "",
+        "Blend weights (chosen on out-of-fold predictions): "
+        + "; ".join(f"{m['name']}: age {m['age_weight']:.3f}, gender {m['gender_weight']:.3f}" for m in info["models"]),
+        "",
+        "## How well (out of fold)",
+        "",
+        f"{oof.get('oof_rows')} training images, {len(info['models'][0]['folds'])}-fold cross-validation; "
+        f"CV {oof.get('metric')} {_figure(oof.get('cv'))}. Each row at its own OOF-tuned threshold:",
+        "",
+        "| model | " + " | ".join(metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
+    ]
+    for name, row in (oof.get("table") or {}).items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in metrics) + " |")
+    if info.get("holdout"):
+        lines += ["", "Held-out test split: " + ", ".join(f"{k} {v:.4f}" for k, v in info["holdout"].items())]
+    lines += [
+        "",
+        "## Training data",
+        "",
+        f"Dataset `{data.get('dataset', '?')}`: {data.get('train_images', '?')} training images, "
+        f"{data.get('test_images', '?')} test images, {data.get('skipped', '?')} skipped "
+        f"({', '.join(f'{k}: {v}' for k, v in (data.get('skipped_by_reason') or {}).items()) or 'none'}).",
+        "",
+        "## Intended use and limits",
+        "",
+        "- Input: one face per image, framed as in the training images (tight, roughly aligned crops). With "
+        "`face_crop: none` nothing is detected: whole photos, head-and-shoulders portraits or group pictures must "
+        "be cropped to the face first, or the predictions collapse toward the mean age.",
+        "- Accuracy holds for faces like the training set's; other sources (other cameras, framing, ethnicity mix, "
+        "age range) can be much worse. Check on your own labelled sample before relying on it.",
+        "- Gender is the binary label of the training data, predicted from appearance; it says nothing about a "
+        "person's gender identity. Do not use the outputs for decisions about individuals.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from pipeline.serving.bundle import load_bundle",
+        "bundle = load_bundle('this folder or its archive')",
+        "bundle.predict([rgb_face_uint8, ...])  # DataFrame: age, gender_prob, gender, gender_label",
+        "```",
+        "",
+        "Weights are safetensors or ONNX files: loading never unpickles anything.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def write_bundle(members: list[ModelFolds], info: dict, out: Path, archive_root: str) -> Path:
+    """Write the bundle folder `out` (replacing an older one only once the new one is complete) and its
+    .tar.gz beside it. Returns the archive's path."""
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (write_onnx_files if info["runtime"] == "onnx" else write_torch_files)(members, tmp, info)
+        (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=1))
+        (tmp / "README.md").write_text(model_card(info))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            shutil.rmtree(old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    archive = out.parent / f"{archive_root}.tar.gz"
+    with atomic_path(archive) as part, tarfile.open(part, "w:gz", compresslevel=6) as tar:
+        tar.add(out, arcname=archive_root)
+    return archive
+
+
+def export(cfg: Config, exp_dir: Path, fmt: str = "torch", labels: list[str] | None = None) -> tuple[Path, Path]:
+    """Bundle a blended run: runs/<exp>/bundle (or bundle-onnx) and its archive. Returns (folder, archive)."""
+    if fmt not in FORMATS:
+        raise PipelineError(f"format={fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
+    blend = read_blend(exp_dir)
+    members = collect_members(cfg, exp_dir, blend)
+    info = bundle_info(cfg, exp_dir, blend, members, fmt, labels)
+    name = bundle_name(fmt)
+    archive = write_bundle(members, info, exp_dir / name, f"{cfg.experiment}-{name}")
+    load_bundle(exp_dir / name)  # the bundle must load before we call it done
+    return exp_dir / name, archive
+
+
+def native_face(path: str, fit: str, face: Face | None = None) -> np.ndarray:
+    """An image file (cropped to `face` when given) squared by `fit` at its own resolution, so that a bundle's
+    resize of it equals decode_image(path, size, fit, face) at every size (a stretch-fitted non-square image is
+    only approximated)."""
+    rgb = decode_rgb(read_bytes(path))  # decoded once: decode_image's own steps, at the file's size
+    if face is not None:
+        rgb = crop_face(rgb, face)
+    h, w = rgb.shape[:2]
+    return square_resize(rgb, max(h, w) if fit == "pad" else min(h, w), fit)
+
+
+def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[str, float]:
+    """The run's held-out figures (blend.json "holdout") recomputed by the bundle from the held-out image files."""
+    comp = load_competition(cfg)
+    if comp.holdout_labels is None:
+        raise PipelineError("this run has no held-out split (data.holdout=0)")
+    paths = comp.test.path.tolist()
+    found = find_faces(paths, cfg.data.cache_dir, f"{comp.name}-test") if cfg.data.face_crop == "detect" else None
+    preds = []
+    for start in range(0, len(paths), chunk):
+        faces = []
+        for i in range(start, min(start + chunk, len(paths))):
+            try:
+                faces.append(native_face(paths[i], cfg.data.fit, found[i] if found else None))
+            except DataError:  # the pipeline predicts an unreadable test image from a blank one
+                faces.append(np.zeros((8, 8, 3), np.uint8))
+        preds.append(bundle.predict(faces))
+    pred = pd.concat(preds, ignore_index=True)
+    h = comp.holdout_labels
+    return evaluate(
+        h.age.to_numpy(float), pred.age.to_numpy(float), h.gender.to_numpy(int), pred.gender.to_numpy(float), 0.5
+    )
+
+
+def export_cli(config_path: str, args: list[str]) -> int:
+    """`python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=A,B] [key=value]`."""
+    fmt, labels, overrides = "torch", None, []
+    for item in args:
+        key, _, value = item.partition("=")
+        if key == "format":
+            fmt = value
+        elif key == "gender_labels":
+            labels = [v.strip() for v in value.split(",")]
+            if len(labels) != 2 or not all(labels):
+                raise PipelineError(f"gender_labels={value!r}: give the names of codes 0 and 1, e.g. male,female")
+        else:
+            overrides.append(item)
+    cfg, exp_dir = run_config(config_path, overrides)
+    t0 = time.perf_counter()
+    folder, archive = export(cfg, exp_dir, fmt, labels)
+    print(f"exported {fmt} bundle in {time.perf_counter() - t0:.0f}s: {folder} and {archive}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    try:
+        return export_cli(argv[0], argv[1:])
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,42 @@
+"""Torch bundles: each fold's safetensors weights in the network they were trained in, run by TTAFold. The only
+part of the serving side that imports torch; bundle.py imports it only when it loads a torch bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from ..core.config import ModelConfig
+from ..core.errors import BundleError
+from ..models.backbones import create_model
+from ..models.tta import TTAFold
+
+
+def torch_runners(model: dict, info: dict, files: dict[str, bytes], path: Path, device: str) -> list:
+    """One bundle.FoldRunner per fold of a bundle.json model entry, on `device` (auto: CUDA when there is one)."""
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
+    mcfg = ModelConfig.from_inference_spec(model)
+    runners = []
+    for f in model["folds"]:
+        try:
+            state = load_safetensors(files[f["file"]])
+            net = create_model(mcfg, load_weights=False)
+            net.load_state_dict(state)
+        except (SafetensorError, RuntimeError, ValueError) as e:
+            raise BundleError(f"{path}: {f['file']} does not hold {model['name']}'s weights ({str(e)[:200]})") from None
+        fold = TTAFold(net, info["tta"], f["age_mean"], f["age_std"]).eval().to(dev)
+        fold = fold.to(memory_format=torch.channels_last)
+
+        @torch.inference_mode()
+        def run(x: np.ndarray, fold=fold) -> tuple[np.ndarray, np.ndarray]:
+            age, prob = fold(torch.from_numpy(x).to(dev))
+            return age.cpu().numpy(), prob.cpu().numpy()
+
+        runners.append(run)
+    return runners

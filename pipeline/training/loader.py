@@ -1,0 +1,97 @@
+"""Batches from the uint8 image cache: albumentations on uint8 HWC, pixels normalised inside the model."""
+
+from __future__ import annotations
+
+import os
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..core.config import TrainConfig
+
+
+def train_transform(t: TrainConfig, seed: int) -> A.Compose:
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=t.hflip),
+            A.Affine(
+                scale=(0.9, 1.1),
+                translate_percent=(-0.06, 0.06),
+                rotate=(-10, 10),
+                border_mode=0,
+                p=t.shift_scale_rotate,
+            ),
+            A.RandomBrightnessContrast(0.2, 0.2, p=t.brightness_contrast),
+        ],
+        seed=seed,
+    )
+
+
+class FaceDataset(Dataset):
+    """Rows of the uint8 image cache with their targets. The augmentation of a batch is seeded by the
+    epoch seed and the batch's first index, so batches are the same whatever the number of loader workers."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, age=None, gender=None, transform=None):
+        self.images, self.rows, self.transform = images, rows, transform
+        self.age = np.zeros(len(rows), np.float32) if age is None else np.asarray(age, np.float32)
+        self.gender = np.zeros(len(rows), np.float32) if gender is None else np.asarray(gender, np.float32)
+        self.epoch_seed = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A whole batch (the DataLoader calls this, in whichever worker gets the batch)."""
+        if self.transform is not None and indices:
+            self.transform.set_random_seed(
+                int(np.random.SeedSequence([self.epoch_seed, indices[0]]).generate_state(1)[0])
+            )
+        return [self[i] for i in indices]
+
+    def __getitem__(self, i: int):
+        img = self.images[self.rows[i]]
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        if not img.flags.writeable or not img.flags.c_contiguous:  # memmap rows are read-only
+            img = np.ascontiguousarray(img).copy()
+        return torch.from_numpy(img), self.age[i], self.gender[i]
+
+
+def to_model_input(batch_hwc: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> N x 3 x H x W view; its strides are already channels_last."""
+    return batch_hwc.to(device, non_blocking=True).permute(0, 3, 1, 2)
+
+
+def auto_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
+def training_batches(n: int, batch_size: int) -> int:
+    """Batches per training epoch: the last partial batch is dropped (BatchNorm on a few images is noise)
+    unless it is the only one."""
+    return n // batch_size if n > batch_size else 1
+
+
+def make_loader(
+    ds: FaceDataset, batch_size: int, train: bool, workers: int, seed: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """train=True: shuffled, last partial batch dropped (see training_batches). Deterministic for a given
+    seed: the order and every sample's augmentation derive from it, not from the worker count."""
+    ds.epoch_seed = seed
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=train,
+        num_workers=workers,
+        generator=g,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+        drop_last=train and len(ds) > batch_size,
+    )

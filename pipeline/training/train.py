@@ -1,0 +1,297 @@
+"""Train one backbone on one fold: gradual-unfreezing phases, AdamW + per-phase cosine, best
+checkpoint by the fold's validation metric, per-epoch metrics CSV, resumable from the last epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from ..core.config import Phase, TrainConfig
+from ..core.files import write_text
+from ..core.layout import BEST, LAST, TRAIN_DONE, best_checkpoint
+from ..core.metrics import evaluate, is_better
+from ..models.backbones import create_model, frozen_prefix_length, set_trainable
+from ..models.network import AgeGenderNet
+from .checkpoint import Progress, checkpoint_epoch, load_resume, save_epoch
+from .evaluation import predict_arrays
+from .job import FoldJob, Inference
+from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform, training_batches
+from .losses import AgeScale, Objective
+from .pseudo import stage_pseudo_labels, with_pseudo_labels
+from .trunk import CachedTrunk, TrunkCache
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(steps: int, warmup_frac: float):
+    """lr factor per step: linear warm-up over warmup_frac of the steps, then cosine to 0."""
+    warm = max(1, int(steps * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return factor
+
+
+@dataclass
+class Optimiser:
+    """A phase's optimiser and lr schedule, with the fold-wide EMA, stepped together on the model."""
+
+    model: AgeGenderNet
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: ModelEmaV3 | None
+    step: int  # global step of the fold (drives the EMA warm-up)
+    grad_clip: float
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)  # warm-up: early EMA follows the model closely
+        self.step += 1
+
+
+def train_one_epoch(
+    forward, batches, optim: Optimiser, objective: Objective, amp: bool, desc: str, mixup: float = 0.0, seed: int = 0
+):
+    """One pass over `batches` (images or cached trunk outputs). Returns (images seen, summed loss). With mixup > 0
+    each batch is mixed with a shuffled copy of itself, weight lam ~ Beta(mixup, mixup), and the loss is the same
+    mix of the losses against both label sets (for cached phases the trunk outputs are mixed: manifold mixup)."""
+    t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)
+    device = next(optim.model.parameters()).device
+    rng = np.random.default_rng(seed)
+    for x, y_age, y_gender in bar:
+        y_age, y_gender = y_age.to(device), y_gender.to(device)
+        if mixup > 0:
+            lam, perm = float(rng.beta(mixup, mixup)), torch.from_numpy(rng.permutation(len(x)))
+            x = x.float() * lam + x.float()[perm] * (1 - lam)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred_age, logit = forward(x)
+        loss = objective(pred_age, logit, y_age, y_gender)
+        if mixup > 0:
+            perm = perm.to(device)
+            loss = lam * loss + (1 - lam) * objective(pred_age, logit, y_age[perm], y_gender[perm])
+        optim.update(loss)
+        seen += len(x)
+        loss_sum += loss.item() * len(x)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    return seen, loss_sum
+
+
+@torch.no_grad()
+def sync_frozen_ema(ema: ModelEmaV3, model: AgeGenderNet) -> None:
+    """Set the EMA copy of every frozen module to the live weights. They no longer change, so their average
+    would converge there anyway; now the EMA model and a frozen trunk cached from the live model agree."""
+    ema_modules = dict(ema.module.named_modules())
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):
+            target = ema_modules[name]
+            for key, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                getattr(target, key).copy_(value)
+
+
+def start_phase(job: FoldJob, model, pi: int, phase: Phase, n_train: int, done: Progress, ema) -> Optimiser:
+    """Freeze what the phase keeps frozen, a fresh optimiser and schedule (or the saved ones mid-phase)."""
+    t = job.cfg.train
+    n_trainable = set_trainable(model, phase.unfreeze)
+    if ema is not None:
+        sync_frozen_ema(ema, model)
+    opt = create_optimizer_v2(model, "adamw", lr=phase.lr, weight_decay=t.weight_decay)
+    steps_per_epoch = training_batches(n_train, job.cfg.batch_size(job.model))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(phase.epochs * steps_per_epoch, t.warmup_frac))
+    if done.phase == pi and done.optimizer is not None:
+        opt.load_state_dict(done.optimizer)
+        sched.load_state_dict(done.scheduler)
+    phases = [p for p in job.cfg.phases(job.model) if p.epochs > 0]
+    print(
+        f"{job.name}: phase {pi + 1}/{len(phases)} train={phase.train} lr={phase.lr:g} "
+        f"epochs={phase.epochs} trainable params={n_trainable:,}"
+    )
+    first_step = sum(training_batches(n_train, job.cfg.batch_size(job.model)) * p.epochs for p in phases[:pi])
+    return Optimiser(model, opt, sched, ema, first_step + sched.last_epoch, t.grad_clip)
+
+
+def phase_trunk(cache: TrunkCache, model, phases: list[Phase], pi: int) -> CachedTrunk | None:
+    """The phase's cached frozen trunk; computed at the deepest cut the following cached phases need."""
+    ahead = [frozen_prefix_length(model, q.unfreeze) for q in phases[pi:]]
+    ahead = ahead[: ahead.index(0)] if 0 in ahead else ahead
+    return cache.for_phase(frozen_prefix_length(model, phases[pi].unfreeze), min(ahead or [0]))
+
+
+def validate(job: FoldJob, eval_model, trunk: CachedTrunk | None, va_rows, scale: AgeScale) -> tuple:
+    """Validation predictions (no TTA) of the fold's validation rows, from the cache when the phase has one."""
+    how = Inference.for_job(job)
+    if trunk is not None:
+        return trunk.predict_val(eval_model, how, scale.mean, scale.std)
+    return predict_arrays(eval_model, job.images.train, va_rows, how, scale.mean, scale.std)
+
+
+@dataclass
+class FoldSet:
+    """What one fold trains and validates on: rows of `images` and every row's labels (years, 0/1 or a pseudo-label's
+    probability), the age scale and the loss, both fitted on the fold's real training labels only."""
+
+    images: np.ndarray
+    tr_rows: np.ndarray
+    va_rows: np.ndarray
+    age: np.ndarray
+    gender: np.ndarray
+    scale: AgeScale
+    objective: Objective
+
+    def dataset(self, t: TrainConfig, seed: int) -> FaceDataset:
+        tr, transform = self.tr_rows, train_transform(t, seed)
+        return FaceDataset(self.images, tr, self.scale.to_target(self.age[tr]), self.gender[tr], transform)
+
+
+def fold_set(job: FoldJob) -> FoldSet:
+    t = job.cfg.train
+    tr_rows, va_rows = job.rows()
+    age = job.comp.train.age.to_numpy(np.float32)
+    gender = job.comp.train.gender.to_numpy(np.float32)
+    scale = AgeScale.fit(age[tr_rows], t.normalize_age and job.model.age_head == "regression")
+    objective = Objective.of(t, scale, float(age[tr_rows].std() + 1e-6), job.model.age_head)
+    return FoldSet(job.images.train, tr_rows, va_rows, age, gender, scale, objective)
+
+
+def with_pseudo_rows(job: FoldJob, fs: FoldSet) -> FoldSet:
+    """The fold's set with the test images appended as training rows, labelled by the teacher (training/pseudo.py)."""
+    stage_pseudo_labels(job.out.parents[1], job.model, job.fold)
+    test_ids = job.comp.test.id.to_numpy()
+    images, tr_rows, age, gender = with_pseudo_labels(
+        job.out, test_ids, fs.images, job.images.test, fs.tr_rows, fs.age, fs.gender
+    )
+    print(f"{job.name}: + {len(test_ids)} test images pseudo-labelled by {job.model.pseudo_labels} fold {job.fold}")
+    return replace(fs, images=images, tr_rows=tr_rows, age=age, gender=gender)
+
+
+def new_model(job: FoldJob, fs: FoldSet) -> AgeGenderNet:
+    """The fold's network (timm's init and the backbone's weights), its CORAL biases at the training prior."""
+    model = create_model(job.model)
+    if job.model.age_head == "coral":
+        model.age_head.start_at(fs.age[fs.tr_rows])
+    return model
+
+
+def train_fold(job: FoldJob) -> None:
+    """Train the fold's phases (resuming after the last finished epoch), then mark it trained."""
+    out, cfg, t = job.out, job.cfg, job.cfg.train
+    if (out / TRAIN_DONE).is_file():
+        print(f"{job.name}: already trained, skipping")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    seed = t.seed * 1000 + job.fold
+    seed_everything(seed)
+    fs = fold_set(job)
+    model = new_model(job, fs)
+    if job.model.pseudo_labels:  # the scale and the head's start above come from the real labels only
+        fs = with_pseudo_rows(job, fs)
+    model = model.to(job.device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=t.ema, use_warmup=True) if t.ema > 0 else None
+    train_ds = fs.dataset(t, seed)
+    done = load_resume(out, model, ema)
+    if done.epoch:
+        print(f"{job.name}: resuming after epoch {done.epoch}")
+
+    phases = [p for p in cfg.phases(job.model) if p.epochs > 0]
+    cache = TrunkCache(model, fs.images, fs.tr_rows, fs.va_rows, t, job.device, cfg.data.cache_dir)
+    epoch = 0
+    for pi, phase in enumerate(phases):
+        if epoch + phase.epochs <= done.epoch:
+            epoch += phase.epochs
+            cache.note_trained(frozen_prefix_length(model, phase.unfreeze))
+            continue
+        optim = start_phase(job, model, pi, phase, len(train_ds), done, ema)
+        trunk = phase_trunk(cache, model, phases, pi) if t.cache_frozen else None
+        for _ in range(phase.epochs):
+            if epoch >= done.epoch:
+                run_epoch(job, fs, train_ds, optim, trunk, pi, phase, seed * 100 + epoch, done)
+            epoch += 1
+    finish_fold(job, done)
+
+
+def epoch_batches(job: FoldJob, model, train_ds: FaceDataset, trunk: CachedTrunk | None, epoch_seed: int):
+    """(batches, forward) of one epoch: augmented images through the whole model, or the cached trunk's outputs
+    of a random view of each image through the stages above it."""
+    batch_size = job.cfg.batch_size(job.model)
+    if trunk is None:
+        workers = auto_workers(job.cfg.train.num_workers)
+        batches = make_loader(train_ds, batch_size, True, workers, epoch_seed, job.device.type == "cuda")
+        return batches, lambda x: model(to_model_input(x, job.device), raw=True)
+    return trunk.batches(train_ds.age, train_ds.gender, batch_size, epoch_seed), partial(trunk.forward, model)
+
+
+def run_epoch(job, fs: FoldSet, train_ds, optim: Optimiser, trunk, pi: int, phase: Phase, epoch_seed: int, done):
+    """Train one epoch, validate it, save it (best.pt when it is kept, last.pt, metrics.csv) and report it."""
+    cfg, t, epoch = job.cfg, job.cfg.train, done.epoch + 1
+    seed_everything(epoch_seed)
+    batches, forward = epoch_batches(job, optim.model, train_ds, trunk, epoch_seed)
+    t0 = time.perf_counter()
+    desc = f"{job.name} e{epoch}"
+    seen, loss_sum = train_one_epoch(forward, batches, optim, fs.objective, job.autocast, desc, t.mixup, epoch_seed)
+    train_time = time.perf_counter() - t0
+    eval_model = optim.ema.module if optim.ema is not None else optim.model
+    va = fs.va_rows
+    va_age, va_prob = validate(job, eval_model, trunk, va, fs.scale)
+    m = evaluate(fs.age[va], va_age, fs.gender[va], va_prob)
+    row = {
+        "epoch": epoch,
+        "phase": pi + 1,
+        "train": phase.train,
+        "lr": phase.lr,
+        "lr_end": optim.opt.param_groups[0]["lr"],
+        "train_loss": loss_sum / max(1, seen),
+        "val_loss": fs.objective.on_predictions(fs.scale, va_age, va_prob, fs.age[va], fs.gender[va]),
+        **{f"val_{k}": v for k, v in m.items()},
+        "img_per_s": seen / train_time,
+        "seconds": time.perf_counter() - t0,
+    }
+    improved = t.select == "last" or is_better(cfg.metric, m[cfg.metric], done.best)
+    done.epoch, done.history = epoch, [*done.history, row]
+    best_state = None
+    if improved:
+        done.best = m[cfg.metric]
+        s, head = fs.scale, job.model.age_head
+        best_state = best_checkpoint(eval_model.state_dict(), s.mean, s.std, head, epoch, cfg.metric, done.best)
+    save_epoch(job.out, optim.model, optim, pi, done, best_state)
+    job.tracker.log({**row, "fold": job.fold}, step=epoch)
+    print(
+        f"{job.name} epoch {epoch}: loss {row['train_loss']:.4f} val MAE {m['mae']:.2f} "
+        f"acc {m['accuracy']:.3f} {cfg.metric} {m[cfg.metric]:.4f}{' *' if improved else ''} "
+        f"({row['img_per_s']:.0f} img/s, {row['seconds']:.0f}s)"
+    )
+
+
+def finish_fold(job: FoldJob, done: Progress) -> None:
+    """train_done.json names the epoch best.pt holds (read from best.pt itself, which survives resumes)."""
+    metric = job.cfg.metric
+    best_epoch = checkpoint_epoch(job.out / BEST)
+    best_row = next(r for r in done.history if r["epoch"] == best_epoch)
+    job.tracker.summary({f"best_{k}": v for k, v in best_row.items()})
+    write_text(json.dumps({"best_epoch": best_epoch, metric: done.best}), job.out / TRAIN_DONE)
+    (job.out / LAST).unlink(missing_ok=True)
