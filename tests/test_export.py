@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,13 +20,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import cli, cli_env, write_config
+from conftest import REPO, cli, cli_command, cli_env, wait_for, write_config
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.cache import decode_image
 from pipeline.data.competition import load_competition
 from pipeline.data.imaging import square_resize
+from pipeline.serving import photos
 from pipeline.serving.bundle import load_bundle
 from pipeline.serving.export import export, holdout_from_bundle, native_face, run_config
 
@@ -132,16 +136,110 @@ def test_loading_and_predicting_never_unpickle(run, monkeypatch):
         assert len(load_bundle(path).predict(face)) == 1
 
 
-def test_onnx_bundle_runs_without_torch(run):
+SERVING_ONLY = REPO / "tests" / "serving_only"  # its sitecustomize.py makes the blocked packages unimportable
+TRAINING_STACK = (
+    "torch", "torchvision", "timm", "albumentations", "sklearn", "scipy", "yaml", "ray", "wandb", "matplotlib",
+    "safetensors", "onnx", "onnxscript", "optuna",
+)  # fmt: skip
+FOR_GRADIO = ("yaml",)  # gradio's own dependency; pipeline/ itself never imports it there (tests/test_layers.py)
+
+
+def serving_env(blocked=TRAINING_STACK) -> dict:
+    """The CLI's environment on a machine with only requirements-serve.txt: every blocked package raises ImportError,
+    in the process and in every process it spawns."""
+    path = os.pathsep.join([str(SERVING_ONLY), str(REPO)])
+    return cli_env({"PYTHONPATH": path, "BLOCKED_PACKAGES": ",".join(blocked)})
+
+
+def serving_run(args: list, cwd, blocked=TRAINING_STACK, timeout: float = 300) -> subprocess.CompletedProcess:
+    r = subprocess.run(args, cwd=cwd, env=serving_env(blocked), capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in r.stderr, r.stdout + r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def photo_files(tmp_path_factory, astronaut) -> Path:
+    """A photo with a face, one without, and enough copies of the first for predict-images' worker processes."""
+    d = tmp_path_factory.mktemp("photos")
+    cv2.imwrite(str(d / "astronaut.jpg"), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(d / "no_face.png"), np.full((90, 120, 3), 100, np.uint8))
+    for i in range(photos.POOL_FROM):
+        shutil.copy(d / "astronaut.jpg", d / f"copy{i:02d}.jpg")
+    return d
+
+
+def test_the_serving_environment_cannot_import_the_training_stack(tmp_path):
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    try:\n        importlib.import_module(name)\n"
+    code += "    except ImportError:\n        continue\n    sys.exit(f'{name} imported')\n"
+    r = serving_run([sys.executable, "-c", code, *TRAINING_STACK], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    unblocked = subprocess.run([sys.executable, "-c", code, "torch"], env=cli_env(), capture_output=True, text=True)
+    assert unblocked.returncode != 0 and "torch imported" in unblocked.stderr  # the check itself can fail
+
+
+def test_onnx_bundle_and_predict_images_run_without_the_training_stack(run, photo_files, tmp_path):
+    """An ONNX bundle loads and predicts, and predict-images (its decode and detect workers too) runs end to end,
+    with none of torch, timm, scikit-learn, SciPy, PyYAML, Ray, W&B, matplotlib, safetensors or onnx importable."""
     code = (
-        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
         "import numpy as np\n"
         "from pipeline.serving.bundle import load_bundle\n"
         f"print(load_bundle({str(run.onnx_archive)!r}).predict([np.zeros((50, 40, 3), np.uint8)]).age[0])\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    r = serving_run([sys.executable, "-c", code], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout) >= 0
+    out = tmp_path / "faces.csv"
+    r = serving_run(cli_command("predict-images", run.onnx_archive, photo_files, "--out", out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out)
+    assert len(df) == photos.POOL_FROM + 2 and (df.face >= 0).sum() == photos.POOL_FROM + 1
+    assert df.age[df.face >= 0].between(0, 120).all() and df.note[df.face < 0].iloc[0].startswith("no face found")
+    assert f"{photos.POOL_FROM + 2} photos: {photos.POOL_FROM + 1} faces" in r.stderr
+    face = tmp_path / "face.png"
+    cv2.imwrite(str(face), np.full((60, 50, 3), 120, np.uint8))
+    r = serving_run([sys.executable, "-m", "pipeline.serving.bundle", run.onnx_archive, face], cwd=tmp_path)
+    assert r.returncode == 0 and "onnx bundle of exp" in r.stdout and "face.png" in r.stdout, r.stderr
+
+
+def test_the_app_runs_without_the_training_stack(run, photo_files, tmp_path):
+    """The page is served, and the code behind an upload predicts, with only requirements-serve.txt."""
+    blocked = [p for p in TRAINING_STACK if p not in FOR_GRADIO]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "app.log").open("w")
+    env = {**serving_env(blocked), "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    args = cli_command("app", run.onnx_archive, "--port", port)
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=log)
+    try:
+
+        def served() -> bool:
+            assert proc.poll() is None, (tmp_path / "app.log").read_text()
+            try:
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                with opener.open(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(served, timeout=180, every=0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+        log.close()
+    assert "Traceback" not in (tmp_path / "app.log").read_text()
+    code = (
+        "import sys\nfrom pathlib import Path\n"
+        "from pipeline.serving.app import analyse, build_page\n"
+        "from pipeline.serving.bundle import load_bundle\n"
+        "bundle = load_bundle(sys.argv[1])\n"
+        "result = analyse(bundle, sys.argv[2:])\n"
+        "build_page(bundle, Path('.'))\n"
+        "print(result.lines)\n"
+    )
+    r = serving_run([sys.executable, "-c", code, run.onnx_archive, photo_files / "astronaut.jpg"], tmp_path, blocked)
+    assert r.returncode == 0, r.stderr
+    assert "astronaut.jpg: 1 face" in r.stdout
 
 
 def _bundle_cli(*args, cwd, face: bool = False):
