@@ -11,7 +11,7 @@ import timm
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from timm.models import get_pretrained_cfg, group_parameters, split_model_name_tag
 from timm.models.efficientnet import EfficientNet
 from torch import nn
@@ -115,12 +115,19 @@ def check_weights(m: ModelConfig) -> None:
     """Fail fast, before a fold starts training, when a model's starting weights cannot be had: a missing
     models[].weights file, or hub weights that are neither in the Hugging Face cache nor downloadable now."""
     check_name(m)
+    starting_weights(m)
+
+
+def starting_weights(m: ModelConfig) -> Path | None:
+    """The file a fold's network starts from: models[].weights, or the hub's through its cache; None for the scratch
+    CNN, a lite package's weights (lite_weights_file) or pretrained: false."""
     if m.timm_name == "scratch_cnn":
-        return
+        return None
     if m.weights:
-        _find_weight_file(Path(m.weights))
-    elif m.pretrained and m.timm_name not in LITE_PACKAGES:
-        hub_weights_file(m.timm_name)
+        return _find_weight_file(Path(m.weights))
+    if m.pretrained and m.timm_name not in LITE_PACKAGES:
+        return hub_weights_file(m.timm_name)
+    return None
 
 
 def hub_weights_file(arch: str) -> Path:
@@ -133,9 +140,7 @@ def hub_weights_file(arch: str) -> Path:
     for filename in (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILES:
         try:
             return Path(hf_hub_download(repo, filename))
-        except LocalEntryNotFoundError:  # not in the cache, and the hub cannot be asked
-            continue
-        except EntryNotFoundError:  # the hub answered: the repo has no such file
+        except EntryNotFoundError:  # no such file in the repo, or (LocalEntryNotFoundError) not cached and offline
             continue
         except HfHubHTTPError as e:  # no such repo, a gated one, a server error
             raise PipelineError(f"model {arch!r}: the hub refused {repo} ({str(e).splitlines()[0]})") from None
@@ -159,16 +164,12 @@ def lite_weights_file(name: str) -> Path:
 def create_backbone(m: ModelConfig, load_weights: bool = True) -> nn.Module:
     """The timm backbone (or the scratch CNN), pooled features out. load_weights: its starting weights (a local file,
     the hub through its cache, or a lite package); without them (a checkpoint's weights follow) nothing is read."""
-    check_weights(m) if load_weights else check_name(m)
+    check_name(m)
     arch = m.timm_name
     if arch == "scratch_cnn":
         return ScratchCNN()
     kwargs = dict(num_classes=0, drop_rate=0.0)
-    file = None
-    if load_weights and m.weights:
-        file = _find_weight_file(Path(m.weights))
-    elif load_weights and m.pretrained and arch not in LITE_PACKAGES:
-        file = hub_weights_file(arch)
+    file = starting_weights(m) if load_weights else None
     if file is not None:
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
         _say_loaded(arch, file, model)
