@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import cv2
@@ -80,6 +82,24 @@ def wait_for(predicate, timeout: float = 120, every: float = 0.02):
             return value
         time.sleep(every)
     raise AssertionError("timed out")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def served(proc: subprocess.Popen, url: str, log: Path) -> bool:
+    """Whether the web page at `url` (loopback, never through a proxy) answers 200; fails the test with the server's
+    log when its process has died."""
+    assert proc.poll() is None, log.read_text()
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def cli_command(*args) -> list[str]:

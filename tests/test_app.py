@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import cli, cli_command, cli_env, wait_for
+from conftest import cli, cli_command, cli_env, free_port, served, wait_for
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -64,12 +62,6 @@ def net_log_events(path: Path) -> tuple[list[dict], dict[int, str]]:
     return log["events"], {v: k for k, v in log["constants"]["logEventTypes"].items()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(watch, real_bundle, tmp_path_factory):  # noqa: F811
     """The app serving the test bundle on a free loopback port (it starts while predict-images runs)."""
@@ -95,22 +87,13 @@ def expected(real_bundle, photo_dir, tmp_path_factory) -> pd.Series:  # noqa: F8
     return rows.iloc[0]
 
 
-def served(app) -> bool:
-    assert app.proc.poll() is None, app.log.read_text()
-    try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(app.url, timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def page(app, expected, tmp_path_factory):
     """Headless Chromium on the app's page, downloads going to page.downloads."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).is_file()]
     if missing:
         pytest.fail(f"{' and '.join(missing)} missing: apt-get install chromium chromium-driver (.ci/run does)")
-    wait_for(lambda: served(app), timeout=180, every=0.5)
+    wait_for(lambda: served(app.proc, app.url, app.log), timeout=180, every=0.5)
     downloads = tmp_path_factory.mktemp("downloads")
     net_log = tmp_path_factory.mktemp("net-log") / "net-log.json"
     options = webdriver.ChromeOptions()

@@ -7,11 +7,9 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, cli, cli_command, cli_env, wait_for, write_config
+from conftest import REPO, cli, cli_command, cli_env, free_port, served, wait_for, write_config
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
@@ -204,25 +202,13 @@ def test_onnx_bundle_and_predict_images_run_without_the_training_stack(run, phot
 def test_the_app_runs_without_the_training_stack(run, photo_files, tmp_path):
     """The page is served, and the code behind an upload predicts, with only requirements-serve.txt."""
     blocked = [p for p in TRAINING_STACK if p not in FOR_GRADIO]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (tmp_path / "app.log").open("w")
     env = {**serving_env(blocked), "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
     args = cli_command("app", run.onnx_archive, "--port", port)
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=log)
     try:
-
-        def served() -> bool:
-            assert proc.poll() is None, (tmp_path / "app.log").read_text()
-            try:
-                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-                with opener.open(f"http://127.0.0.1:{port}/", timeout=5) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_for(served, timeout=180, every=0.5)
+        wait_for(lambda: served(proc, f"http://127.0.0.1:{port}/", tmp_path / "app.log"), timeout=180, every=0.5)
     finally:
         proc.terminate()
         proc.wait(timeout=120)
