@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import ModelConfig, TrainConfig, Unfreeze  # noqa: E402
 from pipeline.data.cache import cached_images  # noqa: E402
 from pipeline.data.demo import make_demo  # noqa: E402
-from pipeline.models.backbones import create_model, frozen_prefix_length, set_trainable  # noqa: E402
+from pipeline.models.backbones import create_model  # noqa: E402
+from pipeline.models.stages import frozen_prefix_length, set_trainable  # noqa: E402
 from pipeline.training.evaluation import predict_arrays  # noqa: E402
 from pipeline.training.job import Inference  # noqa: E402
 from pipeline.training.loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform  # noqa: E402

@@ -9,14 +9,8 @@ from huggingface_hub import constants as hf_constants
 
 from pipeline.core.config import ModelConfig, Unfreeze
 from pipeline.core.errors import PipelineError
-from pipeline.models.backbones import (
-    backbone_groups,
-    check_weights,
-    convert_lite_keys,
-    create_model,
-    lite_weights_file,
-    set_trainable,
-)
+from pipeline.models.backbones import check_weights, convert_lite_keys, create_model, lite_weights_file
+from pipeline.models.stages import backbone_groups, set_trainable
 
 
 def _imagenet_top5(model, rgb):
@@ -122,13 +116,13 @@ def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name, tmp_path
     import numpy as np
 
     from pipeline.core.config import TrainConfig
-    from pipeline.models.backbones import frozen_prefix_length, trunk_stages
+    from pipeline.models.stages import frozen_prefix_length, trunk_stages
     from pipeline.training.trunk import TrunkCache
 
     torch.manual_seed(0)
     m = create_model(ModelConfig(name=name), load_weights=False).eval()
     stages = trunk_stages(m)
-    assert len(stages) == len(backbone_groups(m))
+    assert len(stages) == len(backbone_groups(m)) + 1  # the stages, then the neck
     images = np.random.default_rng(0).integers(0, 255, (6, 48, 48, 3), dtype=np.uint8)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     h = (x.float() - m.mean) / m.std
@@ -147,3 +141,98 @@ def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name, tmp_path
         assert torch.allclose(head.val.float(), h[4:], atol=2e-2, rtol=2e-2)
         assert cache.for_phase(k_last2, k_last2) is cache.base  # reused: nothing below the cut was trained
         assert cache.for_phase(0, 0) is None  # full fine-tuning: no cache
+
+
+# One backbone of each family the cache knows; the stage that `last:1` trains and the neck that trains with the heads.
+FAMILIES = {
+    "tf_efficientnet_lite0": (("blocks.6.", "conv_head.", "bn2."), ()),
+    "mobilenetv2_050": (("blocks.6.", "conv_head.", "bn2."), ()),
+    "mobilenetv3_small_050": (("blocks.5.", "conv_head."), ()),
+    "resnet18": (("layer4.",), ()),
+    "seresnext26d_32x4d": (("layer4.",), ()),
+    "convnextv2_atto": (("stages.3.",), ("head.norm.",)),
+    "regnetx_002": (("s4.",), ()),
+    "deit_tiny_patch16_224": (("blocks.11.",), ("norm.",)),
+    "scratch_cnn": (("stages.3.",), ()),
+}
+SIDE = 48
+
+
+def _family_model(name: str):
+    torch.manual_seed(0)
+    return create_model(ModelConfig(name=name, img_size=SIDE, drop_rate=0.0), load_weights=False)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_family_is_a_chain_of_its_stages_then_its_neck(name):
+    from pipeline.models.stages import trunk_stages
+
+    m = _family_model(name).eval()
+    b, x = m.backbone, torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        h = x
+        for stage in trunk_stages(m):
+            h = stage(h)
+        own = b(x) if name == "scratch_cnn" else b.forward_head(b.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(h, own)
+    staged = [n for g in backbone_groups(m) for n in g]
+    _, neck = FAMILIES[name]
+    in_neck = {n for n, _ in b.named_parameters() if n.startswith(neck or ("-",))}
+    assert len(staged) == len(set(staged)) and set(staged) | in_neck == {n for n, _ in b.named_parameters()}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_last_n_trains_the_last_n_stages_and_the_neck_trains_with_the_heads(name):
+    m = _family_model(name)
+    last, neck = FAMILIES[name]
+    names = [n.removeprefix("backbone.") for n, _ in m.named_parameters() if n.startswith("backbone.")]
+
+    def trained(unfreeze: str) -> set[str]:
+        set_trainable(m, Unfreeze.parse(unfreeze))
+        return {n.removeprefix("backbone.") for n, p in m.named_parameters() if p.requires_grad and "backbone." in n}
+
+    assert trained("head") == {n for n in names if n.startswith(neck or ("-",))}
+    assert trained("last:1") == {n for n in names if n.startswith(last + neck)}
+    groups = backbone_groups(m)
+    assert trained("last:2") == trained("last:1") | set(groups[-2])
+    assert trained("all") == set(names)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("unfreeze", ["head", "last:1"])
+def test_cached_phases_validate_and_step_as_uncached_ones(name, unfreeze, tmp_path):
+    """The frozen-trunk cache (outputs stored in fp16) against the whole network on the images: the validation
+    predictions, and the gradients of one training step on the same batch."""
+    import numpy as np
+
+    from pipeline.core.config import TrainConfig
+    from pipeline.models.stages import frozen_prefix_length
+    from pipeline.training.evaluation import predict_arrays
+    from pipeline.training.job import Inference
+    from pipeline.training.trunk import TrunkCache
+
+    m = _family_model(name)
+    set_trainable(m, Unfreeze.parse(unfreeze))
+    images = np.random.default_rng(0).integers(0, 255, (10, SIDE, SIDE, 3), dtype=np.uint8)
+    tr, va = np.arange(6), np.arange(6, 10)
+    k = frozen_prefix_length(m, Unfreeze.parse(unfreeze))
+    trunk = TrunkCache(m, images, tr, va, TrainConfig(trunk_views=1), torch.device("cpu"), str(tmp_path)).for_phase(
+        k, k
+    )
+    assert trunk is not None and trunk.k == k > 0
+    how = Inference(torch.device("cpu"), 4, False, 0)
+    cached, uncached = trunk.predict_val(m, how, 0.0, 1.0), predict_arrays(m, images, va, how)
+    np.testing.assert_allclose(cached[0], uncached[0], rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(cached[1], uncached[1], atol=5e-3)
+
+    def gradients(forward) -> dict:
+        m.zero_grad()
+        age, logit = forward()
+        (age.square().mean() + logit.square().mean()).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    via_cache = gradients(lambda: trunk.forward(m, trunk.views[0][tr]))
+    whole = gradients(lambda: m(torch.from_numpy(images[tr]).permute(0, 3, 1, 2)))
+    assert via_cache.keys() == whole.keys()
+    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
+    assert (flat(via_cache) - flat(whole)).norm() <= 2e-2 * flat(whole).norm()  # the stored inputs are fp16

@@ -14,8 +14,9 @@ from pipeline.core.tracking import Tracker
 from pipeline.data.cache import Images
 from pipeline.data.competition import Competition
 from pipeline.inference.predict import load_best, predict_fold
-from pipeline.models.backbones import create_model, evaluating, set_trainable, trunk_stages
+from pipeline.models.backbones import create_model
 from pipeline.models.network import DLDL_MAX_AGE, AgeGenderNet, CoralHead
+from pipeline.models.stages import backbone_groups, evaluating, set_trainable, trunk_stages
 from pipeline.training import losses as loss_fns
 from pipeline.training import train as train_mod
 from pipeline.training.checkpoint import Progress
@@ -230,7 +231,7 @@ def test_cached_views_are_the_trunk_outputs_of_the_image_and_of_its_mirror_image
     cache = _cache(job, model)
     phase_trunk(cache, model, phases, 0)
     trunk, tr, va = cache.base, *job.rows()  # computed at the cut of the last:1 phase
-    k = len(trunk_stages(model)) - 1
+    k = len(backbone_groups(model)) - 1
     assert trunk.k == k and len(trunk.views) == (2 if hflip else 1)
     torch.testing.assert_close(trunk.views[0].float(), _prefix(model, job.images.train[tr], k), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(trunk.val.float(), _prefix(model, job.images.train[va], k), rtol=2e-3, atol=2e-3)
@@ -265,7 +266,7 @@ def test_the_trunk_store_is_computed_once_and_shared_by_the_folds(tmp_path, monk
         phase_trunk(cache, model, phases, 0)
         trunks.append(cache.base)
     assert calls == [N, N, N]  # 3 views of every image, once
-    k0, k_head = trunks[1].k, len(trunk_stages(model))
+    k0, k_head = trunks[1].k, len(backbone_groups(model))
     stored = sorted(p.name for p in (tmp_path / "cache").glob("trunk-*.npy"))
     assert [n.split("-")[2:4] for n in stored] == [[f"k{k}", f"view{v}"] for k in (k0, k_head) for v in range(3)]
     tr1, _ = replace(job, fold=1).rows()

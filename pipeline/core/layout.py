@@ -35,6 +35,7 @@ LOCK = ".lock"  # held by the stages that write outside one fold (folds, blend, 
 
 # runs/<experiment>/<model>/fold<k>/, in the order a job writes them
 PSEUDO_LABELS = "pseudo_labels.csv"  # a student's copy of its teacher's test predictions (training/pseudo.py)
+START_WEIGHTS = "start_weights.json"  # {"file", "tag", "mean", "std"}: what the fold's network started from
 LAST = "last.pt"  # the latest epoch (LastCheckpoint), deleted when the fold is trained
 BEST = "best.pt"  # the kept epoch (BestCheckpoint)
 EPOCH_METRICS = "metrics.csv"  # one row per epoch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ def predict_fold(job: FoldJob) -> None:
     if done.is_file():
         print(f"{job.name}: predictions exist, skipping")
         return
-    model, ckpt = load_best(out / BEST, job.model, job.device, cfg.train.channels_last)
+    mcfg = replace(job.model, img_size=cfg.img_size(job.model))
+    model, ckpt = load_best(out / BEST, mcfg, job.device, cfg.train.channels_last)
     how = Inference.for_job(job, cfg.tta)
     scale = dict(age_mean=ckpt["age_mean"], age_std=ckpt["age_std"])
     _, val_rows = job.rows()

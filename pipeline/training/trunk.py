@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from ..core.config import TrainConfig
 from ..core.files import atomic_path, remove_stale_temporaries
-from ..models.backbones import evaluating, trunk_stages
 from ..models.network import AgeGenderNet
+from ..models.stages import evaluating, trunk_stages
 from .job import Inference
 from .loader import FaceDataset, make_loader, to_model_input, train_transform, training_batches
 
@@ -132,6 +132,8 @@ class TrunkCache:
     def for_phase(self, k: int, k_min_ahead: int) -> CachedTrunk | None:
         """Cached inputs for a phase that keeps the first k stages frozen (None: no caching)."""
         if self.stages is None or k == 0:
+            if self.stages is None and k:
+                _say_unsplit(self.model)
             self.note_trained(0)
             return None
         t0 = time.perf_counter()
@@ -212,6 +214,16 @@ class TrunkCache:
         return torch.cat(out)
 
 
+_UNSPLIT_SAID: set[str] = set()
+
+
+def _say_unsplit(model: AgeGenderNet) -> None:
+    kind = type(model.backbone).__name__
+    if kind not in _UNSPLIT_SAID:
+        _UNSPLIT_SAID.add(kind)
+        print(f"  {kind} backbones do not split into stages: frozen phases run the whole trunk every epoch (no cache)")
+
+
 TTA_VIEWS = {"none": 0, "hflip": 1}  # the stored view that is each TTA view's input
 
 
@@ -225,7 +237,7 @@ def stored_tta_inputs(
     if stages is None or any(name not in TTA_VIEWS for name in tta):
         return None
     views, size, images_key = [TTA_VIEWS[name] for name in tta], images.shape[1], ""
-    for k in range(len(stages) - 1, 0, -1):
+    for k in range(len(stages) - 2, 0, -1):  # below the last stage (stages end with the neck)
         if not all(any(Path(store_dir).glob(f"trunk-{size}px-k{k}-view{v}-*.npy")) for v in views):
             continue
         images_key = images_key or _digest([images])
