@@ -22,9 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.config import Config, ModelConfig, load_config  # noqa: E402
+from pipeline.core.cores import usable_cores  # noqa: E402
 from pipeline.data.cache import decode_image  # noqa: E402
 from pipeline.models.backbones import create_model  # noqa: E402
-from pipeline.serving.bundle import cpu_cores, load_bundle  # noqa: E402
+from pipeline.serving.bundle import load_bundle  # noqa: E402
 from pipeline.serving.export import (  # noqa: E402
     FoldState,
     ModelFolds,
@@ -101,7 +102,7 @@ def main() -> None:
             paths = fresh_bundles(cfg, out)
         print(f"{exp_dir} has no blend.json: freshly initialised models of {args.config}")
     models = ", ".join(f"{m.name} {cfg.img_size(m)}px" for m in cfg.models)
-    print(f"ensemble: {models}; {cfg.folds.n_splits} folds; TTA {cfg.tta}; {cpu_cores()} cores")
+    print(f"ensemble: {models}; {cfg.folds.n_splits} folds; TTA {cfg.tta}; {usable_cores()} cores")
 
     faces = faces_96(Path(args.data), args.n)
     speed = {}

@@ -4,7 +4,6 @@ scikit-learn), so that a bundle predicting on photos needs nothing more."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -16,9 +15,10 @@ import cv2
 import numpy as np
 
 from ..core.choices import FITS
+from ..core.cores import usable_cores
 from ..core.errors import DataError, PipelineError
 
-WORKERS = max(1, min(8, os.cpu_count() or 2))  # threads or processes that decode (and detect faces in) images
+WORKERS = min(8, usable_cores())  # threads or processes that decode (and detect faces in) images
 # ANYDEPTH | ANYCOLOR keeps 16-bit and grayscale (as IMREAD_UNCHANGED would) but, unlike IMREAD_UNCHANGED,
 # applies the EXIF orientation (JPEG, PNG, WebP, TIFF); the alpha channel is dropped.
 IMREAD_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -19,8 +20,10 @@ from ..training.train import train_fold
 
 
 def worker_threads(cfg: Config) -> None:
-    """A job on a Ray worker uses ray.cpus_per_job torch threads (CPU results depend on the thread count)."""
+    """A job on a Ray worker uses ray.cpus_per_job torch threads (CPU results depend on the thread count), and no more
+    cores than that for anything else (core.cores.usable_cores reads OMP_NUM_THREADS)."""
     torch.set_num_threads(cfg.ray.cpus_per_job)
+    os.environ["OMP_NUM_THREADS"] = str(cfg.ray.cpus_per_job)  # this job's own process
 
 
 def fold_started(out: Path) -> bool:

@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..core.config import Config, ModelConfig
+from ..core.cores import usable_cores
 from ..core.errors import PipelineError
 from ..core.files import remove_stale_temporaries, write_bytes, write_text
 from ..core.layout import DONE_MARKERS, LAST, PREDICT_DONE, REPO, error_log, experiment_dir, fold_dir
@@ -122,7 +123,7 @@ def connect(cfg: Config):
                 ray.init(
                     include_dashboard=False,
                     _node_ip_address="127.0.0.1",
-                    num_cpus=os.cpu_count(),
+                    num_cpus=usable_cores(),
                     # a job Ray's memory monitor kills is retried like a lost worker, not forever (Ray's default)
                     _system_config={"task_oom_retries": cfg.ray.max_retries},
                     **kwargs,

@@ -7,7 +7,6 @@ for torch bundles, by torch_runtime.py."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tarfile
 import zipfile
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.choices import FITS
+from ..core.cores import usable_cores
 from ..core.errors import BundleError, PipelineError
 from ..data.imaging import square_resize
 
@@ -106,10 +106,6 @@ def _parse_info(files: dict[str, bytes], path: Path) -> dict:
     if not isinstance(info.get("zoom", 1.0), (int, float)) or not 1 <= info.get("zoom", 1.0) <= 4:
         raise BundleError(f"{path}: zoom {info.get('zoom')!r} is no number from 1 to 4 (damaged bundle)")
     return info
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _onnx_runners(model: dict, files: dict[str, bytes], path: Path, threads: int) -> list[FoldRunner]:
@@ -230,7 +226,7 @@ def load_bundle(path: str | Path, device: str = "auto", threads: int = 0, parall
     path = Path(path)
     files = read_bundle_files(path)
     info = _parse_info(files, path)
-    threads = threads or cpu_cores()
+    threads = threads or usable_cores()
     workers = threads if info["runtime"] == "onnx" and parallel_folds else 1
     members = []
     for m in info["models"]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.config import TrainConfig
+from ..core.cores import usable_cores
 
 
 def train_transform(t: TrainConfig, seed: int) -> A.Compose:
@@ -67,7 +66,7 @@ def to_model_input(batch_hwc: torch.Tensor, device: torch.device) -> torch.Tenso
 def auto_workers(requested: int) -> int:
     if requested >= 0:
         return requested
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return 0 if cores <= 2 else min(8, cores - 1)
 
 
