@@ -63,8 +63,13 @@ def test_cli_refuses_bad_config_without_traceback(capsys, tmp_path):
 
 
 def test_text_overrides_stay_as_typed_and_useless_overrides_are_refused():
-    cfg = load_config(None, ["data.name=010", "experiment=2024_01", "train.amp=false", "tta=[none]"])
-    assert cfg.data.name == "010" and cfg.experiment == "2024_01" and cfg.train.amp is False and cfg.tta == ["none"]
+    cfg = load_config(None, ["data.name=010", "experiment=2024_01", "train.normalize_age=false", "tta=[none]"])
+    assert (
+        cfg.data.name == "010"
+        and cfg.experiment == "2024_01"
+        and cfg.train.normalize_age is False
+        and cfg.tta == ["none"]
+    )
     with pytest.raises(ConfigError, match="no epochs"):
         load_config(None, ["train.phases.0.epochs=0", "train.phases.1.epochs=0"])
     with pytest.raises(ConfigError, match="every model sets its own phases"):
@@ -102,3 +107,19 @@ def test_an_experiment_saved_before_a_setting_existed_keeps_its_identity(tmp_pat
         claim_experiment(replace(cfg, train=replace(cfg.train, mixup=0.2)))
     with pytest.raises(PipelineError, match=r"changed: models.0.phases.0.epochs"):
         claim_experiment(load_config(None, ["experiment=old", "models=[{name: scratch_cnn, phases: [{epochs: 2}]}]"]))
+
+
+def test_train_amp_saved_as_true_or_false_reads_as_auto_or_off(tmp_path, monkeypatch):
+    """train.amp was a bool before it named a precision: old configs load, and old experiments keep their identity."""
+    monkeypatch.chdir(tmp_path)
+    for old, new in ((True, "auto"), (False, "off")):
+        (tmp_path / "c.yaml").write_text(f"experiment: e{new}\ntrain: {{amp: {str(old).lower()}}}\n")
+        cfg = load_config(tmp_path / "c.yaml")
+        assert cfg.train.amp == new
+        exp = claim_experiment(cfg)
+        saved = json.loads((exp / "config.json").read_text())
+        saved["train"]["amp"] = old  # as written by older code
+        (exp / "config.json").write_text(json.dumps(saved))
+        assert claim_experiment(cfg) == exp
+    with pytest.raises(ConfigError, match="train.amp='yes' is not valid; choose one of: auto, bf16, fp16, off"):
+        load_config(None, ["train.amp=yes"])

@@ -220,7 +220,7 @@ def test_cached_phases_validate_and_step_as_uncached_ones(name, unfreeze, tmp_pa
         k, k
     )
     assert trunk is not None and trunk.k == k > 0
-    how = Inference(torch.device("cpu"), 4, False, 0)
+    how = Inference(torch.device("cpu"), 4, None, 0)
     cached, uncached = trunk.predict_val(m, how, 0.0, 1.0), predict_arrays(m, images, va, how)
     np.testing.assert_allclose(cached[0], uncached[0], rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(cached[1], uncached[1], atol=5e-3)

@@ -1,12 +1,14 @@
 """Unit tests of the training stage: fold rows, phases, optimiser, lr schedule, frozen trunk cache, EMA, resume."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from pipeline.core.config import Config, ModelConfig, Phase, TrainConfig, Unfreeze
 from pipeline.core.errors import PipelineError
@@ -43,7 +45,7 @@ def _job(tmp_path, phases, **train) -> FoldJob:
     )
     folds = pd.DataFrame({"id": comp.train.id, "fold": np.arange(N) % 3})
     model = ModelConfig(name="scratch_cnn", pretrained=False, phases=phases)
-    cfg = Config(models=[model], train=TrainConfig(batch_size=8, num_workers=0, **train))
+    cfg = Config(models=[model], train=TrainConfig(**{"batch_size": 8, "num_workers": 0, **train}))
     cfg.data.img_size = SIZE
     cfg.data.cache_dir = str(tmp_path / "cache")
     tracker = Tracker(cfg, "t", "train", tmp_path, enabled=False)
@@ -113,7 +115,7 @@ def test_frozen_batchnorm_statistics_and_weights_stay_put_through_an_epoch(tmp_p
     ds = FaceDataset(job.images.train, np.arange(N), np.zeros(N), np.zeros(N), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
     objective = Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
-    train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, False, "")
+    train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, None, "")
     after = model.state_dict()
     frozen = [k for k in after if k.startswith(("backbone.stem", "backbone.stages.0", "backbone.stages.2"))]
     trained = [k for k in after if k.startswith("backbone.stages.3") and "running_mean" in k]
@@ -145,7 +147,7 @@ def _epoch_of_one_batch(mixup: float, seed: int = 3):
         def update(self, loss):
             losses.append(loss.item())
 
-    train_mod.train_one_epoch(forward, [(x, y, torch.zeros(8))], Optim(), objective, False, "", mixup, seed)
+    train_mod.train_one_epoch(forward, [(x, y, torch.zeros(8))], Optim(), objective, None, "", mixup, seed)
     pred = layer(inputs[0]).squeeze(1).detach()
     return y, inputs[0][:, 0], labels, losses[0], pred
 
@@ -188,7 +190,7 @@ def test_cached_and_uncached_validation_agree_after_training_below_the_cut(tmp_p
     ds = FaceDataset(job.images.train, tr, np.zeros(len(tr)), np.zeros(len(tr)), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
     objective = Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
-    train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, False, "")
+    train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, None, "")
     start_phase(job, model, 1, phases[1], N, Progress(), ema_model)
     trunk = phase_trunk(_cache(job, model), model, phases, 1)
     eval_model = ema_model.module if ema else model
@@ -314,16 +316,20 @@ def test_head_and_last_n_phases_run_without_the_trunk_cache(tmp_path):
     assert len(_metrics(job)) == 2
 
 
-def test_a_killed_fold_resumes_mid_phase_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("amp", [None, "fp16"])
+def test_a_killed_fold_resumes_mid_phase_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys, amp):
+    """Also in fp16 on CPU (autocast and the gradient scaler, as a T4 trains): the scaler's state survives."""
     phases = [Phase(1, "head", 1e-2), Phase(3, "all", 1e-2)]
-    reference = _job(tmp_path / "ref", phases, ema=0.9)
+    reference = replace(_job(tmp_path / "ref", phases, ema=0.9), amp=amp)
     train_fold(reference)
-    job = _job(tmp_path / "killed", phases, ema=0.9)
+    job = replace(_job(tmp_path / "killed", phases, ema=0.9), amp=amp)
     save_epoch = train_mod.save_epoch
 
     def save_then_die(out, model, optim, phase, done, best_state):
         save_epoch(out, model, optim, phase, done, best_state)
         if done.epoch == 2:  # inside the uncached, augmented `all` phase
+            scaler = torch.load(out / "last.pt", weights_only=True)["scaler"]
+            assert (scaler is None) == (amp is None) and (amp is None or scaler["scale"] > 0)
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "save_epoch", save_then_die)
@@ -343,31 +349,42 @@ def test_a_killed_fold_resumes_mid_phase_and_ends_as_an_uninterrupted_one(tmp_pa
     assert done["best_epoch"] == a["epoch"] and not (job.out / "last.pt").exists()
 
 
-def test_the_gpu_recipe_code_path_runs_on_cpu(tmp_path):
-    """configs/utkface_gpu.yaml's path, tiny: bf16 autocast, channels_last, loader workers, EMA, its phases and
-    models; only the device differs (FoldJob.amp=True turns on the autocast that CUDA would get)."""
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_the_gpu_recipe_code_path_runs_on_cpu(tmp_path, amp, monkeypatch):
+    """configs/utkface_gpu.yaml's path, tiny: autocast in bf16 (an A100's) or fp16 with a gradient scaler (a T4's),
+    channels_last, loader workers, EMA, its phases and models; only the device differs (FoldJob.amp turns on on CPU
+    the autocast that CUDA would get)."""
     from conftest import REPO
 
     from pipeline.core.config import load_config
     from pipeline.inference.predict import predict_fold
 
     gpu = load_config(REPO / "configs" / "utkface_gpu.yaml")
-    assert gpu.train.amp and gpu.train.channels_last and gpu.train.ema > 0
+    assert gpu.train.amp == "auto" and gpu.train.channels_last and gpu.train.ema > 0
     job = _job(tmp_path, [])
     recipe = gpu.models[1]  # its architecture and phases; random weights (the hub is not reached from tests)
     model = replace(recipe, pretrained=False, img_size=SIZE, phases=[replace(p, epochs=1) for p in gpu.phases(recipe)])
     cfg = replace(gpu, models=[model], train=replace(gpu.train, batch_size=8, num_workers=2), data=job.cfg.data)
-    job = replace(job, cfg=cfg, model=model, amp=True)
-    dtypes = set()  # the heads' output precision tells what the steps ran in
+    job = replace(job, cfg=cfg, model=model, amp=amp)
+    dtypes = {"conv": set(), "heads": set()}  # the backbone's and the heads' output precision
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, i, o: dtypes.add(o.dtype) if isinstance(m, torch.nn.Linear) else None
+        lambda m, i, o: (
+            dtypes["conv" if isinstance(m, torch.nn.Conv2d) else "heads"].add(o.dtype)
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+            else None
+        )
     )
+    scalers = []
+    scaler_step = torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, opt: scalers.append(self) or scaler_step(self, opt))
     try:
         train_fold(job)
         predict_fold(job)
     finally:
         handle.remove()
-    assert torch.bfloat16 in dtypes
+    assert (torch.bfloat16 if amp == "bf16" else torch.float16) in dtypes["conv"]
+    assert dtypes["heads"] == {torch.float32}  # the heads and the age expectation: fp32 under autocast too
+    assert bool(scalers) == (amp == "fp16")  # fp16 steps go through the gradient scaler
     metrics = _metrics(job)
     assert metrics.train.tolist() == [p.train for p in model.phases] and np.isfinite(metrics.val_loss).all()
     oof = pd.read_csv(job.out / "oof.csv")
@@ -507,3 +524,133 @@ def test_a_backbone_that_does_not_split_says_so_once_and_trains_uncached(tmp_pat
     best = torch.load(job.out / "best.pt", weights_only=True)["model"]
     assert torch.equal(best["backbone.conv_stem.weight"], start["backbone.conv_stem.weight"])  # frozen all along
     assert len(_metrics(job)) == 2 and not (tmp_path / "cache").exists()
+
+
+def test_auto_amp_is_bf16_where_native_fp16_on_older_gpus_and_fp32_on_cpu(monkeypatch):
+    from pipeline.training.job import amp_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert amp_dtype("auto", cuda) == torch.float16  # a T4 or P100: bf16 only emulated
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp_dtype("auto", cuda) == torch.bfloat16  # Ampere and later
+    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cuda) is None
+    assert amp_dtype("fp16", cpu) == torch.float16 and amp_dtype("bf16", cpu) == torch.bfloat16
+
+
+@pytest.mark.parametrize("head", ["regression", "dldl", "coral"])
+def test_heads_and_the_age_expectation_run_in_fp32_under_autocast(head):
+    model = AgeGenderNet(create_model(ModelConfig(name="scratch_cnn")).backbone, 0.0, head).eval()
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+            age, logit = model(x)
+            raw_age, _ = model(x, raw=True)
+        assert age.dtype == logit.dtype == raw_age.dtype == torch.float32
+
+
+def test_epoch_batches_keep_the_orders_the_shuffled_data_loader_gave():
+    """One sampler for every epoch (its workers can stay up): still the orders of a fresh shuffled DataLoader per
+    epoch seed, which earlier versions used, so a fixed seed trains the same folds."""
+    from pipeline.training.loader import EpochBatches
+
+    for n, bs, seed in [(37, 8, 5), (48, 8, 4200), (5, 8, 1)]:
+        old = DataLoader(range(n), bs, shuffle=True, generator=torch.Generator().manual_seed(seed), drop_last=n > bs)
+        sampler = EpochBatches(n, bs, True)
+        sampler.set_epoch(seed)
+        assert [[i for _, i in b] for b in sampler] == [b.tolist() for b in old]
+        assert all(s == seed for b in sampler for s, _ in b)
+    assert [len(b) for b in EpochBatches(37, 8, False)] == [8, 8, 8, 8, 5]
+
+
+def test_a_fold_with_loader_workers_that_live_across_epochs_trains_as_one_without(tmp_path):
+    phases = [Phase(1, "head", 3e-3), Phase(2, "all", 1e-3)]
+    folds = {w: _job(tmp_path / f"w{w}", phases, num_workers=w) for w in (0, 2)}
+    for job in folds.values():
+        train_fold(job)
+    pd.testing.assert_frame_equal(_metrics(folds[0]), _metrics(folds[2]))
+    a, b = (torch.load(j.out / "best.pt", weights_only=True)["model"] for j in folds.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_trunk_outputs_go_to_the_gpu_when_they_fit_its_free_memory(monkeypatch):
+    from pipeline.training.trunk import placement
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 4000))
+    assert placement(500, cuda, 0.5) == "gpu" and placement(501, cuda, 0.5) == "pinned"
+    assert placement(1, cuda, 0.0) == "pinned" and placement(10**12, torch.device("cpu"), 1.0) == "host"
+
+
+def test_batches_gathered_into_pinned_buffers_are_the_host_batches(monkeypatch):
+    views = torch.randn(2, 20, 3, 2, 2).half()
+    host = list(CachedTrunk(1, views, views[0, :0]).batches(np.arange(20.0), np.zeros(20), 6, seed=2))
+    pinned = CachedTrunk(1, views, views[0, :0])
+    pinned.where = "pinned"  # what placement() says on CUDA when they do not fit; no pinned memory on CPU
+    asked, empty = [], torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: asked.append(pin_memory) or empty(*a, **k))
+    gathered = list(pinned.batches(np.arange(20.0), np.zeros(20), 6, seed=2))
+    assert asked == [True] * 3 and len(gathered) == len(host) == 3
+    assert all(torch.equal(x, y) and torch.equal(a, b) for (x, a, _), (y, b, _) in zip(host, gathered))
+
+
+def test_the_trunk_store_runs_under_the_folds_autocast_with_loader_workers(tmp_path):
+    from pipeline.training.trunk import stored_tta_inputs
+
+    job = _job(tmp_path, [Phase(1, "last:1", 1e-3)])
+    torch.manual_seed(0)
+    model = create_model(job.model)
+    set_trainable(model, Unfreeze.parse("last:1"))
+    k = len(backbone_groups(model)) - 1
+    tr, va = job.rows()
+    outputs = {}
+    for amp, workers in [(None, 0), (torch.bfloat16, 0), (torch.bfloat16, 2)]:
+        t = replace(job.cfg.train, num_workers=workers)
+        cache = TrunkCache(model, job.images.train, tr, va, t, job.device, str(tmp_path / f"s{workers}"), amp)
+        outputs[amp, workers] = cache.for_phase(k, k).views
+    assert torch.equal(outputs[torch.bfloat16, 0], outputs[torch.bfloat16, 2])
+    assert not torch.equal(outputs[None, 0], outputs[torch.bfloat16, 0])  # computed in bf16, a store of its own
+    torch.testing.assert_close(outputs[None, 0].float(), outputs[torch.bfloat16, 0].float(), atol=0.1, rtol=0.05)
+    args = (model, job.images.train, job.cfg.train, str(tmp_path / "s0"), ["none", "hflip"])
+    assert stored_tta_inputs(*args, torch.bfloat16) is not None and stored_tta_inputs(*args, torch.float16) is None
+
+
+def test_cuda_turns_on_tf32_and_cudnn_autotuning():
+    from pipeline.training.job import pick_device
+
+    matmul, conv, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn
+    saved = matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark
+    try:
+        matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark = "ieee", "ieee", False
+        assert pick_device(Config(train=TrainConfig(device="cpu"))).type == "cpu" and not cudnn.benchmark
+        assert pick_device(Config(train=TrainConfig(device="cuda"))).type == "cuda"
+        assert (matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark) == ("tf32", "tf32", True)
+    finally:
+        matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark = saved
+
+
+def test_train_compile_without_a_compiler_is_refused_in_one_line(monkeypatch):
+    from pipeline.training.job import check_compile
+
+    check_compile(Config(train=TrainConfig(compile=False)))
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(PipelineError, match="needs a C.. compiler .* set train.compile: false"):
+        check_compile(Config(train=TrainConfig(compile=True)))
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile (inductor) needs g++; .ci/run installs it")
+def test_a_compiled_fold_trains_and_saves_the_plain_models_weights(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    plain, compiled = (_job(tmp_path / name, [Phase(1, "all", 1e-3)], compile=c) for name, c in [("a", 0), ("b", 1)])
+    train_fold(plain)
+    train_fold(compiled)
+    assert counters["stats"]["unique_graphs"] >= 1  # the training step went through torch.compile
+    a, b = (torch.load(j.out / "best.pt", weights_only=True)["model"] for j in (plain, compiled))
+    assert a.keys() == b.keys()  # no _orig_mod. prefix: resume, predict and export read it as ever
+    m_a, m_b = _metrics(plain), _metrics(compiled)
+    assert m_a.train_loss.iloc[0] == pytest.approx(m_b.train_loss.iloc[0], rel=0.05)  # inductor: its own dropout RNG
+    predict_fold(compiled)
+    assert len(pd.read_csv(compiled.out / "oof.csv")) == N // 3

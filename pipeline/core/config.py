@@ -27,6 +27,7 @@ CHOICES = {
     "train.age_loss": ("l1", "smoothl1", "mse"),
     "train.select": ("best", "last"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
     "metric": tuple(HIGHER_IS_BETTER),
     "tta": TTA_VIEWS,
     "launcher": ("local", "ray"),
@@ -146,6 +147,8 @@ class TrainConfig:
     grad_clip: float = 2.0
     cache_frozen: bool = True  # head / last:N phases: run the frozen trunk once per phase, reuse it per epoch
     trunk_views: int = 2  # cached phases' augmentation: 1 = the image, 2 = + its mirror image, 3+ = + augmented
+    trunk_on_gpu: float = 0.5  # CUDA: cached trunk outputs stay on the GPU if they take <= this share of its free
+    # memory (0: never), else in host memory, each batch gathered into pinned memory and copied without a stall
     ema: float = 0.0  # EMA decay, 0 = off
     select: str = "best"  # the fold's checkpoint: best = best validation epoch, last = the last epoch (no selection)
     age_loss: str = "smoothl1"
@@ -154,8 +157,9 @@ class TrainConfig:
     gender_smoothing: float = 0.0  # label smoothing of the gender BCE: targets eps/2 and 1 - eps/2
     mixup: float = 0.0  # mixup's Beta(a, a) on each batch (images, or cached trunk outputs) and its labels; 0 = off
     device: str = "auto"
-    amp: bool = True  # CUDA only
+    amp: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 + a gradient scaler (T4, P100); fp32 on CPU
     channels_last: bool = True  # faster on CPU (oneDNN) and CUDA alike
+    compile: bool = False  # torch.compile the training forward (the part above a cached trunk); checkpoints unchanged
     seed: int = 42
     hflip: float = 0.5
     shift_scale_rotate: float = 0.5
@@ -296,6 +300,7 @@ def _validate(cfg: Config) -> None:
     check("train.age_loss", cfg.train.age_loss)
     check("train.select", cfg.train.select)
     check("train.device", cfg.train.device)
+    check("train.amp", cfg.train.amp)
     check("metric", cfg.metric)
     check("launcher", cfg.launcher)
     _validate_ray(cfg.ray)
@@ -316,6 +321,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.mixup={cfg.train.mixup}: use 0 (off) or a positive Beta parameter, e.g. 0.2")
     if not 0 <= cfg.train.gender_smoothing < 1:
         raise ConfigError(f"train.gender_smoothing={cfg.train.gender_smoothing}: use 0 (off) up to below 1, e.g. 0.1")
+    if not 0 <= cfg.train.trunk_on_gpu <= 1:
+        raise ConfigError(f"train.trunk_on_gpu={cfg.train.trunk_on_gpu}: a share of free GPU memory, 0 (never) to 1")
     if cfg.train.trunk_views < 1:
         raise ConfigError(f"train.trunk_views={cfg.train.trunk_views}: use 1 (no augmentation) or more")
     if not cfg.models:
@@ -406,6 +413,15 @@ def _set_dotted(raw: dict, key: str, value) -> None:
         node[last] = value
 
 
+def upgrade_legacy(raw: dict) -> dict:
+    """Settings whose values changed spelling, as the current code spells them (a config file, or the config.json
+    an experiment was saved with): train.amp was true / false (bf16 on CUDA) before it named a precision."""
+    train = raw.get("train")
+    if isinstance(train, dict) and isinstance(train.get("amp"), bool):
+        train["amp"] = "auto" if train["amp"] else "off"
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (None = defaults), apply `a.b.c=value` overrides and validate."""
     raw: dict = {}
@@ -421,7 +437,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{p}: expected a mapping of config keys, got {type(raw).__name__}")
     # Start from the full defaults so that `models.0.name=x` works on a file that omits models.
     merged = asdict(Config())
-    _deep_update(merged, raw)
+    _deep_update(merged, upgrade_legacy(raw))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: use key=value, e.g. train.batch_size=32")

@@ -119,12 +119,21 @@ def best_checkpoint(
 
 
 def last_checkpoint(
-    state: dict, ema: dict | None, optimizer: dict, scheduler: dict, phase: int, epoch: int, best, history: list
+    state: dict,
+    ema: dict | None,
+    optimizer: dict,
+    scheduler: dict,
+    phase: int,
+    epoch: int,
+    best,
+    history: list,
+    scaler: dict | None = None,
 ) -> dict:
-    """last.pt: everything a killed fold resumes from (training/checkpoint.py)."""
+    """last.pt: everything a killed fold resumes from (training/checkpoint.py); `scaler`: fp16's loss scale."""
     return {
         "model": state,
         "ema": ema,
+        "scaler": scaler,
         "optimizer": optimizer,
         "scheduler": scheduler,
         "phase": phase,

@@ -53,7 +53,7 @@ def predict_fold(job: FoldJob) -> None:
     _, val_rows = job.rows()
     stored = None
     if cfg.train.cache_frozen:  # the OOF rows' TTA views went through the frozen trunk before: reuse its outputs
-        stored = stored_tta_inputs(model, job.images.train, cfg.train, cfg.data.cache_dir, how.tta)
+        stored = stored_tta_inputs(model, job.images.train, cfg.train, cfg.data.cache_dir, how.tta, how.amp)
     if stored is not None:
         age, prob = predict_stored(model, stored, val_rows, how, **scale)
         print(f"{job.name}: OOF rows from the stored outputs of the frozen trunk ({stored.k} stages)")

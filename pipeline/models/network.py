@@ -3,6 +3,8 @@ and an age head (regression, dldl, meanvar or coral). Shared by training and the
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -66,11 +68,15 @@ class AgeGenderNet(nn.Module):
         return self.heads(self.backbone(x), raw)
 
     def heads(self, features: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.drop(features)
-        age, gender = self.age_head(f), self.gender_head(f).squeeze(1)
-        if raw and self.age_head_kind != "regression":
-            return age, gender
-        return self.age_value(age), gender
+        """The age and gender heads, in fp32 also under autocast (with the age expectation: a 121-bin softmax or
+        CORAL's sum would lose years in bf16)."""
+        kind = features.device.type
+        with torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else nullcontext():
+            f = self.drop(features.float())
+            age, gender = self.age_head(f), self.gender_head(f).squeeze(1)
+            if raw and self.age_head_kind != "regression":
+                return age, gender
+            return self.age_value(age), gender
 
     def age_value(self, age_out: torch.Tensor) -> torch.Tensor:
         """The age head's output as one number per image (the expectation of the distribution for dldl / meanvar /

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.config import Config, ModelConfig, Phase, TrainConfig, dump_config
+from ..core.config import Config, ModelConfig, Phase, TrainConfig, dump_config, upgrade_legacy
 from ..core.errors import PipelineError
 from ..core.files import exclusive, remove_stale_temporaries, write_text
 from ..core.layout import (
@@ -29,11 +29,22 @@ from ..data.demo import make_demo
 from ..data.folds import ensure_folds
 from ..inference.blend import blend
 from ..models.backbones import check_name, check_weights
+from ..training.job import check_compile
 from .jobs import fold_started, run_fold
 
 STAGES = ("folds", "train", "predict", "blend", "run")
 # Keys that never change results: how and where jobs run (launcher=ray gives byte-identical files), tuning settings.
-IGNORED_FOR_IDENTITY = {"train.num_workers", "train.device", "tracking", "data.cache_dir", "launcher", "ray", "tune"}
+IGNORED_FOR_IDENTITY = {
+    "train.num_workers",
+    "train.device",
+    "train.trunk_on_gpu",
+    "train.compile",
+    "tracking",
+    "data.cache_dir",
+    "launcher",
+    "ray",
+    "tune",
+}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -77,7 +88,7 @@ def claim_experiment(cfg: Config) -> Path:
     saved = exp_dir / CONFIG_JSON
     current = cfg.to_dict()
     if saved.is_file():
-        old = _flatten(json.loads(saved.read_text()))
+        old = _flatten(upgrade_legacy(json.loads(saved.read_text())))
         new = _flatten(current)
         # a key the saved config does not have is a setting added to the code since: at its default it changes nothing
         defaults = _defaults_like(cfg)
@@ -110,6 +121,8 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
     folds_to_run = [fold] if fold is not None else list(range(cfg.folds.n_splits))
     t0 = time.perf_counter()
     exp_dir = experiment_dir(cfg.experiment)
+    if stage in ("train", "run"):
+        check_compile(cfg)
     for m in models:  # starting weights are read only by folds that start training: refused now, before any writing
         check_name(m)
         if stage in ("train", "run") and not all(fold_started(fold_dir(exp_dir, m.name, k)) for k in folds_to_run):

@@ -34,15 +34,17 @@ class Progress:
     scheduler: dict | None = None
 
 
-def load_resume(out: Path, model: torch.nn.Module, ema) -> Progress:
-    """Model and EMA weights from out/last.pt into `model` / `ema` (a timm ModelEmaV3 or None), and where the fold
-    stopped."""
+def load_resume(out: Path, model: torch.nn.Module, ema, scaler=None) -> Progress:
+    """Model and EMA weights from out/last.pt into `model` / `ema` (a timm ModelEmaV3 or None), fp16's loss scale into
+    `scaler` (a GradScaler or None), and where the fold stopped."""
     if not (out / LAST).is_file():
         return Progress()
     state = torch.load(out / LAST, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     if ema is not None and state.get("ema") is not None:
         ema.load_state_dict(state["ema"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     done = Progress(
         state["epoch"], state["best"], state["history"], state["phase"], state["optimizer"], state["scheduler"]
     )
@@ -65,6 +67,7 @@ def save_epoch(out: Path, model, optim, phase: int, done: Progress, best_state: 
         done.epoch,
         done.best,
         done.history,
+        optim.scaler.state_dict() if optim.scaler is not None else None,
     )
     save_torch(last, out / LAST)
     write_csv(pd.DataFrame(done.history), out / EPOCH_METRICS)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from ..models.network import AgeGenderNet
 from ..models.stages import evaluating
 from ..models.tta import apply_tta
-from .job import Inference
+from .job import Inference, autocast
 from .loader import FaceDataset, make_loader, to_model_input
 from .trunk import CachedTrunk
 
@@ -24,15 +24,19 @@ def predict_arrays(
     age_mean: float = 0.0,
     age_std: float = 1.0,
     desc: str = "",
+    loader=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw-scale age and gender probability of images[rows], averaged over the TTA views. The model runs in
-    eval mode; every module's train/eval mode is restored afterwards (frozen stages stay in eval mode)."""
-    loader = make_loader(FaceDataset(images, rows), how.batch_size, False, how.workers, 0, how.device.type == "cuda")
+    """Raw-scale age and gender probability of images[rows], averaged over the TTA views (`loader`: one already
+    made for them, e.g. a fold's validation loader). The model runs in eval mode; every module's train/eval mode is
+    restored afterwards (frozen stages stay in eval mode)."""
+    if loader is None:
+        cuda = how.device.type == "cuda"
+        loader = make_loader(FaceDataset(images, rows), how.batch_size, False, how.workers, 0, cuda)
     batches = tqdm(loader, desc=desc or "predict", unit="batch", leave=False, disable=None if desc else True)
 
     def views(x: torch.Tensor):
         x = to_model_input(x, how.device)
-        with torch.autocast(how.device.type, dtype=torch.bfloat16, enabled=how.amp):
+        with autocast(how.device, how.amp):
             for name in how.tta:
                 yield model(apply_tta(x, name))
 
@@ -50,7 +54,7 @@ def predict_stored(
 
     def views(idx: np.ndarray):
         for view in trunk.views:
-            with torch.autocast(how.device.type, dtype=torch.bfloat16, enabled=how.amp):
+            with autocast(how.device, how.amp):
                 out = trunk.forward(model, torch.from_numpy(view[idx]), raw=False)
             yield out
 

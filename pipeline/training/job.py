@@ -3,6 +3,9 @@ predict (Inference)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +22,23 @@ from .loader import auto_workers
 
 
 def pick_device(cfg: Config) -> torch.device:
+    """The training device; on CUDA with TF32 matmuls and convolutions, and cuDNN picking the fastest kernels
+    (the batch shapes repeat; the GPU path is not bit-reproducible anyway)."""
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.benchmark = True
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def check_compile(cfg: Config) -> None:
+    """train.compile needs a C++ compiler (torch.compile's inductor builds its CPU kernels and CUDA launchers)."""
+    compilers = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
+    if cfg.train.compile and not any(c and shutil.which(c) for c in compilers):
+        raise PipelineError(
+            "train.compile: true needs a C++ compiler for torch.compile and none was found (g++, clang++, c++ or "
+            "$CXX): install one (apt-get install g++) or set train.compile: false"
+        )
 
 
 def fold_rows(comp: Competition, folds: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +54,21 @@ def fold_rows(comp: Competition, folds: pd.DataFrame, fold: int) -> tuple[np.nda
     return train, val
 
 
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast precision of train.amp on `device` (None: fp32). auto: bf16 where the GPU computes it natively
+    (Ampere and later), fp16 on older GPUs (Kaggle's T4 and P100, which only emulate bf16), fp32 on CPU."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    """The autocast context of precision `amp` (amp_dtype) on `device`; None: plain fp32."""
+    return nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)
+
+
 @dataclass
 class FoldJob:
     cfg: Config
@@ -48,11 +80,11 @@ class FoldJob:
     out: Path  # runs/<experiment>/<model>/fold<k>
     device: torch.device
     tracker: Tracker
-    amp: bool | None = None  # bf16 autocast; None: on CUDA when train.amp (True on CPU exercises that path)
+    amp: str | None = None  # instead of train.amp ("bf16" / "fp16" on CPU exercise the CUDA path's precision)
 
     @property
-    def autocast(self) -> bool:
-        return self.amp if self.amp is not None else self.device.type == "cuda" and self.cfg.train.amp
+    def autocast(self) -> torch.dtype | None:
+        return amp_dtype(self.amp or self.cfg.train.amp, self.device)
 
     @property
     def name(self) -> str:
@@ -68,7 +100,7 @@ class Inference:
 
     device: torch.device
     batch_size: int
-    amp: bool  # bf16 autocast (FoldJob.autocast)
+    amp: torch.dtype | None  # the autocast precision (FoldJob.autocast); None: fp32
     workers: int
     tta: tuple[str, ...] = ("none",)
 

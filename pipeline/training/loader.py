@@ -5,7 +5,7 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..core.config import TrainConfig
 from ..core.cores import usable_cores
@@ -29,25 +29,24 @@ def train_transform(t: TrainConfig, seed: int) -> A.Compose:
 
 
 class FaceDataset(Dataset):
-    """Rows of the uint8 image cache with their targets. The augmentation of a batch is seeded by the
-    epoch seed and the batch's first index, so batches are the same whatever the number of loader workers."""
+    """Rows of the uint8 image cache with their targets. Batches come from EpochBatches as (seed, index) pairs: the
+    augmentation of a batch is seeded by the epoch seed and the batch's first index, so batches are the same
+    whatever the number of loader workers, and workers that live across epochs see each epoch's seed."""
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, age=None, gender=None, transform=None):
         self.images, self.rows, self.transform = images, rows, transform
         self.age = np.zeros(len(rows), np.float32) if age is None else np.asarray(age, np.float32)
         self.gender = np.zeros(len(rows), np.float32) if gender is None else np.asarray(gender, np.float32)
-        self.epoch_seed = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, indices: list[int]) -> list:
-        """A whole batch (the DataLoader calls this, in whichever worker gets the batch)."""
-        if self.transform is not None and indices:
-            self.transform.set_random_seed(
-                int(np.random.SeedSequence([self.epoch_seed, indices[0]]).generate_state(1)[0])
-            )
-        return [self[i] for i in indices]
+    def __getitems__(self, batch: list[tuple[int, int]]) -> list:
+        """A whole batch of (epoch seed, index) pairs (the DataLoader calls this, in whichever worker gets it)."""
+        if self.transform is not None and batch:
+            seed, first = batch[0]
+            self.transform.set_random_seed(int(np.random.SeedSequence([seed, first]).generate_state(1)[0]))
+        return [self[i] for _, i in batch]
 
     def __getitem__(self, i: int):
         img = self.images[self.rows[i]]
@@ -56,6 +55,29 @@ class FaceDataset(Dataset):
         if not img.flags.writeable or not img.flags.c_contiguous:  # memmap rows are read-only
             img = np.ascontiguousarray(img).copy()
         return torch.from_numpy(img), self.age[i], self.gender[i]
+
+
+class EpochBatches(Sampler):
+    """Batches of (epoch seed, index) pairs. train=True: shuffled by the seed, the last partial batch dropped (see
+    training_batches). set_epoch(seed) starts another epoch on the same loader."""
+
+    def __init__(self, n: int, batch_size: int, train: bool, seed: int = 0):
+        self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
+
+    def set_epoch(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return training_batches(self.n, self.batch_size) if self.train else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order = range(self.n)
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed)
+            torch.empty((), dtype=torch.int64).random_(generator=g)  # the draw DataLoader made first: same orders
+            order = torch.randperm(self.n, generator=g).tolist()
+        for b in range(len(self)):
+            yield [(self.seed, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
 
 
 def to_model_input(batch_hwc: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -77,20 +99,22 @@ def training_batches(n: int, batch_size: int) -> int:
 
 
 def make_loader(
-    ds: FaceDataset, batch_size: int, train: bool, workers: int, seed: int = 0, pin_memory: bool = False
+    ds: FaceDataset,
+    batch_size: int,
+    train: bool,
+    workers: int,
+    seed: int = 0,
+    pin_memory: bool = False,
+    persistent: bool = False,
 ) -> DataLoader:
     """train=True: shuffled, last partial batch dropped (see training_batches). Deterministic for a given
-    seed: the order and every sample's augmentation derive from it, not from the worker count."""
-    ds.epoch_seed = seed
-    g = torch.Generator()
-    g.manual_seed(seed)
+    seed: the order and every sample's augmentation derive from it, not from the worker count. persistent: the
+    workers stay up between epochs (loader.batch_sampler.set_epoch(seed) before each)."""
     return DataLoader(
         ds,
-        batch_size=batch_size,
-        shuffle=train,
+        batch_sampler=EpochBatches(len(ds), batch_size, train, seed),
         num_workers=workers,
-        generator=g,
-        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),  # the workers' base seed, never the global RNG
+        persistent_workers=persistent and workers > 0,
         pin_memory=pin_memory,
-        drop_last=train and len(ds) > batch_size,
     )

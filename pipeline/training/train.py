@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..core.config import Phase, TrainConfig
@@ -25,11 +27,13 @@ from ..models.network import AgeGenderNet
 from ..models.stages import frozen_prefix_length, set_trainable
 from .checkpoint import Progress, checkpoint_epoch, load_resume, save_epoch
 from .evaluation import predict_arrays
-from .job import FoldJob, Inference
+from .job import FoldJob, Inference, autocast
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform, training_batches
 from .losses import AgeScale, Objective
 from .pseudo import stage_pseudo_labels, with_pseudo_labels
 from .trunk import CachedTrunk, TrunkCache
+
+BAR_EVERY = 20  # steps between progress-bar updates (each reads the running loss back from the device)
 
 
 def seed_everything(seed: int) -> None:
@@ -60,45 +64,68 @@ class Optimiser:
     ema: ModelEmaV3 | None
     step: int  # global step of the fold (drives the EMA warm-up)
     grad_clip: float
+    scaler: torch.amp.GradScaler | None = None  # fp16: the fold's loss scale (saved in last.pt)
 
     def update(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)  # clip the true gradients
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
-        self.opt.step()
-        self.sched.step()
+        if self.scaler is None:
+            self.opt.step()
+            self.sched.step()
+        else:
+            self.scaler.step(self.opt)  # skipped when the scaled gradients overflowed (the scale then drops)
+            self.scaler.update()
+            with warnings.catch_warnings():  # the schedule goes on over a skipped step, as in timm's and Lightning's
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                self.sched.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)  # warm-up: early EMA follows the model closely
         self.step += 1
 
 
 def train_one_epoch(
-    forward, batches, optim: Optimiser, objective: Objective, amp: bool, desc: str, mixup: float = 0.0, seed: int = 0
+    forward,
+    batches,
+    optim: Optimiser,
+    objective: Objective,
+    amp: torch.dtype | None,
+    desc: str,
+    mixup: float = 0.0,
+    seed: int = 0,
 ):
     """One pass over `batches` (images or cached trunk outputs). Returns (images seen, summed loss). With mixup > 0
     each batch is mixed with a shuffled copy of itself, weight lam ~ Beta(mixup, mixup), and the loss is the same
-    mix of the losses against both label sets (for cached phases the trunk outputs are mixed: manifold mixup)."""
-    t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    mix of the losses against both label sets (for cached phases the trunk outputs are mixed: manifold mixup).
+    Batches are mixed on the device, and the loss is summed there: read once per epoch (and every BAR_EVERY steps
+    when a progress bar is shown), so steps queue on a GPU without waiting for each other."""
+    t0, seen = time.perf_counter(), 0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)
     device = next(optim.model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     rng = np.random.default_rng(seed)
-    for x, y_age, y_gender in bar:
-        y_age, y_gender = y_age.to(device), y_gender.to(device)
+    for step, (x, y_age, y_gender) in enumerate(bar, 1):
+        x = x.to(device, non_blocking=True)
+        y_age, y_gender = y_age.to(device, non_blocking=True), y_gender.to(device, non_blocking=True)
         if mixup > 0:
-            lam, perm = float(rng.beta(mixup, mixup)), torch.from_numpy(rng.permutation(len(x)))
+            lam, perm = float(rng.beta(mixup, mixup)), torch.from_numpy(rng.permutation(len(x))).to(device)
             x = x.float() * lam + x.float()[perm] * (1 - lam)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             pred_age, logit = forward(x)
         loss = objective(pred_age, logit, y_age, y_gender)
         if mixup > 0:
-            perm = perm.to(device)
             loss = lam * loss + (1 - lam) * objective(pred_age, logit, y_age[perm], y_gender[perm])
         optim.update(loss)
         seen += len(x)
-        loss_sum += loss.item() * len(x)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-    return seen, loss_sum
+        loss_sum += loss.detach().double() * len(x)
+        if not bar.disable and step % BAR_EVERY == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    return seen, loss_sum.item()
 
 
 @torch.no_grad()
@@ -114,7 +141,9 @@ def sync_frozen_ema(ema: ModelEmaV3, model: AgeGenderNet) -> None:
                 getattr(target, key).copy_(value)
 
 
-def start_phase(job: FoldJob, model, pi: int, phase: Phase, n_train: int, done: Progress, ema) -> Optimiser:
+def start_phase(
+    job: FoldJob, model, pi: int, phase: Phase, n_train: int, done: Progress, ema, scaler=None
+) -> Optimiser:
     """Freeze what the phase keeps frozen, a fresh optimiser and schedule (or the saved ones mid-phase)."""
     t = job.cfg.train
     n_trainable = set_trainable(model, phase.unfreeze)
@@ -132,7 +161,7 @@ def start_phase(job: FoldJob, model, pi: int, phase: Phase, n_train: int, done: 
         f"epochs={phase.epochs} trainable params={n_trainable:,}"
     )
     first_step = sum(training_batches(n_train, job.cfg.batch_size(job.model)) * p.epochs for p in phases[:pi])
-    return Optimiser(model, opt, sched, ema, first_step + sched.last_epoch, t.grad_clip)
+    return Optimiser(model, opt, sched, ema, first_step + sched.last_epoch, t.grad_clip, scaler)
 
 
 def phase_trunk(cache: TrunkCache, model, phases: list[Phase], pi: int) -> CachedTrunk | None:
@@ -142,12 +171,12 @@ def phase_trunk(cache: TrunkCache, model, phases: list[Phase], pi: int) -> Cache
     return cache.for_phase(frozen_prefix_length(model, phases[pi].unfreeze), min(ahead or [0]))
 
 
-def validate(job: FoldJob, eval_model, trunk: CachedTrunk | None, va_rows, scale: AgeScale) -> tuple:
+def validate(job: FoldJob, eval_model, trunk: CachedTrunk | None, va_rows, scale: AgeScale, loader=None) -> tuple:
     """Validation predictions (no TTA) of the fold's validation rows, from the cache when the phase has one."""
     how = Inference.for_job(job)
     if trunk is not None:
         return trunk.predict_val(eval_model, how, scale.mean, scale.std)
-    return predict_arrays(eval_model, job.images.train, va_rows, how, scale.mean, scale.std)
+    return predict_arrays(eval_model, job.images.train, va_rows, how, scale.mean, scale.std, loader=loader)
 
 
 @dataclass
@@ -219,50 +248,84 @@ def train_fold(job: FoldJob) -> None:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=t.ema, use_warmup=True) if t.ema > 0 else None
     train_ds = fs.dataset(t, seed)
-    done = load_resume(out, model, ema)
+    scaler = torch.amp.GradScaler(job.device.type) if job.autocast == torch.float16 else None
+    done = load_resume(out, model, ema, scaler)
     if done.epoch:
         print(f"{job.name}: resuming after epoch {done.epoch}")
 
+    loaders = FoldLoaders.of(job, fs, train_ds)
     phases = [p for p in cfg.phases(job.model) if p.epochs > 0]
-    cache = TrunkCache(model, fs.images, fs.tr_rows, fs.va_rows, t, job.device, cfg.data.cache_dir)
+    cache = TrunkCache(model, fs.images, fs.tr_rows, fs.va_rows, t, job.device, cfg.data.cache_dir, job.autocast)
     epoch = 0
     for pi, phase in enumerate(phases):
         if epoch + phase.epochs <= done.epoch:
             epoch += phase.epochs
             cache.note_trained(frozen_prefix_length(model, phase.unfreeze))
             continue
-        optim = start_phase(job, model, pi, phase, len(train_ds), done, ema)
+        optim = start_phase(job, model, pi, phase, len(train_ds), done, ema, scaler)
         trunk = phase_trunk(cache, model, phases, pi) if t.cache_frozen else None
+        forward = phase_forward(job, model, trunk)
         for _ in range(phase.epochs):
             if epoch >= done.epoch:
-                run_epoch(job, fs, train_ds, optim, trunk, pi, phase, seed * 100 + epoch, done)
+                run_epoch(job, fs, loaders, optim, trunk, forward, pi, phase, seed * 100 + epoch, done)
             epoch += 1
     finish_fold(job, done)
 
 
-def epoch_batches(job: FoldJob, model, train_ds: FaceDataset, trunk: CachedTrunk | None, epoch_seed: int):
-    """(batches, forward) of one epoch: augmented images through the whole model, or the cached trunk's outputs
-    of a random view of each image through the stages above it."""
-    batch_size = job.cfg.batch_size(job.model)
-    if trunk is None:
+@dataclass
+class FoldLoaders:
+    """The fold's image loaders, built once: their workers (num_workers > 0) live across epochs and phases."""
+
+    train: DataLoader
+    val: DataLoader
+    batch_size: int
+
+    @classmethod
+    def of(cls, job: FoldJob, fs: FoldSet, train_ds: FaceDataset) -> FoldLoaders:
+        how, cuda, bs = Inference.for_job(job), job.device.type == "cuda", job.cfg.batch_size(job.model)
         workers = auto_workers(job.cfg.train.num_workers)
-        batches = make_loader(train_ds, batch_size, True, workers, epoch_seed, job.device.type == "cuda")
-        return batches, lambda x: model(to_model_input(x, job.device), raw=True)
-    return trunk.batches(train_ds.age, train_ds.gender, batch_size, epoch_seed), partial(trunk.forward, model)
+        train = make_loader(train_ds, bs, True, workers, pin_memory=cuda, persistent=True)
+        val = make_loader(FaceDataset(fs.images, fs.va_rows), how.batch_size, False, how.workers, 0, cuda, True)
+        return cls(train, val, bs)
+
+    def epoch(self, trunk: CachedTrunk | None, epoch_seed: int):
+        """One epoch's training batches: augmented images, or the cached trunk outputs of a random view of each."""
+        if trunk is None:
+            self.train.batch_sampler.set_epoch(epoch_seed)
+            return self.train
+        ds = self.train.dataset
+        return trunk.batches(ds.age, ds.gender, self.batch_size, epoch_seed)
 
 
-def run_epoch(job, fs: FoldSet, train_ds, optim: Optimiser, trunk, pi: int, phase: Phase, epoch_seed: int, done):
+def phase_forward(job: FoldJob, model: AgeGenderNet, trunk: CachedTrunk | None):
+    """What a phase's training step runs on a batch: the whole model on images, or the stages above the cached
+    trunk on its outputs; compiled (torch.compile) with train.compile. The model itself is not wrapped, so its
+    checkpoints and exports are the same either way."""
+    if trunk is None:
+        forward = partial(_images_forward, model, job.device)
+    else:
+        forward = partial(trunk.forward, model)
+    return torch.compile(forward) if job.cfg.train.compile else forward
+
+
+def _images_forward(model: AgeGenderNet, device: torch.device, x: torch.Tensor):
+    return model(to_model_input(x, device), raw=True)
+
+
+def run_epoch(
+    job, fs: FoldSet, loaders: FoldLoaders, optim: Optimiser, trunk, forward, pi: int, phase: Phase, epoch_seed, done
+):
     """Train one epoch, validate it, save it (best.pt when it is kept, last.pt, metrics.csv) and report it."""
     cfg, t, epoch = job.cfg, job.cfg.train, done.epoch + 1
     seed_everything(epoch_seed)
-    batches, forward = epoch_batches(job, optim.model, train_ds, trunk, epoch_seed)
+    batches = loaders.epoch(trunk, epoch_seed)
     t0 = time.perf_counter()
     desc = f"{job.name} e{epoch}"
     seen, loss_sum = train_one_epoch(forward, batches, optim, fs.objective, job.autocast, desc, t.mixup, epoch_seed)
     train_time = time.perf_counter() - t0
     eval_model = optim.ema.module if optim.ema is not None else optim.model
     va = fs.va_rows
-    va_age, va_prob = validate(job, eval_model, trunk, va, fs.scale)
+    va_age, va_prob = validate(job, eval_model, trunk, va, fs.scale, loaders.val)
     m = evaluate(fs.age[va], va_age, fs.gender[va], va_prob)
     row = {
         "epoch": epoch,

@@ -23,11 +23,20 @@ from ..core.config import TrainConfig
 from ..core.files import atomic_path, remove_stale_temporaries
 from ..models.network import AgeGenderNet
 from ..models.stages import evaluating, trunk_stages
-from .job import Inference
-from .loader import FaceDataset, make_loader, to_model_input, train_transform, training_batches
+from .job import Inference, autocast
+from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform, training_batches
 
 STORE_VERSION = 1
 STORE_BATCH = 128  # the batch size of trunk passes (augmented views are seeded per batch)
+
+
+def placement(nbytes: int, device: torch.device, share: float) -> str:
+    """Where a phase's cached trunk outputs live: "gpu" when they take at most `share` of the GPU's free memory,
+    else "pinned" (host memory, each batch gathered into pinned memory and copied asynchronously); "host" on CPU."""
+    if device.type != "cuda":
+        return "host"
+    free, _ = torch.cuda.mem_get_info(device)
+    return "gpu" if nbytes <= share * free else "pinned"
 
 
 class CachedTrunk:
@@ -37,6 +46,14 @@ class CachedTrunk:
     def __init__(self, k: int, views: torch.Tensor, val: torch.Tensor, channels_last: bool = False):
         self.k, self.views, self.val = k, views, val
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.where = "host"
+
+    def place(self, device: torch.device, share: float) -> CachedTrunk:
+        """Move the outputs where placement() says (on CPU they stay)."""
+        self.where = placement((self.views.numel() + self.val.numel()) * self.views.element_size(), device, share)
+        if self.where == "gpu":
+            self.views, self.val = self.views.to(device), self.val.to(device)
+        return self
 
     def forward(self, model: AgeGenderNet, h: torch.Tensor, raw: bool = True):
         h = h.to(model.mean.device, non_blocking=True).float()
@@ -53,11 +70,16 @@ class CachedTrunk:
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(n, generator=g)
         view = torch.randint(n_views, (n,), generator=g)
-        age_t, gender_t = torch.from_numpy(age), torch.from_numpy(gender)
+        flat, device = self.views.flatten(0, 1), self.views.device  # row v * n + i: view v of image i
+        pick = (view * n + torch.arange(n)).to(device)
+        age_t, gender_t = torch.from_numpy(age).to(device), torch.from_numpy(gender).to(device)
         n_used = min(n, training_batches(n, batch_size) * batch_size)
         for i in range(0, n_used, batch_size):
-            idx = order[i : i + batch_size]
-            yield self.views[view[idx], idx], age_t[idx], gender_t[idx]
+            idx = order[i : i + batch_size].to(device)
+            out = None
+            if self.where == "pinned":  # the caching host allocator reuses a buffer once its copy has finished
+                out = torch.empty((len(idx), *flat.shape[1:]), dtype=flat.dtype, pin_memory=True)
+            yield torch.index_select(flat, 0, pick[idx], out=out), age_t[idx], gender_t[idx]
 
     @torch.inference_mode()
     def predict_val(self, model: AgeGenderNet, how: Inference, age_mean: float, age_std: float):
@@ -65,7 +87,7 @@ class CachedTrunk:
         ages, probs = [], []
         with evaluating(model):
             for i in range(0, len(self.val), how.batch_size):
-                with torch.autocast(how.device.type, dtype=torch.bfloat16, enabled=how.amp):
+                with autocast(how.device, how.amp):
                     a, g = self.forward(model, self.val[i : i + how.batch_size], raw=False)
                 ages.append(a.float().cpu().numpy() * age_std + age_mean)
                 probs.append(torch.sigmoid(g.float()).cpu().numpy())
@@ -86,11 +108,15 @@ def view_ids(t: TrainConfig) -> list[int]:
     return [v for v in range(t.trunk_views) if v != 1 or t.hflip > 0]
 
 
-def store_path(store_dir: Path, stages, size: int, images_key: str, t: TrainConfig, k: int, view: int) -> Path:
+def store_path(
+    store_dir: Path, stages, size: int, images_key: str, t: TrainConfig, k: int, view: int, amp=None
+) -> Path:
     """Where the outputs of the first k `stages` for one view of the images (digest `images_key`) are stored:
-    keyed by the prefix weights, the view, and the torch thread count (CPU results depend on it)."""
+    keyed by the prefix weights, the view, the autocast precision and the torch thread count (CPU results
+    depend on it)."""
     prefix = [p.detach().cpu().numpy() for s in stages[:k] for p in [*s.parameters(), *s.buffers()]]
     spec = f"v{STORE_VERSION}|{k}|{view}|{view_transform(t, view)!r}|{torch.get_num_threads()}"
+    spec += f"|{amp}" if amp is not None else ""  # fp32 keys are those of earlier versions
     key = _digest([*prefix, np.frombuffer(f"{spec}|{images_key}".encode(), np.uint8)])
     return Path(store_dir) / f"trunk-{size}px-k{k}-view{view}-{key}.npy"
 
@@ -114,9 +140,9 @@ class TrunkCache:
     While no stage of the prefix has been trained in this fold, its outputs for all images come from the
     store in `store_dir` (computed on first use, then shared by the folds) and are indexed by the fold's rows."""
 
-    def __init__(self, model: AgeGenderNet, images, tr_rows, va_rows, t: TrainConfig, device, store_dir: str):
+    def __init__(self, model: AgeGenderNet, images, tr_rows, va_rows, t: TrainConfig, device, store_dir: str, amp=None):
         self.model, self.images, self.rows = model, images, (tr_rows, va_rows)
-        self.t, self.device, self.store_dir = t, device, Path(store_dir)
+        self.t, self.device, self.store_dir, self.amp = t, device, Path(store_dir), amp
         self.stages = trunk_stages(model)
         self.base: CachedTrunk | None = None
         self.trained_from = 10**9  # lowest stage index trained since `base` was computed
@@ -148,10 +174,12 @@ class TrunkCache:
             views = torch.stack([self._derive(v, k) for v in self.base.views])
             trunk = CachedTrunk(k, views, self._derive(self.base.val, k), self.t.channels_last)
         self.note_trained(k)
+        trunk.place(self.device, self.t.trunk_on_gpu)
         mb = (trunk.views.numel() + trunk.val.numel()) * 2 / 2**20
+        where = {"gpu": " on the GPU", "pinned": " in host memory (pinned per batch)", "host": ""}[trunk.where]
         print(
             f"  frozen trunk ({k} stages, {len(trunk.views)} views): {tuple(trunk.val.shape[1:])} per image, "
-            f"{mb:.0f} MB, {time.perf_counter() - t0:.0f}s"
+            f"{mb:.0f} MB{where}, {time.perf_counter() - t0:.0f}s"
         )
         return trunk
 
@@ -172,7 +200,8 @@ class TrunkCache:
 
     def _store_path(self, k: int, view: int) -> Path:
         self._images_key = self._images_key or _digest([self.images])
-        return store_path(self.store_dir, self.stages, self.images.shape[1], self._images_key, self.t, k, view)
+        size = self.images.shape[1]
+        return store_path(self.store_dir, self.stages, size, self._images_key, self.t, k, view, self.amp)
 
     def _stored(self, k: int, view: int, derive_from: int | None = None) -> np.ndarray:
         """All images' outputs of the first k stages for one view, from the store (computed on first use)."""
@@ -189,11 +218,15 @@ class TrunkCache:
                 np.save(tmp, out.numpy())
         return np.load(path, mmap_mode="r")
 
+    def _autocast(self):
+        return autocast(self.device, self.amp)
+
     def _run(self, rows: np.ndarray, k: int, view: int) -> torch.Tensor:
         out = []
         ds = FaceDataset(self.images, rows, transform=view_transform(self.t, view))
-        loader = make_loader(ds, STORE_BATCH, False, 0, seed=view)
-        with evaluating(self.model):
+        workers, cuda = auto_workers(self.t.num_workers), self.device.type == "cuda"
+        loader = make_loader(ds, STORE_BATCH, False, workers, seed=view, pin_memory=cuda)
+        with evaluating(self.model), self._autocast():
             for x, _, _ in tqdm(loader, desc=f"frozen trunk view {view}", unit="batch", leave=False, disable=None):
                 h = (to_model_input(x, self.device).float() - self.model.mean) / self.model.std
                 for stage in self.stages[:k]:
@@ -206,11 +239,12 @@ class TrunkCache:
         if len(base) == 0:
             return base
         out = []
-        for i in range(0, len(base), STORE_BATCH):
-            h = base[i : i + STORE_BATCH].to(self.device).float()
-            for stage in self.stages[(self.base.k if base_k is None else base_k) : k]:
-                h = stage(h)
-            out.append(h.to(torch.float16).cpu())
+        with self._autocast():
+            for i in range(0, len(base), STORE_BATCH):
+                h = base[i : i + STORE_BATCH].to(self.device).float()
+                for stage in self.stages[(self.base.k if base_k is None else base_k) : k]:
+                    h = stage(h)
+                out.append(h.to(torch.float16).cpu())
         return torch.cat(out)
 
 
@@ -228,7 +262,7 @@ TTA_VIEWS = {"none": 0, "hflip": 1}  # the stored view that is each TTA view's i
 
 
 def stored_tta_inputs(
-    model: AgeGenderNet, images: np.ndarray, t: TrainConfig, store_dir: str, tta
+    model: AgeGenderNet, images: np.ndarray, t: TrainConfig, store_dir: str, tta, amp=None
 ) -> CachedTrunk | None:
     """The stored trunk outputs of all `images` for each TTA view (CachedTrunk.views: one array per TTA view), at
     the deepest cut whose prefix still holds this model's weights (a phase that trained the prefix makes another
@@ -241,7 +275,7 @@ def stored_tta_inputs(
         if not all(any(Path(store_dir).glob(f"trunk-{size}px-k{k}-view{v}-*.npy")) for v in views):
             continue
         images_key = images_key or _digest([images])
-        paths = [store_path(Path(store_dir), stages, size, images_key, t, k, v) for v in views]
+        paths = [store_path(Path(store_dir), stages, size, images_key, t, k, v, amp) for v in views]
         if all(p.is_file() for p in paths):
             return CachedTrunk(k, [np.load(p, mmap_mode="r") for p in paths], None, t.channels_last)
     return None
