@@ -112,8 +112,8 @@ def test_oof_is_clipped_like_the_submission_and_cv_is_what_it_earned(workdir, ca
     y, g = oof.age_true.to_numpy(), oof.gender_true.to_numpy()
     t = best_threshold(oof.prob_blend.to_numpy(), g)
     earned = evaluate(y, np.clip(oof.age_blend, 0, cfg.data.max_age), g, oof.prob_blend, t)
-    assert summary["threshold"] == t and summary["cv"] == pytest.approx(earned["score"], abs=1e-12)
-    assert f"CV score: {earned['score']:.4f}" in out
+    assert summary["threshold"] == t and summary["cv_in_sample"] == pytest.approx(earned["score"], abs=1e-12)
+    assert f"scores {earned['score']:.4f} on them, in-sample" in out
     for name in ("a", "b"):  # every model on the blend's footing: clipped ages, its own tuned threshold, and 0.5
         prob = oof[f"prob:{name}"].to_numpy()
         age = np.clip(oof[f"age:{name}"], 0, cfg.data.max_age)
@@ -214,3 +214,29 @@ def test_selection_optimism_compares_the_kept_epochs_with_the_last_ones(tmp_path
     assert got == pytest.approx({"kept": 0.85, "last": 0.825, "gap": 0.025})
     (tmp_path / "m" / "fold1" / "metrics.csv").unlink()
     assert blend_module.selection_optimism(tmp_path, ["m"], 2, "score") is None
+
+
+def test_the_headline_cv_is_the_blend_cross_fitted_over_the_folds(experiment, capsys):
+    """Each fold's rows blended with weights and a threshold fitted on the other fold only, computed by hand here;
+    the submission keeps the blend fitted on all rows."""
+    exp_dir, train, test_labels = experiment
+    blend(_cfg(), _comp(train, test_labels.id.tolist()), exp_dir)
+    out = capsys.readouterr().out
+    summary = json.loads((exp_dir / "blend.json").read_text())
+    oof = pd.read_csv(exp_dir / "oof_blend.csv", dtype={"id": str})
+    ages, probs = oof[["age:a", "age:b"]].to_numpy(), oof[["prob:a", "prob:b"]].to_numpy()
+    y, g = oof.age_true.to_numpy(), oof.gender_true.to_numpy()
+    age, decision = np.zeros(len(oof)), np.zeros(len(oof))
+    for k in range(K):
+        fit, held = oof.fold.to_numpy() != k, oof.fold.to_numpy() == k
+        w_age = blend_module.age_weights(ages[fit], y[fit])
+        w_gender = blend_module.gender_weights(probs[fit], g[fit])
+        age[held] = ages[held] @ w_age
+        decision[held] = probs[held] @ w_gender >= best_threshold(probs[fit] @ w_gender, g[fit])
+    by_hand = evaluate(y, np.clip(age, 0, 120), g, decision)
+    assert summary["cross_fitted"] == pytest.approx(by_hand, abs=1e-12)
+    assert summary["cv"] == summary["cross_fitted"]["score"] != summary["cv_in_sample"]
+    assert summary["cv_in_sample"] == summary["table"]["blend"]["score"]  # what the submission's blend scores
+    assert f"CV score: {by_hand['score']:.4f} (cross-fitted" in out
+    report = (exp_dir / "report.html").read_text()
+    assert f"CV score (cross-fitted)<b>{by_hand['score']:.4f}" in report

@@ -25,7 +25,7 @@ from pipeline.training.checkpoint import Progress
 from pipeline.training.evaluation import predict_arrays
 from pipeline.training.job import FoldJob, Inference, fold_rows
 from pipeline.training.loader import FaceDataset, make_loader, train_transform
-from pipeline.training.losses import AgeScale, Objective
+from pipeline.training.losses import AgeScale, LossSum, Objective
 from pipeline.training.train import phase_trunk, start_phase, sync_frozen_ema, train_fold, warmup_cosine
 from pipeline.training.trunk import CachedTrunk, TrunkCache
 
@@ -505,10 +505,34 @@ def test_gender_smoothing_moves_the_training_targets_but_not_the_validation_loss
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.tensor([0.95, 0.05, 0.05, 0.95]))
     torch.testing.assert_close(smooth(age, logit, y_age, y_gender), expected)
     assert plain(age, logit, y_age, y_gender) < expected  # confident and right: smoothing costs something
-    prob = torch.sigmoid(logit).numpy()
-    assert smooth.on_predictions(scale, np.zeros(4), prob, np.zeros(4), y_gender.numpy()) == pytest.approx(
-        plain.on_predictions(scale, np.zeros(4), prob, np.zeros(4), y_gender.numpy())
+    val_smooth, val_plain = (LossSum(o, np.zeros(4, np.float32), y_gender.numpy()) for o in (smooth, plain))
+    for val in (val_smooth, val_plain):
+        val.take(None, age, logit)
+    assert (
+        val_smooth.value == pytest.approx(val_plain.value) == pytest.approx(float(plain(age, logit, y_age, y_gender)))
     )
+
+
+@pytest.mark.parametrize("head", ["regression", "dldl", "meanvar", "coral"])
+@pytest.mark.parametrize("what", ["all", "last:1"])
+def test_val_loss_is_the_training_objective_on_the_validation_rows(tmp_path, head, what):
+    """val_loss of an epoch equals the head's own loss (as trained, without augmentation or smoothing) of the saved
+    model on the validation rows, whether the phase validates on images or on the cached trunk."""
+    job = _head_job(tmp_path, head, gender_smoothing=0.1)
+    model_cfg = replace(job.model, phases=[Phase(1, what, 3e-3)])
+    job = replace(job, model=model_cfg, cfg=replace(job.cfg, models=[model_cfg]))
+    train_fold(job)
+    model, ckpt = load_best(job.out / "best.pt", job.model, job.device)
+    tr, va = job.rows()
+    ages = job.comp.train.age.to_numpy(np.float32)
+    scale = AgeScale.fit(ages[tr], head == "regression")
+    objective = Objective.of(job.cfg.train, scale, float(ages[tr].std() + 1e-6), head).unsmoothed
+    x = torch.from_numpy(job.images.train[va]).permute(0, 3, 1, 2)
+    with torch.no_grad(), evaluating(model):
+        raw_age, logit = model(x, raw=True)
+    y_age, y_gender = torch.from_numpy(scale.to_target(ages[va])), torch.tensor(job.comp.train.gender.to_numpy()[va])
+    expected = float(objective(raw_age, logit, y_age, y_gender.float()))
+    assert _metrics(job).val_loss.iloc[0] == pytest.approx(expected, rel=1e-4)
 
 
 def test_a_backbone_that_does_not_split_says_so_once_and_trains_uncached(tmp_path, capsys):

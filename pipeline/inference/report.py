@@ -192,9 +192,10 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, a
     groups.append(("By age bin", group_table(oof, age_bin(oof.age_true, age_bins), threshold)))
     groups.append(("By gender", group_table(oof, oof.gender_true.rename("gender"), threshold)))
 
-    blend = summary["table"]["blend"]
+    blend = summary.get("cross_fitted") or summary["table"]["blend"]  # blend.json of earlier versions: in-sample
     cards = [
-        ("CV " + metric, blend[metric]),
+        ("CV " + metric + " (cross-fitted)", blend[metric]),
+        ("in-sample " + metric, summary["table"]["blend"][metric]),
         ("MAE", blend["mae"]),
         ("RMSE", blend["rmse"]),
         ("gender accuracy", blend["accuracy"]),
@@ -207,6 +208,9 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, a
         f"{', '.join(map(html.escape, models))}. Blend weights and gender threshold ({threshold:.2f}) were chosen "
         "on OOF predictions only.</p>",
         "<div class=cards>" + "".join(f"<div class=card>{k}<b>{v:.4f}</b></div>" for k, v in cards) + "</div>",
+        "<p>Cross-fitted: each fold's rows blended with the weights and threshold fitted on the other folds' rows "
+        "only (the headline CV, and the cards after it). In-sample: the blend fitted on all rows, which the "
+        "submission uses, scored on those same rows; the difference is what fitting the blend adds to the CV.</p>",
         "<h2>OOF results</h2>",
         f"<p>Ages clipped as in the submission; each row's gender threshold chosen on OOF (the blend's, "
         f"{threshold:.2f}, is the submission's).</p>",

@@ -190,7 +190,7 @@ def bundle_info(
         "resizes to its img_size",
         "gender": {"threshold": blend["threshold"], "labels": coding, "labels_from": source},
         "models": models,
-        "oof": {k: blend.get(k) for k in ("metric", "cv", "oof_rows", "table", "table_at_0.5")},
+        "oof": {k: blend.get(k) for k in ("metric", "cv", "cv_in_sample", "oof_rows", "table", "table_at_0.5")},
         "holdout": blend.get("holdout"),
         "data": data,
     }
@@ -277,7 +277,9 @@ def model_card(info: dict) -> str:
         "## How well (out of fold)",
         "",
         f"{oof.get('oof_rows')} training images, {len(info['models'][0]['folds'])}-fold cross-validation; "
-        f"CV {oof.get('metric')} {_figure(oof.get('cv'))}. Each row at its own OOF-tuned threshold:",
+        f"CV {oof.get('metric')} {_figure(oof.get('cv'))} (cross-fitted: each fold blended with weights and a "
+        f"threshold fitted on the other folds; the blend fitted on all rows scores {_figure(oof.get('cv_in_sample'))} "
+        "on them). Each row at its own OOF-tuned threshold (in-sample):",
         "",
         "| model | " + " | ".join(metrics) + " |",
         "|---" * (len(metrics) + 1) + "|",

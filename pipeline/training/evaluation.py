@@ -12,6 +12,7 @@ from ..models.stages import evaluating
 from ..models.tta import apply_tta
 from .job import Inference, autocast
 from .loader import FaceDataset, make_loader, to_model_input
+from .losses import LossSum
 from .trunk import CachedTrunk
 
 
@@ -25,10 +26,12 @@ def predict_arrays(
     age_std: float = 1.0,
     desc: str = "",
     loader=None,
+    loss: LossSum | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw-scale age and gender probability of images[rows], averaged over the TTA views (`loader`: one already
-    made for them, e.g. a fold's validation loader). The model runs in eval mode; every module's train/eval mode is
-    restored afterwards (frozen stages stay in eval mode)."""
+    made for them, e.g. a fold's validation loader; `loss`: summing the training objective, without TTA). The
+    model runs in eval mode; every module's train/eval mode is restored afterwards (frozen stages stay in eval
+    mode)."""
     if loader is None:
         cuda = how.device.type == "cuda"
         loader = make_loader(FaceDataset(images, rows), how.batch_size, False, how.workers, 0, cuda)
@@ -38,7 +41,8 @@ def predict_arrays(
         x = to_model_input(x, how.device)
         with autocast(how.device, how.amp):
             for name in how.tta:
-                yield model(apply_tta(x, name))
+                out = model(apply_tta(x, name), raw=loss is not None)
+                yield out if loss is None else loss.take(model, *out)
 
     with evaluating(model):
         return tta_average((views(x) for x, _, _ in batches), age_mean, age_std)

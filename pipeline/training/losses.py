@@ -103,11 +103,30 @@ class Objective:
             age = dldl_loss(pred_age, y_age, self.spread)
         return age + self.gender_weight * gender
 
-    def on_predictions(self, scale: AgeScale, age_pred, prob, age_true, gender_true) -> float:
-        """The same loss from raw-scale predictions (validation rows), against the true labels (no smoothing)."""
-        a = torch.from_numpy(scale.to_target(np.asarray(age_pred)))
-        y = torch.from_numpy(scale.to_target(np.asarray(age_true)))
-        p = np.clip(np.asarray(prob, np.float64), 1e-7, 1 - 1e-7)
-        logit = torch.from_numpy(np.log(p / (1 - p))).float()
-        unsmoothed = replace(self, gender_smoothing=0.0)
-        return float(unsmoothed(a, logit, y, torch.from_numpy(np.asarray(gender_true, np.float32))))
+    @property
+    def unsmoothed(self) -> Objective:
+        """The objective against the true labels (validation: no label smoothing)."""
+        return replace(self, gender_smoothing=0.0)
+
+
+class LossSum:
+    """The training objective (unsmoothed) over validation batches that come in row order: what val_loss reports,
+    from the head's own outputs (a distribution or ordinal head's logits), so that it is the loss trained on."""
+
+    def __init__(self, objective: Objective, target: np.ndarray, gender: np.ndarray):
+        self.objective = objective.unsmoothed
+        self.target, self.gender = torch.from_numpy(target), torch.from_numpy(np.asarray(gender, np.float32))
+        self.total, self.seen = 0.0, 0
+
+    def take(self, model, raw_age: torch.Tensor, logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the next rows' loss from a raw forward pass (the head's own outputs); returns (age, gender logit)
+        as the plain forward pass gives them."""
+        rows = slice(self.seen, self.seen + len(logit))
+        y_age, y_gender = self.target[rows].to(logit.device), self.gender[rows].to(logit.device)
+        self.total += float(self.objective(raw_age, logit, y_age, y_gender)) * len(logit)
+        self.seen += len(logit)
+        return (model.age_value(raw_age) if raw_age.ndim == 2 else raw_age), logit
+
+    @property
+    def value(self) -> float:
+        return self.total / max(1, self.seen)

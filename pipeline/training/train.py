@@ -29,7 +29,7 @@ from .checkpoint import Progress, checkpoint_epoch, load_resume, save_epoch
 from .evaluation import predict_arrays
 from .job import FoldJob, Inference, autocast
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform, training_batches
-from .losses import AgeScale, Objective
+from .losses import AgeScale, LossSum, Objective
 from .pseudo import stage_pseudo_labels, with_pseudo_labels
 from .trunk import CachedTrunk, TrunkCache
 
@@ -171,12 +171,15 @@ def phase_trunk(cache: TrunkCache, model, phases: list[Phase], pi: int) -> Cache
     return cache.for_phase(frozen_prefix_length(model, phases[pi].unfreeze), min(ahead or [0]))
 
 
-def validate(job: FoldJob, eval_model, trunk: CachedTrunk | None, va_rows, scale: AgeScale, loader=None) -> tuple:
-    """Validation predictions (no TTA) of the fold's validation rows, from the cache when the phase has one."""
-    how = Inference.for_job(job)
+def validate(job: FoldJob, eval_model, trunk: CachedTrunk | None, fs: FoldSet, loader=None) -> tuple:
+    """Validation predictions (no TTA) of the fold's validation rows, from the cache when the phase has one, and
+    the training objective on them (un-augmented, unsmoothed)."""
+    how, s, va = Inference.for_job(job), fs.scale, fs.va_rows
+    loss = LossSum(fs.objective, s.to_target(fs.age[va]), fs.gender[va])
     if trunk is not None:
-        return trunk.predict_val(eval_model, how, scale.mean, scale.std)
-    return predict_arrays(eval_model, job.images.train, va_rows, how, scale.mean, scale.std, loader=loader)
+        return *trunk.predict_val(eval_model, how, s.mean, s.std, loss), loss.value
+    age, prob = predict_arrays(eval_model, job.images.train, va, how, s.mean, s.std, loader=loader, loss=loss)
+    return age, prob, loss.value
 
 
 @dataclass
@@ -325,7 +328,7 @@ def run_epoch(
     train_time = time.perf_counter() - t0
     eval_model = optim.ema.module if optim.ema is not None else optim.model
     va = fs.va_rows
-    va_age, va_prob = validate(job, eval_model, trunk, va, fs.scale, loaders.val)
+    va_age, va_prob, val_loss = validate(job, eval_model, trunk, fs, loaders.val)
     m = evaluate(fs.age[va], va_age, fs.gender[va], va_prob)
     row = {
         "epoch": epoch,
@@ -334,7 +337,7 @@ def run_epoch(
         "lr": phase.lr,
         "lr_end": optim.opt.param_groups[0]["lr"],
         "train_loss": loss_sum / max(1, seen),
-        "val_loss": fs.objective.on_predictions(fs.scale, va_age, va_prob, fs.age[va], fs.gender[va]),
+        "val_loss": val_loss,  # the objective trained on, on the validation rows; val_mae etc. in years
         **{f"val_{k}": v for k, v in m.items()},
         "img_per_s": seen / train_time,
         "seconds": time.perf_counter() - t0,

@@ -82,13 +82,15 @@ class CachedTrunk:
             yield torch.index_select(flat, 0, pick[idx], out=out), age_t[idx], gender_t[idx]
 
     @torch.inference_mode()
-    def predict_val(self, model: AgeGenderNet, how: Inference, age_mean: float, age_std: float):
-        """Validation predictions (no TTA) at the same precision as the uncached path (predict_arrays)."""
+    def predict_val(self, model: AgeGenderNet, how: Inference, age_mean: float, age_std: float, loss=None):
+        """Validation predictions (no TTA) at the same precision as the uncached path (predict_arrays), summing
+        the training objective into `loss` (a LossSum) if given."""
         ages, probs = [], []
         with evaluating(model):
             for i in range(0, len(self.val), how.batch_size):
                 with autocast(how.device, how.amp):
-                    a, g = self.forward(model, self.val[i : i + how.batch_size], raw=False)
+                    out = self.forward(model, self.val[i : i + how.batch_size], raw=loss is not None)
+                    a, g = out if loss is None else loss.take(model, *out)
                 ages.append(a.float().cpu().numpy() * age_std + age_mean)
                 probs.append(torch.sigmoid(g.float()).cpu().numpy())
         return np.concatenate(ages), np.concatenate(probs)
