@@ -9,9 +9,10 @@ from PIL import Image
 
 from pipeline.core.config import ConfigError, load_config
 from pipeline.core.errors import DataError
-from pipeline.data import cache as cache_module
-from pipeline.data.cache import _files_key, cached_images, decode_image, prepare_images
+from pipeline.data import imaging as imaging_module
+from pipeline.data.cache import cached_images, decode_image, prepare_images
 from pipeline.data.competition import load_competition, parse_utkface_name
+from pipeline.data.imaging import files_key
 
 
 @pytest.mark.parametrize(
@@ -149,21 +150,21 @@ def test_cache_is_reused_and_rebuilt_when_a_source_changes(tmp_path):
 
 
 def test_cache_key_follows_the_contents_not_the_file_times(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "DIGEST_SPAN", 64)  # files longer than two spans: head and tail are read
+    monkeypatch.setattr(imaging_module, "DIGEST_SPAN", 64)  # files longer than two spans: head and tail are read
     paths = [tmp_path / f"{i}.bin" for i in range(3)]
     for i, p in enumerate(paths):
         p.write_bytes(bytes(range(256)) * (i + 1))
     names = [str(p) for p in paths]
-    key = _files_key("h", names)
+    key = files_key("h", names)
     for p in paths:  # a fresh copy of the same data: new file times
         os.utime(p, ns=(1, 1))
-    assert _files_key("h", names) == key
+    assert files_key("h", names) == key
     body = bytearray(paths[2].read_bytes())
     body[-1] ^= 1  # a change in the last bytes of a file longer than the span
     paths[2].write_bytes(bytes(body))
-    assert _files_key("h", names) != key
+    assert files_key("h", names) != key
     paths[2].unlink()
-    assert _files_key("h", names) != key  # a missing file is part of the key too
+    assert files_key("h", names) != key  # a missing file is part of the key too
 
 
 def test_unreadable_training_image_skipped_and_test_image_kept(demo_root, tmp_path):

@@ -64,6 +64,9 @@ class FoldsConfig:
     n_splits: int = 5
     seed: int = 42
     age_bins: list[float] = field(default_factory=lambda: [0, 5, 12, 18, 25, 32, 40, 50, 60, 75])
+    # images kept together on one side of every fold and of the hold-out split: none; near_duplicates (the same
+    # photo re-encoded, resized, renamed or slightly shifted: data/duplicates.py); or a train CSV column (a person id)
+    groups: str = "none"
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,8 @@ def _validate(cfg: Config) -> None:
     check("launcher", cfg.launcher)
     _validate_ray(cfg.ray)
     _validate_tune(cfg)
+    if not cfg.folds.groups.strip():
+        raise ConfigError("folds.groups: none, near_duplicates, or the name of a train CSV column (e.g. a person id)")
     if not cfg.tta:
         raise ConfigError(f"tta: name at least one view; choose from: {', '.join(CHOICES['tta'])}")
     for t in cfg.tta:

@@ -68,8 +68,9 @@ def fold_lock(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
-def folds_file(dataset: str, n_splits: int, seed: int) -> Path:
-    return FOLDS_DIR / f"{dataset}-k{n_splits}-s{seed}.csv"
+def folds_file(dataset: str, n_splits: int, seed: int, groups: str = "none") -> Path:
+    grouped = "" if groups == "none" else "-g" + re.sub(r"[^A-Za-z0-9_.]+", "_", groups)
+    return FOLDS_DIR / f"{dataset}-k{n_splits}-s{seed}{grouped}.csv"
 
 
 def error_log(exp_dir: Path, job: str) -> Path:

@@ -3,9 +3,7 @@ the result as a memory-mapped uint8 array under data.cache_dir, keyed by the fil
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,13 +20,13 @@ from .faces import Face, crop_face, detect_faces
 from .imaging import (  # WORKERS: decode threads, detection processes
     WORKERS,
     decode_rgb,
+    files_key,
     ordered_map,
     read_bytes,
     square_resize,
 )
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied, data.fit
-DIGEST_SPAN = 1 << 16  # cache keys read this many bytes from the start and from the end of each file
 FACES_VERSION = 1  # data.face_crop=detect caches: bump when faces.py's detection or framing changes
 DETECT_POOL_FROM = 200  # images from which detection runs in a process pool (starting one takes ~2 s)
 DETECT_CHUNK = 32  # images a detection task
@@ -47,35 +45,13 @@ def decode_image(path: str, size: int, fit: str = "stretch", face: Face | None =
     return square_resize(rgb, size, fit, zoom)
 
 
-def _file_digest(path: str) -> str:
-    """The file's size and a digest of its first and last 64 KiB (all of it for the usual image), not its mtime:
-    a fresh copy of the same data (a re-synced or re-mounted dataset) keeps its caches; 21k chips take ~0.5 s."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        h = hashlib.blake2b(f.read(DIGEST_SPAN), digest_size=16)
-        if size > DIGEST_SPAN:
-            f.seek(max(DIGEST_SPAN, size - DIGEST_SPAN))
-            h.update(f.read())
-    return f"{size}|{h.hexdigest()}"
-
-
-def _files_key(head: str, paths: list[str]) -> str:
-    h = hashlib.sha1(head.encode())
-    for p in paths:
-        try:
-            h.update(f"{p}|{_file_digest(p)}\n".encode())
-        except OSError:
-            h.update(f"{p}|missing\n".encode())
-    return h.hexdigest()[:16]
-
-
 def _cache_key(paths: list[str], size: int, fit: str, face_crop: str = "none", zoom: float = 1.0) -> str:
     head = f"v{CACHE_VERSION}|{size}|{fit}"
     if face_crop != "none":  # appended only then, so that the caches made before face_crop keep their key
         head += f"|{face_crop}-v{FACES_VERSION}"
     if zoom != 1.0:  # likewise
         head += f"|zoom-{zoom!r}"
-    return _files_key(head, paths)
+    return files_key(head, paths)
 
 
 def best_face(path: str) -> Face | None:
@@ -115,7 +91,7 @@ def _detector_died(chunk: list[str]) -> str:
 def find_faces(paths: list[str], cache_dir: str, tag: str) -> list[Face | None]:
     """best_face of each image, detected once per file list and kept in cache_dir, so that the caches of every
     image size crop from the same detection."""
-    key = _files_key(f"faces-v{FACES_VERSION}", paths)
+    key = files_key(f"faces-v{FACES_VERSION}", paths)
     path = Path(cache_dir) / f"{tag}-faces-{key}.json"
     if not path.is_file():
         found = _detect_all(paths, f"faces {tag}")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from ..core.config import Config, DataConfig
 from ..core.errors import DataError
+from .duplicates import CONFLICT, group_summary, image_hashes, label_conflicts, near_duplicate_groups
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
@@ -46,6 +47,7 @@ class Competition:
     holdout_labels: pd.DataFrame | None = None  # labels of a held-out test split; read only after submitting
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or row, reason)
     face_crop: FaceCropCounts | None = None  # set by prepare_images with data.face_crop=detect
+    groups: dict | None = None  # folds.groups: what was found (duplicates.group_summary), for the data report
 
     def report(self) -> dict:
         reasons: dict[str, int] = {}
@@ -58,6 +60,7 @@ class Competition:
             "skipped": len(self.skipped),
             "skipped_by_reason": reasons,
             "skipped_files": [{"file": f, "reason": r} for f, r in self.skipped],
+            "groups": self.groups,
         }
         if self.face_crop:
             c = self.face_crop
@@ -125,7 +128,10 @@ def load_competition(cfg: Config) -> Competition:
         raise DataError(f"data.root={d.root}: folder not found")
     name = d.name or root.resolve().name
     layout = detect_layout(root, d)
-    comp = _load_utkface(root, name) if layout == "utkface" else _load_kaggle(root, name, d)
+    group_col = "" if cfg.folds.groups in ("none", "near_duplicates") else cfg.folds.groups
+    if layout == "utkface" and group_col:
+        raise DataError(f"folds.groups={group_col}: UTKFace file names hold no such column; use near_duplicates")
+    comp = _load_utkface(root, name) if layout == "utkface" else _load_kaggle(root, name, d, group_col)
     if comp.skipped and d.on_error == "fail":
         where, why = comp.skipped[0]
         raise DataError(f"{where}: {why} ({len(comp.skipped)} such; data.on_error=skip skips them)")
@@ -133,11 +139,46 @@ def load_competition(cfg: Config) -> Competition:
     if d.limit:
         train = train.iloc[: d.limit].reset_index(drop=True)
     comp = replace(comp, train=train, skipped=[*comp.skipped, *bad])
+    comp = _with_groups(comp, cfg)
     _check_enough(comp, root, cfg.folds.n_splits)
     if len(comp.test) == 0 and d.holdout > 0:
         comp = _hold_out(comp, d.holdout, cfg.folds.seed, cfg.folds.age_bins)
         _check_enough(comp, root, cfg.folds.n_splits)
     return comp
+
+
+def _with_groups(comp: Competition, cfg: Config) -> Competition:
+    """comp.train with its `fold_group` column (folds.groups: near-duplicate photos, or the train CSV's column), and
+    without the copies of a picture labelled two ways (data.on_error=skip; fail stops)."""
+    how = cfg.folds.groups
+    if how != "near_duplicates":
+        return comp  # none, or a column the loader read as fold_group
+    train = comp.train
+    hashes = image_hashes(train.path.tolist(), cfg.data.cache_dir)
+    conflicts = label_conflicts(train, hashes)
+    if conflicts:
+        rows = train.iloc[conflicts[0]]
+        labels = ", ".join(f"{r.id} (age {r.age:g}, gender {r.gender})" for r in rows.itertuples())
+        n = sum(map(len, conflicts))
+        if cfg.data.on_error == "fail":
+            raise DataError(
+                f"{labels}: {CONFLICT}; {len(conflicts)} such pictures ({n} rows; data.on_error=skip skips them)"
+            )
+        print(f"data: skipped {n} copies of {len(conflicts)} pictures labelled two ways (label noise), e.g. {labels}")
+    drop = np.zeros(len(train), bool)
+    drop[[i for rows in conflicts for i in rows]] = True
+    groups = near_duplicate_groups(hashes)
+    train = train.assign(fold_group=groups)
+    summary = {
+        **group_summary(train[~drop], groups[~drop]),
+        "label_noise": [train.id.iloc[r].tolist() for r in conflicts],
+    }
+    print(
+        f"groups: {summary['groups']} groups of near-duplicate images ({summary['images_in_groups']} images, the "
+        f"largest {summary['largest']}), each kept on one side of every fold and of the hold-out split"
+    )
+    skipped = [*comp.skipped, *[(i, CONFLICT) for i in train.id[drop]]]
+    return replace(comp, train=train[~drop].reset_index(drop=True), skipped=skipped, groups=summary)
 
 
 def _check_enough(comp: Competition, root: Path, n_splits: int) -> None:
@@ -192,11 +233,13 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return df
 
 
-def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
+def _load_kaggle(root: Path, name: str, d: DataConfig, group_col: str = "") -> Competition:
     train_csv = root / d.train_csv
     df = _read_csv(train_csv)
     if df.empty:
         raise DataError(f"{train_csv}: has a header but no rows")
+    if group_col and group_col not in df.columns:
+        raise DataError(f"folds.groups={group_col}: {train_csv} has no such column (it has: {', '.join(df.columns)})")
     image_col = _detect_column(df, d.image_col, IMAGE_COLS, "image", train_csv)
     train_age_col = _detect_column(
         df, d.age_col if d.age_col in df.columns else "", (d.age_col.lower(), "age"), "age", train_csv
@@ -216,7 +259,9 @@ def _load_kaggle(root: Path, name: str, d: DataConfig) -> Competition:
             skipped.append((f"{train_csv.name} row {i + 2} ({value})", "image file not found"))
             continue
         rows.append((value, str(path), df.at[i, train_age_col], df.at[i, train_gender_col]))
-    train = pd.DataFrame(rows, columns=["id", "path", "age", "gender"])
+        if group_col:
+            rows[-1] += (str(df.at[i, group_col]),)
+    train = pd.DataFrame(rows, columns=["id", "path", "age", "gender", *(["fold_group"] if group_col else [])])
 
     sub_path = root / d.sample_submission
     test_csv = root / d.test_csv
@@ -310,7 +355,11 @@ def _hold_out(comp: Competition, frac: float, seed: int, bins: list[float]) -> C
     strata = age_gender_strata(train.age.to_numpy(), train.gender.to_numpy(), bins)
     # each stratum needs a member on both sides, and each side at least one member of every stratum
     strata = merge_small_strata(strata, 2, max_strata=min(n_held, len(train) - n_held))
-    keep, held = train_test_split(np.arange(len(train)), test_size=frac, random_state=seed, stratify=strata)
+    if "fold_group" in train.columns:  # a group on one side only: the held fold of a stratified group K-fold
+        splitter = StratifiedGroupKFold(n_splits=max(2, round(1 / frac)), shuffle=True, random_state=seed)
+        keep, held = next(splitter.split(np.zeros(len(train)), strata, train.fold_group.to_numpy()))
+    else:
+        keep, held = train_test_split(np.arange(len(train)), test_size=frac, random_state=seed, stratify=strata)
     held_df = train.iloc[np.sort(held)].reset_index(drop=True)
     return replace(
         comp,

@@ -1,4 +1,4 @@
-"""Stratified K-fold over age bins x gender, written once to folds/<dataset>-k<K>-s<seed>.csv."""
+"""Stratified (group) K-fold over age bins x gender, written once to folds/<dataset>-k<K>-s<seed>[-g<groups>].csv."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..core.config import Config
 from ..core.errors import PipelineError
@@ -16,15 +16,22 @@ from .competition import Competition, age_gender_strata, merge_small_strata
 
 
 def folds_path(cfg: Config, name: str) -> Path:
-    return folds_file(name, cfg.folds.n_splits, cfg.folds.seed)
+    return folds_file(name, cfg.folds.n_splits, cfg.folds.seed, cfg.folds.groups)
 
 
 def make_folds(train: pd.DataFrame, n_splits: int, seed: int, bins: list[float]) -> pd.DataFrame:
+    """Stratified K-fold; with a fold_group column (folds.groups) a stratified group K-fold: every group in one fold."""
     strata = age_gender_strata(train.age.to_numpy(), train.gender.to_numpy(), bins)
     strata = merge_small_strata(strata, n_splits)  # a stratum smaller than K cannot be split K ways
     fold = np.zeros(len(train), np.int64)
-    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for k, (_, val) in enumerate(splitter.split(np.zeros(len(strata)), strata)):
+    if "fold_group" in train.columns:
+        groups = train.fold_group.to_numpy()
+        if len(np.unique(groups)) < n_splits:
+            raise PipelineError(f"folds.groups: {len(np.unique(groups))} groups cannot fill {n_splits} folds")
+        splits = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(fold, strata, groups)
+    else:
+        splits = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(fold, strata)
+    for k, (_, val) in enumerate(splits):
         fold[val] = k
     return pd.DataFrame({"id": train.id.to_numpy(), "fold": fold})
 

@@ -3,7 +3,9 @@ scikit-learn), so that a bundle predicting on photos needs nothing more."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
+import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -119,3 +121,28 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int, died: C
         finally:
             for _, future in queue:
                 future.cancel()
+
+
+DIGEST_SPAN = 1 << 16  # cache keys read this many bytes from the start and from the end of each file
+
+
+def _file_digest(path: str) -> str:
+    """The file's size and a digest of its first and last 64 KiB (all of it for the usual image), not its mtime:
+    a fresh copy of the same data (a re-synced or re-mounted dataset) keeps its caches; 21k chips take ~0.5 s."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h = hashlib.blake2b(f.read(DIGEST_SPAN), digest_size=16)
+        if size > DIGEST_SPAN:
+            f.seek(max(DIGEST_SPAN, size - DIGEST_SPAN))
+            h.update(f.read())
+    return f"{size}|{h.hexdigest()}"
+
+
+def files_key(head: str, paths: list[str]) -> str:
+    h = hashlib.sha1(head.encode())
+    for p in paths:
+        try:
+            h.update(f"{p}|{_file_digest(p)}\n".encode())
+        except OSError:
+            h.update(f"{p}|missing\n".encode())
+    return h.hexdigest()[:16]

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from ..core.files import write_bytes, write_text  # noqa: E402
@@ -149,7 +150,36 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;
 h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;margin:.6em 0 1.4em}
 td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}th{background:#f4f4f4}
 .cards{display:flex;gap:1em;flex-wrap:wrap}.card{background:#f6f8fa;border-radius:8px;padding:.8em 1.2em}
-.card b{display:block;font-size:1.6em}img{max-width:100%;margin:.4em 0}.grid{display:flex;flex-wrap:wrap;gap:1em}"""
+.card b{display:block;font-size:1.6em}img{max-width:100%;margin:.4em 0}.grid{display:flex;flex-wrap:wrap;gap:1em}
+img.thumb{width:72px;margin:0 2px 0 0}"""
+
+
+def _groups_html(g: dict) -> str:
+    """folds.groups=near_duplicates: what was found, with a few example pairs as thumbnails."""
+
+    def thumb(path: str) -> str:
+        try:
+            img = Image.open(path).convert("RGB")
+        except OSError:
+            return "(file gone)"
+        img.thumbnail((72, 72))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
+        return f"<img class=thumb src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+
+    pairs = "".join(
+        "<div>"
+        + "".join(thumb(p) for p in e["paths"])
+        + f"<br><small>{html.escape(' = '.join(e['ids']))}</small></div>"
+        for e in g["examples"]
+    )
+    noise = g.get("label_noise") or []
+    return (
+        f"<h3>Near-duplicate groups (folds.groups)</h3><p>{g['groups']} groups of near-duplicate images "
+        f"({g['images_in_groups']} images, the largest {g['largest']}), each kept on one side of every fold and of "
+        f"the hold-out split. {len(noise)} pictures had copies labelled otherwise (label noise) and were skipped.</p>"
+        f"<div class=grid>{pairs}</div>"
+    )
 
 
 def _face_crop_html(fc: dict) -> str:
@@ -244,6 +274,8 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, a
         ]
         if data.get("face_crop"):
             parts.append(_face_crop_html(data["face_crop"]))
+        if data.get("groups"):
+            parts.append(_groups_html(data["groups"]))
         if data["skipped_by_reason"]:
             reasons = pd.DataFrame({"files": data["skipped_by_reason"]})
             reasons.index.name = "reason skipped"
