@@ -240,3 +240,19 @@ def test_the_headline_cv_is_the_blend_cross_fitted_over_the_folds(experiment, ca
     assert f"CV score: {by_hand['score']:.4f} (cross-fitted" in out
     report = (exp_dir / "report.html").read_text()
     assert f"CV score (cross-fitted)<b>{by_hand['score']:.4f}" in report
+
+
+def test_settings_chosen_on_some_folds_get_the_cv_of_the_other_folds_too(experiment, capsys):
+    exp_dir, train, test_labels = experiment
+    cfg = _cfg()
+    cfg.folds.chosen_on = [0]
+    blend(cfg, _comp(train, test_labels.id.tolist()), exp_dir)
+    summary = json.loads((exp_dir / "blend.json").read_text())
+    oof = pd.read_csv(exp_dir / "oof_blend.csv", dtype={"id": str})
+    unseen = summary["cv_unseen_folds"]
+    assert unseen["folds"] == [1] and unseen["score"] != summary["cv"]
+    rows = oof.fold == 1  # fold 1 blended with what fold 0 fitted: scored on its own
+    w_age = blend_module.age_weights(oof.loc[~rows, ["age:a", "age:b"]].to_numpy(), oof.age_true[~rows].to_numpy())
+    age = np.clip(oof.loc[rows, ["age:a", "age:b"]].to_numpy() @ w_age, 0, 120)
+    assert unseen["rmse"] == pytest.approx(float(np.sqrt(np.mean((age - oof.age_true[rows]) ** 2))), abs=1e-9)
+    assert f"CV score on the other folds (1), which no choice saw: {unseen['score']:.4f}" in capsys.readouterr().out

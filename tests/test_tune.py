@@ -32,11 +32,13 @@ def test_tune_writes_a_best_yaml_that_runs(demo_root, workdir):
     best = yaml.safe_load((workdir / "runs/exp/tune/best.yaml").read_text())
     assert best["experiment"] == "exp-tuned" and best["train"]["age_loss"] in ("l1", "smoothl1")
     assert 0.001 <= best["models"][0]["phases"][0]["lr"] <= 0.01
+    assert best["folds"]["chosen_on"] == [0]  # the fold the trials were judged on
     trials = (workdir / "runs/exp/tune/trials.csv").read_text().splitlines()
     assert len(trials) == 3  # header + 2 trials
     r = cli("run", "runs/exp/tune/best.yaml", cwd=workdir)
     assert r.returncode == 0, r.stdout + r.stderr
     assert list((workdir / "submissions").glob("exp-tuned-*.csv"))
+    assert "the settings were chosen on fold(s) 0 (folds.chosen_on): CV score on the other folds (1)" in r.stdout
 
 
 def drop_object_whose_callback_raises(error: BaseException) -> None:

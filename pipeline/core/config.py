@@ -67,6 +67,9 @@ class FoldsConfig:
     # images kept together on one side of every fold and of the hold-out split: none; near_duplicates (the same
     # photo re-encoded, resized, renamed or slightly shifted: data/duplicates.py); or a train CSV column (a person id)
     groups: str = "none"
+    # folds whose validation chose this config's settings (tune writes its tune.folds into best.yaml): the blend
+    # also prints the CV on the other folds, which no choice has seen
+    chosen_on: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,8 @@ def _validate(cfg: Config) -> None:
     check("launcher", cfg.launcher)
     _validate_ray(cfg.ray)
     _validate_tune(cfg)
+    if any(not 0 <= k < cfg.folds.n_splits for k in cfg.folds.chosen_on):
+        raise ConfigError(f"folds.chosen_on={cfg.folds.chosen_on}: folds are 0..{cfg.folds.n_splits - 1}")
     if not cfg.folds.groups.strip():
         raise ConfigError("folds.groups: none, near_duplicates, or the name of a train CSV column (e.g. a person id)")
     if not cfg.tta:

@@ -221,7 +221,8 @@ class OofBlend:
     prob: np.ndarray
     table: dict[str, dict]  # oof_tables: each row at its own threshold
     table_half: dict[str, dict]  # and at 0.5
-    cross_fitted: dict[str, float]  # the blend scored out of sample (cross_fitted_scores): the headline CV
+    cross_fitted: dict[str, float]  # the blend scored out of sample (cross_fitted): the headline CV
+    unseen: dict | None = None  # the same on the folds that did not choose the settings (folds.chosen_on)
 
     @property
     def threshold(self) -> float:
@@ -239,18 +240,18 @@ def fit_weights(ages: np.ndarray, probs: np.ndarray, y_age: np.ndarray, y_gender
     return w_age, w_gender, best_threshold(probs @ w_gender, y_gender)
 
 
-def cross_fitted_scores(
+def cross_fitted(
     ages: np.ndarray, probs: np.ndarray, y_age: np.ndarray, y_gender: np.ndarray, fold: np.ndarray, max_age: float
-) -> dict[str, float]:
-    """The blend's CV out of sample: each fold's rows blended with the weights and threshold fitted on the other
-    folds' rows only, then all rows scored together (as the in-sample figure is)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The blend out of sample: each fold's rows blended with the weights and threshold fitted on the other folds'
+    rows only. Returns every row's age and gender decision (0/1), to be scored together as the in-sample rows are."""
     age, decision = np.empty(len(y_age)), np.empty(len(y_age))
     for k in np.unique(fold):
         held, fit = fold == k, fold != k
         w_age, w_gender, t = fit_weights(ages[fit], probs[fit], y_age[fit], y_gender[fit])
         age[held] = np.clip(ages[held] @ w_age, 0, max_age)
         decision[held] = probs[held] @ w_gender >= t
-    return evaluate(y_age, age, y_gender, decision, 0.5)
+    return age, decision
 
 
 def fit_blend(cfg: Config, names: list[str], oofs: dict[str, pd.DataFrame], exp_dir: Path) -> OofBlend:
@@ -264,8 +265,15 @@ def fit_blend(cfg: Config, names: list[str], oofs: dict[str, pd.DataFrame], exp_
     blend_age, blend_prob = np.clip(ages @ w_age, 0, cfg.data.max_age), probs @ w_gender
     rows = {n: (ages[:, i], probs[:, i]) for i, n in enumerate(names)} | {"blend": (blend_age, blend_prob)}
     table, table_half = oof_tables(y_age, y_gender, rows, cfg.data.max_age)
-    crossed = cross_fitted_scores(ages, probs, y_age, y_gender, oof.fold.to_numpy(), cfg.data.max_age)
-    return OofBlend(names, oof, w_age, w_gender, blend_age, blend_prob, table, table_half, crossed)
+    fold = oof.fold.to_numpy()
+    age_x, decision_x = cross_fitted(ages, probs, y_age, y_gender, fold, cfg.data.max_age)
+    crossed = evaluate(y_age, age_x, y_gender, decision_x, 0.5)
+    unseen = None
+    if cfg.folds.chosen_on:
+        other = ~np.isin(fold, cfg.folds.chosen_on)
+        folds = sorted(set(fold[other].tolist()))
+        unseen = {"folds": folds, **evaluate(y_age[other], age_x[other], y_gender[other], decision_x[other], 0.5)}
+    return OofBlend(names, oof, w_age, w_gender, blend_age, blend_prob, table, table_half, crossed, unseen)
 
 
 def print_oof(cfg: Config, b: OofBlend, selection: dict | None) -> None:
@@ -288,6 +296,12 @@ def print_oof(cfg: Config, b: OofBlend, selection: dict | None) -> None:
         f"other folds); the blend fitted on all rows, which the submission uses, scores {fitted:.4f} on them, "
         f"in-sample, {abs(fitted - cv):.4f} {'higher' if is_better(cfg.metric, fitted, cv) else 'lower'}"
     )
+    if b.unseen is not None:
+        print(
+            f"the settings were chosen on fold(s) {', '.join(map(str, cfg.folds.chosen_on))} (folds.chosen_on): "
+            f"CV {cfg.metric} on the other folds ({', '.join(map(str, b.unseen['folds']))}), which no choice saw: "
+            f"{b.unseen[cfg.metric]:.4f}"
+        )
     if selection is not None:
         print(
             f"checkpoint epochs (train.select={cfg.train.select}): mean fold validation {cfg.metric} "
@@ -304,6 +318,7 @@ def blend_summary(cfg: Config, b: OofBlend, selection: dict | None) -> dict:
         "cv": b.cross_fitted[cfg.metric],  # the headline: the blend scored out of sample (cross_fitted_scores)
         "cv_in_sample": b.in_sample[cfg.metric],  # the submission's blend (fitted on all rows) scored on them
         "cross_fitted": b.cross_fitted,
+        "cv_unseen_folds": b.unseen,  # folds.chosen_on set: the cross-fitted scores on the other folds
         "table": b.table,
         "table_at_0.5": b.table_half,
         "threshold": b.threshold,

@@ -39,6 +39,7 @@ IGNORED_FOR_IDENTITY = {
     "train.device",
     "train.trunk_on_gpu",
     "train.compile",
+    "folds.chosen_on",
     "tracking",
     "data.cache_dir",
     "launcher",

@@ -238,7 +238,10 @@ def write_best(cfg: Config, path: str, overrides: list[str], table: pd.DataFrame
     best = finished.iloc[0]
     params = json.loads((storage / TRIALS / best.trial / TRIAL_DONE).read_text())["params"]
     best_cfg = load_config(path, [*overrides, *param_overrides(params)])
-    best_cfg = replace(best_cfg, experiment=f"{cfg.experiment}-tuned")
+    chosen_on = sorted({*best_cfg.folds.chosen_on, *cfg.tune.folds})  # the blend scores the other folds apart
+    best_cfg = replace(
+        best_cfg, experiment=f"{cfg.experiment}-tuned", folds=replace(best_cfg.folds, chosen_on=chosen_on)
+    )
     out = storage / BEST_YAML
     write_text(dump_config(best_cfg), out)
     score = best[f"cv_{cfg.metric}"]
