@@ -68,7 +68,8 @@ def test_near_duplicates_group_every_planted_copy_and_nothing_else(tmp_path):
     folds = make_folds(comp.train, 4, 42, FoldsConfig().age_bins)
     fold = dict(zip(folds.id, folds.fold))
     assert all(fold[c] == fold[o] for c, o in copies.items())
-    assert (image_hashes(comp.train.path.tolist(), str(tmp_path / "cache")).phash != 0).all()  # read from cache
+    cached = image_hashes(comp.train.path.tolist(), str(tmp_path / "cache"))  # read back from the cache
+    assert (cached.phash != 0).all() and np.array_equal(cached.groups, near_duplicate_groups(cached))
 
 
 def test_a_person_column_keeps_each_person_in_one_fold_and_on_one_side_of_the_holdout(tmp_path):

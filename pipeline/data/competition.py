@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from ..core.config import Config, DataConfig
 from ..core.errors import DataError
-from .duplicates import CONFLICT, group_summary, image_hashes, label_conflicts, near_duplicate_groups
+from .duplicates import CONFLICT, group_summary, image_hashes, label_conflicts
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
@@ -167,7 +167,7 @@ def _with_groups(comp: Competition, cfg: Config) -> Competition:
         print(f"data: skipped {n} copies of {len(conflicts)} pictures labelled two ways (label noise), e.g. {labels}")
     drop = np.zeros(len(train), bool)
     drop[[i for rows in conflicts for i in rows]] = True
-    groups = near_duplicate_groups(hashes)
+    groups = hashes.groups
     train = train.assign(fold_group=groups)
     summary = {
         **group_summary(train[~drop], groups[~drop]),
