@@ -157,8 +157,8 @@ def _with_groups(comp: Competition, cfg: Config) -> Competition:
     hashes = image_hashes(train.path.tolist(), cfg.data.cache_dir)
     conflicts = label_conflicts(train, hashes)
     if conflicts:
-        rows = train.iloc[conflicts[0]]
-        labels = ", ".join(f"{r.id} (age {r.age:g}, gender {r.gender})" for r in rows.itertuples())
+        first = train.iloc[conflicts[0]]
+        labels = ", ".join(f"{r.id} (age {r.age:g}, gender {r.gender})" for r in first.itertuples())
         n = sum(map(len, conflicts))
         if cfg.data.on_error == "fail":
             raise DataError(

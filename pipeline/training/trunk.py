@@ -220,15 +220,12 @@ class TrunkCache:
                 np.save(tmp, out.numpy())
         return np.load(path, mmap_mode="r")
 
-    def _autocast(self):
-        return autocast(self.device, self.amp)
-
     def _run(self, rows: np.ndarray, k: int, view: int) -> torch.Tensor:
         out = []
         ds = FaceDataset(self.images, rows, transform=view_transform(self.t, view))
         workers, cuda = auto_workers(self.t.num_workers), self.device.type == "cuda"
         loader = make_loader(ds, STORE_BATCH, False, workers, seed=view, pin_memory=cuda)
-        with evaluating(self.model), self._autocast():
+        with evaluating(self.model), autocast(self.device, self.amp):
             for x, _, _ in tqdm(loader, desc=f"frozen trunk view {view}", unit="batch", leave=False, disable=None):
                 h = (to_model_input(x, self.device).float() - self.model.mean) / self.model.std
                 for stage in self.stages[:k]:
@@ -241,7 +238,7 @@ class TrunkCache:
         if len(base) == 0:
             return base
         out = []
-        with self._autocast():
+        with autocast(self.device, self.amp):
             for i in range(0, len(base), STORE_BATCH):
                 h = base[i : i + STORE_BATCH].to(self.device).float()
                 for stage in self.stages[(self.base.k if base_k is None else base_k) : k]:
