@@ -57,6 +57,12 @@ class DataConfig:
     max_age: float = 120.0
     limit: int = 0  # use only the first N training images (0 = all); for quick trials
     cache_dir: str = "runs/cache"
+    # a Kaggle competition's slug (kaggle.com/competitions/SLUG): its files are downloaded into root when root is
+    # missing or empty (the official kaggle client; credentials as it takes them)
+    competition: str = ""
+    # what gender codes 0 and 1 mean, as the competition's page says (e.g. [female, male]); carried into the bundle,
+    # the web page, predict-images and the model card. Empty: UTKFace's own names, else shown as "gender code 0"
+    gender_labels: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -313,6 +319,15 @@ def _validate(cfg: Config) -> None:
     _validate_tune(cfg)
     if any(not 0 <= k < cfg.folds.n_splits for k in cfg.folds.chosen_on):
         raise ConfigError(f"folds.chosen_on={cfg.folds.chosen_on}: folds are 0..{cfg.folds.n_splits - 1}")
+    if cfg.data.gender_labels and (len(cfg.data.gender_labels) != 2 or not all(map(str.strip, cfg.data.gender_labels))):
+        raise ConfigError(
+            f"data.gender_labels={cfg.data.gender_labels}: name codes 0 and 1 in that order, e.g. [female, male]"
+        )
+    if cfg.data.competition and cfg.data.root == "demo":
+        raise ConfigError(
+            f"data.competition={cfg.data.competition}: set data.root to the folder its files go to, "
+            f"e.g. data.root=data/{cfg.data.competition}"
+        )
     if not cfg.folds.groups.strip():
         raise ConfigError("folds.groups: none, near_duplicates, or the name of a train CSV column (e.g. a person id)")
     if not cfg.tta:

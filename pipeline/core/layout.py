@@ -11,6 +11,8 @@ and submissions/ (relative to the working folder, as the CLI is run) and of the 
     runs/<experiment>/bundle[-onnx]/          the exported ensemble, and <experiment>-bundle[-onnx].tar.gz
     runs/<experiment>/tune/                   trials.csv, best.yaml, Ray Tune's state
     submissions/<experiment>-<stamp>.csv      never overwritten
+    submissions/ledger.csv                    every Kaggle submission: CV, digest, commit, ref, scores (append-only)
+    runs/<experiment>/kaggle/                 export format=kaggle: a Kaggle dataset that predicts offline
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ TRIALS_CSV = "trials.csv"
 BEST_YAML = "best.yaml"  # the best finished trial's config, runnable
 SEARCH = "search"  # Ray Tune's own state (a crashed search continues from it)
 
+LEDGER = SUBMISSIONS / "ledger.csv"  # orchestration/submit.py
+LEADERBOARD_PLOT = "leaderboard.png"  # runs/<experiment>/plots/: CV against public score, from the ledger
+KAGGLE_DIR = "kaggle"  # runs/<experiment>/kaggle/ (serving/kaggle_export.py)
 SUBMISSION_NAME = r"{experiment}-\d{{8}}-\d{{6}}(-\d+)?\.csv"  # <experiment>-<YYYYmmdd>-<HHMMSS>[-n].csv
 
 

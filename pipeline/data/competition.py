@@ -14,6 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from ..core.config import Config, DataConfig
 from ..core.errors import DataError
+from .download import download_competition, needs_download
 from .duplicates import CONFLICT, group_summary, image_hashes, label_conflicts
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -124,6 +125,8 @@ def _images_in(folder: Path, limit: int | None = None) -> list[Path]:
 def load_competition(cfg: Config) -> Competition:
     d = cfg.data
     root = Path(d.root)
+    if needs_download(d):
+        download_competition(d)
     if not root.is_dir():
         raise DataError(f"data.root={d.root}: folder not found")
     name = d.name or root.resolve().name

@@ -18,7 +18,15 @@ from PIL import Image  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from ..core.files import write_bytes, write_text  # noqa: E402
-from ..core.layout import BLEND, DATA_REPORT, EPOCH_METRICS, OOF_BLEND, REPORT, fold_dir  # noqa: E402
+from ..core.layout import (  # noqa: E402
+    BLEND,
+    DATA_REPORT,
+    EPOCH_METRICS,
+    LEADERBOARD_PLOT,
+    OOF_BLEND,
+    REPORT,
+    fold_dir,
+)
 from ..core.metrics import METRICS, evaluate  # noqa: E402
 
 UTK_RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
@@ -146,6 +154,28 @@ def blend_weights(summary: dict):
     return fig
 
 
+def leaderboard_plot(exp_dir: Path, table: pd.DataFrame) -> Path:
+    """plots/leaderboard.png: each scored Kaggle submission's CV against its public (and private) score; the
+    report shows it from then on. `table`: the ledger's latest rows (orchestration/submit.py)."""
+    cv = pd.to_numeric(table.cv, errors="coerce")
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for col, marker, label in (("public_score", "o", "public"), ("private_score", "x", "private")):
+        score = pd.to_numeric(table[col], errors="coerce")
+        ok = cv.notna() & score.notna()
+        if ok.any():
+            ax.scatter(cv[ok], score[ok], marker=marker, label=label)
+            for x, y, ref, exp in zip(cv[ok], score[ok], table.ref[ok], table.experiment[ok]):
+                ax.annotate(f"{exp} ({ref})", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    metric = table.metric.iloc[-1] if len(table) else "CV"
+    ax.set(xlabel=f"CV {metric} (cross-fitted)", ylabel="Kaggle score", title="CV against the leaderboard")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    folder = exp_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    _save(fig, folder, LEADERBOARD_PLOT.removesuffix(".png"))
+    return folder / LEADERBOARD_PLOT
+
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;margin:.6em 0 1.4em}
 td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}th{background:#f4f4f4}
@@ -266,6 +296,12 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, a
     ]
     for title, df in groups:
         parts += [f"<h3>{title}</h3>", _table(df)]
+    if (plots / LEADERBOARD_PLOT).is_file():  # written by `python -m pipeline submissions`
+        data_lb = base64.b64encode((plots / LEADERBOARD_PLOT).read_bytes()).decode()
+        parts += [
+            "<h2>CV against the leaderboard</h2><p>Every scored Kaggle submission in submissions/ledger.csv.</p>",
+            f"<img src='data:image/png;base64,{data_lb}'>",
+        ]
     if data:
         parts += [
             "<h2>Data</h2>",

@@ -13,7 +13,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would a
 USAGE = """usage:
   python -m pipeline run|folds|train|predict|blend CONFIG [model=NAME] [fold=K] [key=value ...]
   python -m pipeline tune CONFIG [trials=N] [folds=0[,1...]] [key=value ...]
-  python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=NAME0,NAME1]
+  python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [python=3.11]
+                                   [gender_labels=NAME0,NAME1] [wheels=DIR]
+  python -m pipeline submit CONFIG [file=PATH] [message=TEXT] [--wait] [key=value ...]
+  python -m pipeline submissions CONFIG [key=value ...]
   python -m pipeline predict-images BUNDLE PATH... [--out preds.csv] [--whole-image] [--detect-size PX]
                                    [--workers N] [--batch-size N] [--device cpu|cuda]
   python -m pipeline app BUNDLE [--host 127.0.0.1] [--port N] [--max-file-size MB] [--detect-size PX]
@@ -22,7 +25,10 @@ USAGE = """usage:
 stages: folds (write fold indices), train, predict (TTA OOF + test predictions),
         blend (OOF-chosen weights -> submissions/), run (all of them in order),
         tune (Ray Tune trials over tune.space -> runs/<experiment>/tune/best.yaml),
-        export (the blended ensemble -> runs/<experiment>/bundle/ and an archive of it),
+        export (the blended ensemble -> runs/<experiment>/bundle/ and an archive of it; format=kaggle: a Kaggle
+                dataset that writes the submission offline, runs/<experiment>/kaggle/),
+        submit (the newest submission -> Kaggle's data.competition, CV in the message, submissions/ledger.csv),
+        submissions (Kaggle's scores -> the ledger, the CV-public correlation, a plot in the report),
         predict-images (detect faces on any photos, predict each face with a bundle),
         app (a web page on 127.0.0.1: drop photos, see each face's age and gender, download the table)
 launcher=ray runs every (model, fold) job as a Ray task (ray.address: "" = this machine, auto or HOST:PORT)
@@ -34,6 +40,27 @@ def _fold_number(value: str) -> int:
         return int(value)
     except ValueError:
         raise PipelineError(f"fold={value!r}: give a fold number, e.g. fold=0") from None
+
+
+def _kaggle_stage(stage: str, config_path: str, args: list[str]) -> int:
+    from ..core.config import load_config
+    from .submit import submissions, submit
+
+    given, overrides, wait = {}, [], False
+    for item in args:
+        key, _, value = item.partition("=")
+        if item == "--wait" and stage == "submit":
+            wait = True
+        elif key in ("file", "message") and stage == "submit":
+            given[key] = value
+        else:
+            overrides.append(item)
+    cfg = load_config(config_path, overrides)
+    if stage == "submit":
+        submit(cfg, given.get("file", ""), given.get("message", ""), wait)
+    else:
+        submissions(cfg)
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -61,6 +88,9 @@ def main(argv: list[str]) -> int:
             print(f"demo competition in {make_demo(target)}")
             return 0
         from ..core.config import load_config
+
+        if stage in ("submit", "submissions"):
+            return _kaggle_stage(stage, target, rest)
         from .run import run
 
         if stage == "tune":

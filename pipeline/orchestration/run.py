@@ -42,6 +42,8 @@ IGNORED_FOR_IDENTITY = {
     "folds.chosen_on",
     "tracking",
     "data.cache_dir",
+    "data.competition",
+    "data.gender_labels",
     "launcher",
     "ray",
     "tune",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
@@ -27,13 +26,13 @@ from ..core.layout import (
     BLEND,
     CONFIG_YAML,
     DATA_REPORT,
-    REPO,
     bundle_name,
     bundle_weights,
     experiment_dir,
     fold_dir,
 )
 from ..core.metrics import evaluate
+from ..core.provenance import git_commit
 from ..data.cache import find_faces
 from ..data.competition import detect_layout, load_competition
 from ..data.faces import Face, crop_face
@@ -118,22 +117,6 @@ def gender_labels(cfg: Config, given: list[str] | None) -> tuple[dict[str, str],
     if layout == "utkface":
         return dict(UTKFACE_LABELS), "UTKFace file names (age_gender_race_date): 0 = male, 1 = female"
     return {"0": "0", "1": "1"}, "the training labels' own 0/1 codes (names unknown; export with gender_labels=)"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() + ("+modified" if dirty else "")
 
 
 def versions(fmt: str) -> dict[str, str]:

@@ -1,0 +1,216 @@
+"""Kaggle submissions: `submit` sends an experiment's submission with its CV in the message, `submissions` reads the
+scores back. Both keep submissions/ledger.csv, an append-only log (one row per event: a submission accepted, its
+status or scores changed; the latest row of a ref is its state). A failed submit writes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ..core.config import Config
+from ..core.errors import PipelineError
+from ..core.files import exclusive, write_bytes
+from ..core.kaggle_api import KaggleError, call, kaggle_api
+from ..core.layout import BLEND, LEDGER, SUBMISSIONS, experiment_dir
+from ..core.provenance import config_digest, git_commit
+from ..data.competition import load_competition
+from ..inference.blend import newest_submission, validate_submission
+from ..inference.report import leaderboard_plot, write_report
+
+COLUMNS = [
+    "time", "competition", "ref", "status", "public_score", "private_score", "experiment", "metric", "cv",
+    "config_digest", "commit", "file", "sha256", "message",
+]  # fmt: skip
+POLL_SECONDS = 10.0
+WAIT_LIMIT = 3600.0  # --wait gives up after an hour (the ledger row stays pending; `submissions` updates it later)
+
+
+def read_ledger(path: Path = LEDGER) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame(columns=COLUMNS, dtype=str)
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: not a readable CSV ({e}); it is append-only, restore it from a copy") from None
+
+
+def latest(ledger: pd.DataFrame) -> pd.DataFrame:
+    """Each submission's current state: the last row of every ref, in the order they were submitted."""
+    if ledger.empty:
+        return ledger
+    first = ledger.drop_duplicates("ref", keep="first").ref.tolist()
+    return ledger.drop_duplicates("ref", keep="last").set_index("ref").loc[first].reset_index()[COLUMNS]
+
+
+def append_rows(rows: list[dict], path: Path = LEDGER) -> None:
+    """Append rows to the ledger atomically: the old bytes stay as they were, the file is replaced in one rename."""
+    with exclusive(path.with_name(f".{path.name}.lock"), f"an update of {path}"):
+        old = path.read_bytes() if path.is_file() else b""
+        text = pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False, header=not old)
+        write_bytes(old + text.encode(), path)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _blend_summary(cfg: Config) -> dict:
+    path = experiment_dir(cfg.experiment) / BLEND
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: submit sends a blended experiment's submission; run it first")
+    return json.loads(path.read_text())
+
+
+def _check_file(cfg: Config, path: Path) -> None:
+    """The submission validation the blend stage applies: every test id once, in order, finite ages, 0/1 genders."""
+    comp = load_competition(cfg)
+    if len(comp.test) == 0:
+        raise PipelineError(f"{cfg.data.root}: no test set, so nothing to submit")
+    try:
+        sub = pd.read_csv(path, dtype={comp.sub_id_col: str}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: not a readable CSV ({e})") from None
+    cols = (comp.sub_id_col, comp.sub_age_col, comp.sub_gender_col)
+    missing = [c for c in cols if c not in sub.columns]
+    if missing:
+        raise PipelineError(f"{path}: no column {missing[0]!r} (the competition's columns are {', '.join(cols)})")
+    try:
+        validate_submission(sub, comp.submission_ids or comp.test.id.tolist(), *cols)
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"{path}: submission failed validation: {e}") from None
+    except PipelineError as e:
+        raise PipelineError(f"{path}: {e}") from None
+
+
+def _score(value) -> str:
+    return "" if value in (None, "") else str(value)
+
+
+def _status(s) -> str:
+    return s.status.name.lower() if getattr(s, "status", None) is not None else ""
+
+
+def submit(cfg: Config, file: str = "", message: str = "", wait: bool = False, poll: float = POLL_SECONDS) -> dict:
+    """Submit `file` (default: the experiment's newest submission) to data.competition; returns its ledger row."""
+    slug = cfg.data.competition
+    if not slug:
+        raise PipelineError("data.competition: name the Kaggle competition (its slug) to submit to")
+    summary = _blend_summary(cfg)
+    path = Path(file) if file else newest_submission(SUBMISSIONS, cfg.experiment)
+    if path is None or not path.is_file():
+        raise PipelineError(f"{file or SUBMISSIONS}: no submission file of experiment {cfg.experiment} found")
+    _check_file(cfg, path)
+    sha = _digest(path)
+    done = latest(read_ledger())
+    done = done[(done.sha256 == sha) & (done.competition == slug) & (done.status != "error")]
+    if len(done):
+        row = done.iloc[-1]
+        score = f"public score {row.public_score}" if row.public_score else f"status {row.status}, not scored yet"
+        raise PipelineError(
+            f"{path}: this file was already submitted to {slug} on {row.time} (ref {row.ref}, {score}); "
+            "`python -m pipeline submissions CONFIG` shows every score"
+        )
+    exp_dir = experiment_dir(cfg.experiment)
+    metric, cv = summary.get("metric", cfg.metric), summary.get("cv")
+    digest, commit = config_digest(exp_dir), git_commit()
+    text = f"{cfg.experiment} | CV {metric} {cv:.4f} | config {digest} | commit {commit[:12]}"
+    if message:
+        text += f" | {message}"
+    api = kaggle_api()
+    response = call(f"submission to {slug}", lambda: api.competition_submit(str(path), text, slug, quiet=True))
+    if not getattr(response, "ref", 0):
+        raise KaggleError(f"submission to {slug}: the upload did not complete ({response.message}); run it again")
+    row = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "competition": slug,
+        "ref": str(response.ref),
+        "status": "pending",
+        "public_score": "",
+        "private_score": "",
+        "experiment": cfg.experiment,
+        "metric": metric,
+        "cv": f"{cv:.6f}",
+        "config_digest": digest,
+        "commit": commit,
+        "file": str(path),
+        "sha256": sha,
+        "message": text,
+    }
+    append_rows([row])
+    print(f"submitted {path} to {slug} (ref {response.ref}): {text}")
+    if wait:
+        row = _wait(api, row, poll)
+    return row
+
+
+def _wait(api, row: dict, poll: float) -> dict:
+    end = time.monotonic() + WAIT_LIMIT
+    print(f"waiting for Kaggle to score ref {row['ref']} ...", flush=True)
+    while time.monotonic() < end:
+        updated = refresh(api, row["competition"], latest(read_ledger()))
+        mine = [r for r in updated if r["ref"] == row["ref"]]
+        if mine and mine[-1]["status"] != "pending":
+            r = mine[-1]
+            print(f"ref {r['ref']}: {r['status']}, public score {r['public_score'] or '-'}")
+            return r
+        time.sleep(poll)
+    print(f"ref {row['ref']} is still pending; `python -m pipeline submissions CONFIG` reads its score later")
+    return row
+
+
+def refresh(api, slug: str, current: pd.DataFrame) -> list[dict]:
+    """Append a ledger row for every submission of ours whose status or scores Kaggle now shows differently."""
+    listed = call(f"list of submissions to {slug}", lambda: api.competition_submissions(slug, page_size=100)) or []
+    remote = {str(s.ref): s for s in listed if s is not None}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    rows = []
+    for _, r in current[current.competition == slug].iterrows():
+        s = remote.get(r.ref)
+        if s is None:
+            continue
+        new = {"status": _status(s), "public_score": _score(s.public_score), "private_score": _score(s.private_score)}
+        if any(r[k] != v for k, v in new.items()):
+            rows.append({**r.to_dict(), **new, "time": now})
+    if rows:
+        append_rows(rows)
+    return rows
+
+
+def submissions(cfg: Config) -> pd.DataFrame:
+    """Refresh the scores of data.competition's submissions from Kaggle, print them with the CV-public
+    correlation and write the CV-against-leaderboard plot into the experiment's report."""
+    slug = cfg.data.competition
+    if not slug:
+        raise PipelineError("data.competition: name the Kaggle competition (its slug) whose submissions to show")
+    current = latest(read_ledger())
+    if current[current.competition == slug].empty:
+        print(f"no submissions to {slug} in {LEDGER} yet: python -m pipeline submit CONFIG")
+        return current
+    refresh(kaggle_api(), slug, current)
+    table = latest(read_ledger())
+    table = table[table.competition == slug]
+    print(table[["time", "ref", "experiment", "cv", "public_score", "private_score", "status"]].to_string(index=False))
+    print(correlation_line(table))
+    exp_dir = experiment_dir(cfg.experiment)
+    if (exp_dir / BLEND).is_file():
+        plot = leaderboard_plot(exp_dir, table)
+        report = write_report(exp_dir, [m.name for m in cfg.models], cfg.folds.n_splits, cfg.metric, cfg.folds.age_bins)
+        print(f"CV against the leaderboard: {plot}, also in {report}")
+    return table
+
+
+def correlation_line(table: pd.DataFrame) -> str:
+    scored = table.assign(
+        cv=pd.to_numeric(table.cv, errors="coerce"), public=pd.to_numeric(table.public_score, errors="coerce")
+    ).dropna(subset=["cv", "public"])
+    if len(scored) < 3:
+        return f"CV-public correlation: needs 3 scored submissions ({len(scored)} so far)"
+    pearson = scored.cv.corr(scored.public)
+    spearman = scored.cv.corr(scored.public, method="spearman")
+    return (
+        f"CV-public correlation over {len(scored)} scored submissions: Pearson {pearson:.3f}, Spearman {spearman:.3f}"
+    )
