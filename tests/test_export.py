@@ -74,7 +74,9 @@ def test_bundle_contents(run):
     assert info["gender"]["threshold"] == blend["threshold"]
     assert info["tta"] == ["none", "hflip"] and info["fit"] == "center_crop" and info["face_crop"] == "none"
     assert info["zoom"] == 1.25
-    assert info["gender"]["labels"] == {"0": "0", "1": "1"}  # a Kaggle layout: the codes' names are unknown
+    # a Kaggle layout without data.gender_labels: the codes' names are unknown, and the bundle says how to name them
+    assert info["gender"]["labels"] == {"0": "gender code 0", "1": "gender code 1"}
+    assert info["gender"]["labels_known"] is False and "data.gender_labels" in info["gender"]["labels_from"]
     assert info["models"][1]["mean"] == pytest.approx([0.5, 0.5, 0.5])  # tf_efficientnet_lite0's own normalisation
     files = sorted(p.relative_to(run.torch_dir).as_posix() for p in run.torch_dir.rglob("*") if p.is_file())
     assert files == ["README.md", "bundle.json"] + [
@@ -82,6 +84,7 @@ def test_bundle_contents(run):
     ]
     card = (run.torch_dir / "README.md").read_text()
     assert "| blend |" in card and "torch 2" in card and "90 training images" in card
+    assert "0 = gender code 0" in card and "data.gender_labels" in card
     onnx_info = json.loads((run.onnx_dir / "bundle.json").read_text())
     assert onnx_info["gender"]["labels"] == {"0": "male", "1": "female"} and onnx_info["runtime"] == "onnx"
 

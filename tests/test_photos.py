@@ -4,6 +4,7 @@ double of pipeline.serving.bundle.Bundle's predict interface, so these tests nee
 from __future__ import annotations
 
 import io
+import json
 import signal
 import struct
 import sys
@@ -262,6 +263,28 @@ def real_bundle(tmp_path_factory) -> Path:
     blend = {"age_weights": {"scratch_cnn": 1.0}, "gender_weights": {"scratch_cnn": 1.0}, "threshold": 0.5}
     info = bundle_info(cfg, root, blend, members, "torch", labels=["male", "female"])
     return write_bundle(members, info, root / "bundle", "test-bundle")
+
+
+def test_a_bundle_without_gender_names_says_gender_code_and_how_to_name_them(real_bundle, photo_dir, tmp_path, capsys):
+    import tarfile
+
+    from pipeline.serving.bundle import load_bundle
+
+    with tarfile.open(real_bundle) as tar:
+        tar.extractall(tmp_path, filter="data")
+    folder = next(tmp_path.glob("*/bundle.json")).parent
+    info = json.loads((folder / "bundle.json").read_text())
+    del info["gender"]["labels_known"]  # a bundle of an earlier version: codes "0"/"1" as their own names
+    info["gender"]["labels"] = {"0": "0", "1": "1"}
+    (folder / "bundle.json").write_text(json.dumps(info))
+    bundle = load_bundle(folder)
+    assert not bundle.labels_known and bundle.gender_labels == {"0": "gender code 0", "1": "gender code 1"}
+    out = tmp_path / "preds.csv"
+    assert photos.predict_images_cli([str(folder), str(photo_dir / "astronaut.jpg"), "--out", str(out)]) == 0
+    assert pd.read_csv(out).gender_label.iloc[0].startswith("gender code ")
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "data.gender_labels" in note[0]
+    assert load_bundle(real_bundle).labels_known  # exported with gender_labels=male,female
 
 
 def test_predict_images_with_a_real_bundle(real_bundle, photo_dir, tmp_path, capsys):

@@ -130,6 +130,8 @@ def write_table(rows: list[dict], out_dir: Path) -> Path:
 def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
     import gradio as gr
 
+    from .bundle import NAME_THEM
+
     def on_upload(paths: list[str] | None):
         if not paths:
             return [], shown_table([]), gr.DownloadButton(visible=False), ""
@@ -146,6 +148,8 @@ def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
         f"Model: {bundle.info.get('experiment', 'bundle')} ({bundle.runtime} bundle: "
         f"{', '.join(m.name for m in bundle.members)})"
     )
+    if not bundle.labels_known:
+        intro += f"  \nNote: {NAME_THEM}."
     with gr.Blocks(title="Age and gender from faces", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown(intro)
         with gr.Row():

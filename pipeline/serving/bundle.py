@@ -29,6 +29,11 @@ VERSION = 1
 BUNDLE_FILE = "bundle.json"
 COLUMNS = ["age", "gender_prob", "gender", "gender_label"]
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
+UNNAMED = {"0": "gender code 0", "1": "gender code 1"}  # what a bundle shows when the codes' names are unknown
+NAME_THEM = (
+    "the gender codes' names are unknown: set data.gender_labels: [name of 0, name of 1] as the competition's "
+    "page says (or export gender_labels=NAME0,NAME1) and export again"
+)
 MAX_BUNDLE_BYTES = 8 << 30  # a bundle of a few dozen fold models is far smaller; refuse an archive bomb
 
 FoldRunner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 N x S x S x 3 -> (age, gender_prob)
@@ -161,8 +166,14 @@ class Bundle:
         return float(self.info["gender"]["threshold"])
 
     @property
+    def labels_known(self) -> bool:
+        """Whether the bundle knows what gender codes 0 and 1 mean (data.gender_labels, export gender_labels=)."""
+        g = self.info["gender"]
+        return g.get("labels_known", (g.get("labels") or UNNAMED) not in (UNNAMED, {"0": "0", "1": "1"}))
+
+    @property
     def gender_labels(self) -> dict[str, str]:
-        return self.info["gender"].get("labels") or {"0": "0", "1": "1"}
+        return self.info["gender"]["labels"] if self.labels_known else dict(UNNAMED)
 
     def predict(self, faces: list[np.ndarray], batch_size: int = 64) -> pd.DataFrame:
         """Age, gender probability, gender (0/1 as in the training labels) and its label for RGB uint8 face crops

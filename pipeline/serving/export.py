@@ -39,7 +39,7 @@ from ..data.faces import Face, crop_face
 from ..data.imaging import decode_rgb, read_bytes, square_resize
 from ..models.backbones import create_model
 from ..models.tta import TTAFold
-from .bundle import BUNDLE_FILE, FORMAT, VERSION, Bundle, load_bundle
+from .bundle import BUNDLE_FILE, FORMAT, NAME_THEM, UNNAMED, VERSION, Bundle, load_bundle
 
 FORMATS = ("torch", "onnx")
 UTKFACE_LABELS = {"0": "male", "1": "female"}  # UTKFace file names: age_gender_race, gender 0 = male
@@ -106,17 +106,19 @@ def collect_members(cfg: Config, exp_dir: Path, blend: dict) -> list[ModelFolds]
     return members
 
 
-def gender_labels(cfg: Config, given: list[str] | None) -> tuple[dict[str, str], str]:
-    """What the submission's gender 0/1 mean, and where that comes from."""
+def gender_labels(cfg: Config, given: list[str] | None) -> tuple[dict[str, str], str, bool]:
+    """What the submission's gender 0/1 mean, where that comes from, and whether it is known at all."""
     if given:
-        return {"0": given[0], "1": given[1]}, "given at export (gender_labels=)"
+        return {"0": given[0], "1": given[1]}, "given at export (gender_labels=)", True
+    if cfg.data.gender_labels:
+        return dict(zip("01", cfg.data.gender_labels)), "the config's data.gender_labels", True
     try:
         layout = detect_layout(Path(cfg.data.root), cfg.data)
     except (DataError, OSError):
         layout = "unknown"
     if layout == "utkface":
-        return dict(UTKFACE_LABELS), "UTKFace file names (age_gender_race_date): 0 = male, 1 = female"
-    return {"0": "0", "1": "1"}, "the training labels' own 0/1 codes (names unknown; export with gender_labels=)"
+        return dict(UTKFACE_LABELS), "UTKFace file names (age_gender_race_date): 0 = male, 1 = female", True
+    return dict(UNNAMED), "unknown: " + NAME_THEM, False
 
 
 def versions(fmt: str) -> dict[str, str]:
@@ -137,7 +139,7 @@ def bundle_info(
     cfg: Config, exp_dir: Path, blend: dict, members: list[ModelFolds], fmt: str, labels: list[str] | None = None
 ) -> dict:
     """bundle.json without the weight files (write_bundle adds them)."""
-    coding, source = gender_labels(cfg, labels)
+    coding, source, known = gender_labels(cfg, labels)
     report = exp_dir / DATA_REPORT
     data = json.loads(report.read_text()) if report.is_file() else {}
     data.pop("skipped_files", None)  # names of the training files stay with the run
@@ -171,7 +173,7 @@ def bundle_info(
         "max_age": cfg.data.max_age,
         "input": "RGB uint8 face crops of any size; each model fits them square (fit), keeps the centred 1/zoom and "
         "resizes to its img_size",
-        "gender": {"threshold": blend["threshold"], "labels": coding, "labels_from": source},
+        "gender": {"threshold": blend["threshold"], "labels": coding, "labels_from": source, "labels_known": known},
         "models": models,
         "oof": {k: blend.get(k) for k in ("metric", "cv", "cv_in_sample", "oof_rows", "table", "table_at_0.5")},
         "holdout": blend.get("holdout"),
@@ -393,6 +395,8 @@ def export_cli(config_path: str, args: list[str]) -> int:
     t0 = time.perf_counter()
     folder, archive = export(cfg, exp_dir, fmt, labels)
     print(f"exported {fmt} bundle in {time.perf_counter() - t0:.0f}s: {folder} and {archive}")
+    if not load_bundle(folder).labels_known:
+        print(f"note: {NAME_THEM}")
     return 0
 
 

@@ -249,10 +249,12 @@ def predict_images_cli(argv: list[str]) -> int:
         if value < least:
             print(f"error: --{flag} must be at least {least}", file=sys.stderr)
             return 2
-    from .bundle import load_bundle
+    from .bundle import NAME_THEM, load_bundle
 
     try:
         bundle = load_bundle(args.bundle, device=args.device)
+        if not bundle.labels_known:
+            print(f"note: {NAME_THEM}", file=sys.stderr)
         paths = photo_paths(args.paths)
         df = predict_images(
             bundle, paths, args.whole_image, args.batch_size, detect_size=args.detect_size, workers=args.workers
