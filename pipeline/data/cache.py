@@ -16,7 +16,7 @@ from ..core.config import Config
 from ..core.errors import DataError
 from ..core.files import atomic_path, remove_stale_temporaries, write_text
 from .competition import Competition, FaceCropCounts
-from .faces import Face, crop_face, detect_faces
+from .faces import Face, best_face, crop_face
 from .imaging import (  # WORKERS: decode threads, detection processes
     WORKERS,
     decode_rgb,
@@ -52,15 +52,6 @@ def _cache_key(paths: list[str], size: int, fit: str, face_crop: str = "none", z
     if zoom != 1.0:  # likewise
         head += f"|zoom-{zoom!r}"
     return files_key(head, paths)
-
-
-def best_face(path: str) -> Face | None:
-    """The highest-score face in an image file; None when it has none or cannot be decoded."""
-    try:
-        found = detect_faces(decode_rgb(read_bytes(path))) if path else []
-    except DataError:
-        return None  # the cache's own decode reports why
-    return found[0] if found else None
 
 
 def _best_faces(paths: list[str]) -> list[Face | None]:

@@ -16,10 +16,8 @@ from ..core.config import Config, DataConfig
 from ..core.errors import DataError
 from .download import download_competition, needs_download
 from .duplicates import CONFLICT, group_summary, image_hashes, label_conflicts
+from .test_set import IMAGE_COLS, IMAGE_EXTS, detect_column, read_csv, read_test_set, resolve_image
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-IMAGE_COLS = ("image", "image_id", "img", "file", "filename", "file_name", "path", "full_path", "image_path", "id")
-ID_COLS = ("id", "image_id", "image", "file", "filename", "file_name")
 UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_\d+")
 
 
@@ -202,52 +200,18 @@ def _load_utkface(root: Path, name: str) -> Competition:
     return Competition(name, train, test, skipped=skipped)
 
 
-def _detect_column(df: pd.DataFrame, wanted: str, candidates: tuple[str, ...], what: str, csv: Path) -> str:
-    if wanted:
-        if wanted not in df.columns:
-            raise DataError(f"{csv}: no column {wanted!r}; columns are {list(df.columns)}")
-        return wanted
-    lower = {c.lower(): c for c in df.columns}
-    for c in candidates:
-        if c in lower:
-            return lower[c]
-    raise DataError(f"{csv}: cannot find the {what} column (tried {', '.join(candidates)}); set it in config")
-
-
-def _resolve_image(value: str, folders: list[Path]) -> Path | None:
-    for folder in folders:
-        p = folder / value
-        if p.is_file():
-            return p
-        for ext in IMAGE_EXTS:
-            q = folder / f"{value}{ext}"
-            if q.is_file():
-                return q
-    return None
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)  # ids such as "007" stay as written
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV ({e})") from None
-    return df
-
-
 def _load_kaggle(root: Path, name: str, d: DataConfig, group_col: str = "") -> Competition:
     train_csv = root / d.train_csv
-    df = _read_csv(train_csv)
+    df = read_csv(train_csv)
     if df.empty:
         raise DataError(f"{train_csv}: has a header but no rows")
     if group_col and group_col not in df.columns:
         raise DataError(f"folds.groups={group_col}: {train_csv} has no such column (it has: {', '.join(df.columns)})")
-    image_col = _detect_column(df, d.image_col, IMAGE_COLS, "image", train_csv)
-    train_age_col = _detect_column(
+    image_col = detect_column(df, d.image_col, IMAGE_COLS, "image", train_csv)
+    train_age_col = detect_column(
         df, d.age_col if d.age_col in df.columns else "", (d.age_col.lower(), "age"), "age", train_csv
     )
-    train_gender_col = _detect_column(
+    train_gender_col = detect_column(
         df,
         d.gender_col if d.gender_col in df.columns else "",
         (d.gender_col.lower(), "gender", "sex"),
@@ -257,7 +221,7 @@ def _load_kaggle(root: Path, name: str, d: DataConfig, group_col: str = "") -> C
     folders = [root / d.train_dir, root]
     rows, skipped = [], []
     for i, value in enumerate(df[image_col].astype(str)):
-        path = _resolve_image(value, folders)
+        path = resolve_image(value, folders)
         if path is None:
             skipped.append((f"{train_csv.name} row {i + 2} ({value})", "image file not found"))
             continue
@@ -266,46 +230,10 @@ def _load_kaggle(root: Path, name: str, d: DataConfig, group_col: str = "") -> C
             rows[-1] += (str(df.at[i, group_col]),)
     train = pd.DataFrame(rows, columns=["id", "path", "age", "gender", *(["fold_group"] if group_col else [])])
 
-    sub_path = root / d.sample_submission
-    test_csv = root / d.test_csv
-    # The submission's columns: sample_submission.csv's header (id first), else the training CSV's names.
-    sub_id_col, sub_age_col, sub_gender_col = "id", train_age_col, train_gender_col
-    if sub_path.is_file():
-        sub = _read_csv(sub_path)
-        sub_id_col = sub.columns[0]
-        lower = {c.lower(): c for c in sub.columns[1:]}
-        sub_age_col = lower.get("age", sub_age_col)
-        sub_gender_col = lower.get("gender", lower.get("sex", sub_gender_col))
-        test_ids = sub[sub_id_col].astype(str).tolist()
-    elif test_csv.is_file():
-        t = _read_csv(test_csv)
-        sub_id_col = _detect_column(t, "", ID_COLS + IMAGE_COLS, "id", test_csv)
-        test_ids = t[sub_id_col].astype(str).tolist()
-    else:
-        test_ids = []
-    submission_ids = test_ids
-    if len(set(test_ids)) != len(test_ids):
-        dup = pd.Series(test_ids)[pd.Series(test_ids).duplicated()]
-        print(
-            f"WARNING: {len(dup)} duplicate test ids (e.g. {dup.iloc[0]!r}); each is predicted once and "
-            "written on every row where the sample submission has it"
-        )
-        test_ids = list(dict.fromkeys(test_ids))
-    test_folders = [root / d.test_dir, root]
-    test_rows = []
-    for tid in test_ids:
-        path = _resolve_image(tid, test_folders)
-        test_rows.append((tid, str(path) if path else ""))
-    test = pd.DataFrame(test_rows, columns=["id", "path"])
-    missing = test[test.path == ""]
-    if len(missing):
-        print(
-            f"WARNING: {len(missing)} test ids have no image (e.g. {missing.id.iloc[0]!r}); "
-            "they still get a row in the submission, predicted from a blank image"
-        )
-    header = list(sub.columns) if sub_path.is_file() else None
+    t = read_test_set(root, d.sample_submission, d.test_csv, d.test_dir, train_age_col, train_gender_col)
+    test = pd.DataFrame({"id": t.ids, "path": t.paths}, columns=["id", "path"])
     return Competition(
-        name, train, test, sub_id_col, sub_age_col, sub_gender_col, submission_ids, header, skipped=skipped
+        name, train, test, t.id_col, t.age_col, t.gender_col, t.submission_ids, t.header, skipped=skipped
     )
 
 

@@ -12,6 +12,9 @@ import cv2
 import numpy as np
 import yuface
 
+from ..core.errors import DataError
+from .imaging import decode_rgb, read_bytes, square_resize
+
 # Framing of the UTKFace aligned+cropped chips, measured by benchmarks/face_framing.py on developer-set chips:
 # in the frame rotated so that the eyes are level, with s = CHIP_EYE_WEIGHT * eye distance + CHIP_MOUTH_WEIGHT *
 # eye-to-mouth distance (eye midpoint to mouth midpoint), the chip is a square of side s whose centre lies at
@@ -120,3 +123,23 @@ def crop_face(
         return crop
     interp = cv2.INTER_AREA if out_size < native else cv2.INTER_LINEAR
     return cv2.resize(crop, (out_size, out_size), interpolation=interp)
+
+
+def best_face(path: str) -> Face | None:
+    """The highest-score face in an image file; None when it has none or cannot be decoded."""
+    try:
+        found = detect_faces(decode_rgb(read_bytes(path))) if path else []
+    except DataError:
+        return None  # the cache's own decode reports why
+    return found[0] if found else None
+
+
+def native_face(path: str, fit: str, face: Face | None = None) -> np.ndarray:
+    """An image file (cropped to `face` when given) squared by `fit` at its own resolution, so that a bundle's
+    resize of it equals the cache's decode_image(path, size, fit, face) at every size (a stretch-fitted non-square
+    image is only approximated)."""
+    rgb = decode_rgb(read_bytes(path))  # decoded once: decode_image's own steps, at the file's size
+    if face is not None:
+        rgb = crop_face(rgb, face)
+    h, w = rgb.shape[:2]
+    return square_resize(rgb, max(h, w) if fit == "pad" else min(h, w), fit)

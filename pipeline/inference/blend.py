@@ -31,6 +31,7 @@ from ..core.layout import (
 from ..core.metrics import METRICS, evaluate, is_better
 from ..core.tracking import Tracker
 from ..data.competition import Competition
+from ..data.test_set import validate_submission
 from .report import write_report
 
 
@@ -114,27 +115,6 @@ def join_oof(oofs: dict[str, pd.DataFrame], exp_dir: Path) -> pd.DataFrame:
         cols = {"age": f"age:{name}", "gender_prob": f"prob:{name}"}
         oof = oof.join(oofs[name].set_index("id")[list(cols)].rename(columns=cols), on="id")
     return oof
-
-
-def validate_submission(sub: pd.DataFrame, test_ids: list[str], id_col: str, age_col: str, gender_col: str) -> None:
-    problems = []
-    ids = sub[id_col].astype(str)
-    if len(ids) != len(test_ids):
-        problems.append(f"{len(ids)} rows for {len(test_ids)} expected")
-    missing = set(test_ids) - set(ids)
-    if missing:
-        problems.append(f"{len(missing)} test ids missing, e.g. {sorted(missing)[0]!r}")
-    extra = set(ids) - set(test_ids)
-    if extra:
-        problems.append(f"{len(extra)} ids not in the test set, e.g. {sorted(extra)[0]!r}")
-    if not problems and ids.tolist() != list(test_ids):
-        problems.append("rows are not in the test ids' order (duplicate or reordered ids)")
-    if not np.isfinite(sub[age_col].to_numpy(dtype=float)).all():
-        problems.append("non-finite ages")
-    if not sub[gender_col].isin([0, 1]).all():
-        problems.append("gender values other than 0/1")
-    if problems:
-        raise PipelineError("submission failed validation: " + "; ".join(problems))
 
 
 def format_table(rows: dict[str, dict], cols: tuple[str, ...] = METRICS) -> str:

@@ -15,7 +15,6 @@ from io import StringIO
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..core.config import Config, ModelConfig, load_config
@@ -35,15 +34,17 @@ from ..core.metrics import evaluate
 from ..core.provenance import git_commit
 from ..data.cache import find_faces
 from ..data.competition import detect_layout, load_competition
-from ..data.faces import Face, crop_face
-from ..data.imaging import decode_rgb, read_bytes, square_resize
 from ..models.backbones import create_model
 from ..models.tta import TTAFold
 from .bundle import BUNDLE_FILE, FORMAT, NAME_THEM, UNNAMED, VERSION, Bundle, load_bundle
+from .kaggle_predict import predict_paths
 
 FORMATS = ("torch", "onnx")
 UTKFACE_LABELS = {"0": "male", "1": "female"}  # UTKFace file names: age_gender_race, gender 0 = male
-USAGE = "usage: python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=NAME0,NAME1]"
+USAGE = (
+    "usage: python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [gender_labels=NAME0,NAME1]"
+    " [python=3.11] [wheels=DIR]"
+)
 
 
 @dataclass
@@ -344,17 +345,6 @@ def export(cfg: Config, exp_dir: Path, fmt: str = "torch", labels: list[str] | N
     return exp_dir / name, archive
 
 
-def native_face(path: str, fit: str, face: Face | None = None) -> np.ndarray:
-    """An image file (cropped to `face` when given) squared by `fit` at its own resolution, so that a bundle's
-    resize of it equals decode_image(path, size, fit, face) at every size (a stretch-fitted non-square image is
-    only approximated)."""
-    rgb = decode_rgb(read_bytes(path))  # decoded once: decode_image's own steps, at the file's size
-    if face is not None:
-        rgb = crop_face(rgb, face)
-    h, w = rgb.shape[:2]
-    return square_resize(rgb, max(h, w) if fit == "pad" else min(h, w), fit)
-
-
 def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[str, float]:
     """The run's held-out figures (blend.json "holdout") recomputed by the bundle from the held-out image files."""
     comp = load_competition(cfg)
@@ -362,16 +352,7 @@ def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[s
         raise PipelineError("this run has no held-out split (data.holdout=0)")
     paths = comp.test.path.tolist()
     found = find_faces(paths, cfg.data.cache_dir, f"{comp.name}-test") if cfg.data.face_crop == "detect" else None
-    preds = []
-    for start in range(0, len(paths), chunk):
-        faces = []
-        for i in range(start, min(start + chunk, len(paths))):
-            try:
-                faces.append(native_face(paths[i], cfg.data.fit, found[i] if found else None))
-            except DataError:  # the pipeline predicts an unreadable test image from a blank one
-                faces.append(np.zeros((8, 8, 3), np.uint8))
-        preds.append(bundle.predict(faces))
-    pred = pd.concat(preds, ignore_index=True)
+    pred = predict_paths(bundle, paths, cfg.data.fit, found, chunk)
     h = comp.holdout_labels
     return evaluate(
         h.age.to_numpy(float), pred.age.to_numpy(float), h.gender.to_numpy(int), pred.gender.to_numpy(float), 0.5
@@ -379,22 +360,39 @@ def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[s
 
 
 def export_cli(config_path: str, args: list[str]) -> int:
-    """`python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx] [gender_labels=A,B] [key=value]`."""
-    fmt, labels, overrides = "torch", None, []
+    """`python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [gender_labels=A,B]
+    [python=3.11] [wheels=DIR] [key=value]`; python and wheels (a local wheelhouse instead of the package index) are
+    for format=kaggle."""
+    from .kaggle_export import KAGGLE_PYTHON, export_kaggle, folder_size
+
+    fmt, labels, python, wheels, overrides = "torch", None, KAGGLE_PYTHON, "", []
     for item in args:
         key, _, value = item.partition("=")
         if key == "format":
             fmt = value
+        elif key == "python":
+            python = value
+        elif key == "wheels":
+            wheels = value
         elif key == "gender_labels":
             labels = [v.strip() for v in value.split(",")]
             if len(labels) != 2 or not all(labels):
                 raise PipelineError(f"gender_labels={value!r}: give the names of codes 0 and 1, e.g. male,female")
         else:
             overrides.append(item)
+    if fmt not in (*FORMATS, "kaggle"):
+        raise PipelineError(f"format={fmt!r} is not valid; choose one of: {', '.join(FORMATS)}, kaggle")
     cfg, exp_dir = run_config(config_path, overrides)
     t0 = time.perf_counter()
-    folder, archive = export(cfg, exp_dir, fmt, labels)
-    print(f"exported {fmt} bundle in {time.perf_counter() - t0:.0f}s: {folder} and {archive}")
+    folder, archive = export(cfg, exp_dir, "onnx" if fmt == "kaggle" else fmt, labels)
+    if fmt == "kaggle":
+        out = export_kaggle(cfg, exp_dir, folder, python, wheels)
+        size = folder_size(out) / 2**20
+        print(
+            f"exported the Kaggle dataset in {time.perf_counter() - t0:.0f}s: {out} ({size:.0f} MiB); see its README.md"
+        )
+    else:
+        print(f"exported {fmt} bundle in {time.perf_counter() - t0:.0f}s: {folder} and {archive}")
     if not load_bundle(folder).labels_known:
         print(f"note: {NAME_THEM}")
     return 0

@@ -1,0 +1,93 @@
+"""The submission of a competition folder from an ONNX bundle, offline and without torch: what the Kaggle dataset
+of `export format=kaggle` runs (its predict_submission.py calls `main`) and what export checks a bundle with.
+
+The hidden test set is read as the pipeline read the public one (data/test_set.py): the sample submission's ids,
+order and column names; each image decoded, face-cropped (face_crop=detect) and squared at its own resolution,
+then the bundle's resize, zoom, TTA, fold average and blend; gender as the competition's 0/1 code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..core.errors import DataError, PipelineError
+from ..core.files import write_csv
+from ..data.faces import Face, best_face, native_face
+from ..data.test_set import read_test_set, validate_submission
+
+COMPETITION_FILE = "competition.json"  # beside the bundle: the slug and the test side's file and column names
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_WORKING = Path("/kaggle/working")
+
+
+def predict_paths(bundle, paths: list[str], fit: str, found: list[Face | None] | None = None, chunk: int = 256):
+    """bundle.predict on image files, `chunk` at a time; an unreadable or missing file is predicted from a blank
+    image, as the pipeline does."""
+    preds = []
+    for start in range(0, len(paths), chunk):
+        faces = []
+        for i in range(start, min(start + chunk, len(paths))):
+            try:
+                faces.append(native_face(paths[i], fit, found[i] if found else None))
+            except DataError:
+                faces.append(np.zeros((8, 8, 3), np.uint8))
+        preds.append(bundle.predict(faces))
+    return pd.concat(preds, ignore_index=True)
+
+
+def submission(bundle, root: Path, names: dict) -> pd.DataFrame:
+    """The competition folder `root`'s submission: one row per sample-submission row, in its order and columns."""
+    t = read_test_set(
+        root, names["sample_submission"], names["test_csv"], names["test_dir"], names["age_col"], names["gender_col"]
+    )
+    if not t.ids:
+        raise PipelineError(f"{root}: no test set here (no {names['sample_submission']} or {names['test_csv']})")
+    found = [best_face(p) for p in t.paths] if bundle.face_crop == "detect" else None
+    pred = predict_paths(bundle, t.paths, bundle.info["fit"], found)
+    sub = pd.DataFrame({t.id_col: t.ids, t.age_col: pred.age.to_numpy(), t.gender_col: pred.gender.to_numpy()})
+    sub = sub.set_index(t.id_col).loc[t.submission_ids].reset_index()
+    if t.header and set(t.header) == set(sub.columns):
+        sub = sub[t.header]
+    validate_submission(sub, t.submission_ids, t.id_col, t.age_col, t.gender_col)
+    return sub
+
+
+def default_competition_dir(slug: str) -> Path:
+    """/kaggle/input/<slug> (or the one folder under /kaggle/input holding the sample submission, wherever Kaggle
+    mounted it); outside Kaggle the current folder."""
+    if (KAGGLE_INPUT / slug).is_dir():
+        return KAGGLE_INPUT / slug
+    found = sorted(p.parent for p in KAGGLE_INPUT.glob("**/sample_submission.csv")) if KAGGLE_INPUT.is_dir() else []
+    return found[0] if found else Path(".")
+
+
+def main(argv: list[str], here: Path) -> int:
+    """predict_submission.py [COMPETITION_DIR] [--out submission.csv]; `here`: the exported folder."""
+    from .bundle import NAME_THEM, load_bundle
+
+    names = json.loads((here / COMPETITION_FILE).read_text())
+    p = argparse.ArgumentParser(prog="predict_submission.py", description="Write the submission, offline.")
+    p.add_argument("competition_dir", nargs="?", help=f"default: /kaggle/input/{names['competition'] or '<slug>'}")
+    default_out = KAGGLE_WORKING / "submission.csv" if KAGGLE_WORKING.is_dir() else Path("submission.csv")
+    p.add_argument("--out", default=str(default_out), help=f"default: {default_out}")
+    args = p.parse_args(argv)
+    root = Path(args.competition_dir) if args.competition_dir else default_competition_dir(names["competition"])
+    try:
+        t0 = time.perf_counter()
+        bundle = load_bundle(here / "bundle")
+        if not bundle.labels_known:
+            print(f"note: {NAME_THEM}", file=sys.stderr)
+        sub = submission(bundle, root, names)
+        write_csv(sub, args.out)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    print(f"{args.out}: {len(sub)} rows from {root} in {seconds:.1f}s ({len(sub) / seconds:.1f} images/s)")
+    return 0
