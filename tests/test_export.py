@@ -24,10 +24,11 @@ from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.cache import decode_image
 from pipeline.data.competition import load_competition
+from pipeline.data.faces import native_face
 from pipeline.data.imaging import square_resize
 from pipeline.serving import photos
 from pipeline.serving.bundle import load_bundle
-from pipeline.serving.export import export, holdout_from_bundle, native_face, run_config
+from pipeline.serving.export import export, holdout_from_bundle, run_config
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
 MODELS = [

@@ -13,6 +13,7 @@ from conftest import cli, cli_command, cli_env, ctrl_c, paste, write_config
 
 from pipeline.core.config import load_config
 from pipeline.data import cache as cache_module
+from pipeline.data import faces as faces_module
 from pipeline.data.cache import _cache_key, best_face, cached_images, find_faces, prepare_images
 from pipeline.data.competition import load_competition
 from pipeline.data.faces import crop_face
@@ -61,7 +62,7 @@ def test_face_is_cropped_and_an_image_without_one_kept_whole(face_files, tmp_pat
 def test_detection_runs_once_for_every_image_size(face_files, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     cached_images(face_files, 32, cache, "t", face_crop="detect")
-    monkeypatch.setattr(cache_module, "detect_faces", lambda *a, **k: pytest.fail("detected twice"))
+    monkeypatch.setattr(faces_module, "detect_faces", lambda *a, **k: pytest.fail("detected twice"))
     large, _, _ = cached_images(face_files, 64, cache, "t", face_crop="detect")
     assert len(list((tmp_path / "cache").glob("t-faces-*.json"))) == 1
     crop = crop_face(decode_rgb(read_bytes(face_files[0])), find_faces(face_files, cache, "t")[0])
