@@ -32,6 +32,7 @@ class FakeBundle:
     gender_label. The age is the crop's mean brightness, so that a test can tell crops apart."""
 
     face_crop = "none"
+    labels_known = True
 
     def __init__(self) -> None:
         self.batches: list[list[np.ndarray]] = []
@@ -199,8 +200,10 @@ def fake_bundle_module(monkeypatch):
             raise PipelineError(f"{path}: not a bundle")
         return FakeBundle()
 
+    from pipeline.serving.bundle import NAME_THEM
+
     module = types.ModuleType("pipeline.serving.bundle")
-    module.load_bundle = load_bundle
+    module.load_bundle, module.NAME_THEM = load_bundle, NAME_THEM
     monkeypatch.setitem(sys.modules, "pipeline.serving.bundle", module)
 
 
