@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data import cache as data  # noqa: E402
+from pipeline.data import faces as face_module  # noqa: E402
 from pipeline.data.faces import CHIP_SIZE, chip_frame  # noqa: E402
 
 
@@ -47,17 +48,17 @@ def cpu_seconds() -> float:
 
 
 def serial(paths: list[str]) -> list:
-    return [data.best_face(p) for p in paths]
+    return [face_module.best_face(p) for p in paths]
 
 
 def threads(paths: list[str]) -> list:
     with ThreadPoolExecutor(data.WORKERS) as pool:
-        return list(pool.map(data.best_face, paths))
+        return list(pool.map(face_module.best_face, paths))
 
 
 def processes(paths: list[str]) -> list:
-    data.DETECT_POOL_FROM = 0
-    return data._detect_all(paths, "detect (process pool)")
+    face_module.DETECT_POOL_FROM = 0
+    return face_module.detect_all(paths, "detect (process pool)")
 
 
 def compare(paths: list[str]) -> None:
@@ -81,7 +82,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=data.WORKERS, help="decode threads and detection processes")
     args = ap.parse_args()
-    data.WORKERS = args.workers
+    data.WORKERS = face_module.WORKERS = args.workers
     paths = chips(args.data, args.n, args.seed)
     if args.compare:
         compare(paths[: args.compare])

@@ -22,14 +22,13 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data.competition import load_competition  # noqa: E402
-from pipeline.serving.bundle import load_bundle  # noqa: E402
-from pipeline.serving.export import run_config  # noqa: E402
-from pipeline.serving.kaggle_export import folder_size  # noqa: E402
-from pipeline.serving.kaggle_predict import submission  # noqa: E402
+# the pipeline is imported inside the functions: face detection's worker processes (spawned) import this module
+# again, and should not pay for torch, as predict_submission.py's do not
 
 
 def competition_folder(cfg, tmp: Path) -> tuple[Path, int]:
+    from pipeline.data.competition import load_competition
+
     comp = load_competition(cfg)
     if comp.holdout_labels is None:
         return Path(cfg.data.root), len(comp.test)
@@ -41,7 +40,16 @@ def competition_folder(cfg, tmp: Path) -> tuple[Path, int]:
     return root, len(comp.test)
 
 
+def comp_id(root: Path) -> str:
+    return pd.read_csv(root / "sample_submission.csv", nrows=0).columns[0]
+
+
 def main(argv: list[str]) -> int:
+    from pipeline.serving.bundle import load_bundle
+    from pipeline.serving.export import run_config
+    from pipeline.serving.kaggle_export import folder_size
+    from pipeline.serving.kaggle_predict import submission
+
     cfg, exp_dir = run_config(argv[0], argv[1:])
     out = exp_dir / "kaggle"
     if not (out / "predict_submission.py").is_file():
@@ -63,6 +71,14 @@ def main(argv: list[str]) -> int:
             if r.returncode:
                 print(r.stdout + r.stderr, file=sys.stderr)
                 return 1
+            if run == "second":
+                ours = pd.read_csv(exp_dir.parents[1] / json.loads((exp_dir / "blend.json").read_text())["submission"],
+                                   dtype=str).set_index(comp_id(root))  # fmt: skip
+                theirs = pd.read_csv(tmp / "sub.csv", dtype=str).set_index(comp_id(root)).loc[ours.index]
+                diff = (theirs.iloc[:, 0].astype(float) - ours.iloc[:, 0].astype(float)).abs().max()
+                same = (theirs.iloc[:, 1] == ours.iloc[:, 1]).mean()
+                print(f"against the pipeline's own submission: max age difference {diff:.2g} years, genders equal "
+                      f"{same:.2%}")  # fmt: skip
             inner = re.search(r"in ([\d.]+)s \(([\d.]+) images/s\)", r.stdout)
             print(f"{run} run: wall {walls[-1]:.1f}s; predicting {n} images {inner.group(1)}s = {inner.group(2)} img/s")
         bundle = load_bundle(out / "bundle")

@@ -12,11 +12,10 @@ import pytest
 from conftest import cli, cli_command, cli_env, ctrl_c, paste, write_config
 
 from pipeline.core.config import load_config
-from pipeline.data import cache as cache_module
 from pipeline.data import faces as faces_module
-from pipeline.data.cache import _cache_key, best_face, cached_images, find_faces, prepare_images
+from pipeline.data.cache import _cache_key, cached_images, find_faces, prepare_images
 from pipeline.data.competition import load_competition
-from pipeline.data.faces import crop_face
+from pipeline.data.faces import best_face, crop_face
 from pipeline.data.imaging import decode_rgb, read_bytes, square_resize
 from pipeline.inference.report import _face_crop_html
 
@@ -71,7 +70,7 @@ def test_detection_runs_once_for_every_image_size(face_files, tmp_path, monkeypa
 
 def test_process_pool_finds_the_same_faces(face_files, tmp_path, monkeypatch):
     serial = find_faces(face_files, str(tmp_path / "a"), "t")
-    monkeypatch.setattr(cache_module, "DETECT_POOL_FROM", 0)
+    monkeypatch.setattr(faces_module, "DETECT_POOL_FROM", 0)
     pooled = find_faces(face_files, str(tmp_path / "b"), "t")
     assert pooled == serial and [f is not None for f in serial] == [True, True, False, False]
 

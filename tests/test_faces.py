@@ -15,7 +15,7 @@ from conftest import paste
 from skimage import data
 
 from pipeline.data import faces
-from pipeline.data.cache import best_face
+from pipeline.data.faces import best_face
 
 ASTRONAUT_FACE = (177, 63, 89, 112)  # x, y, w, h of Eileen Collins' face in skimage's astronaut (checked by eye)
 

@@ -70,7 +70,7 @@ def test_predict_submission_in_a_fresh_venv_from_the_wheels_writes_the_pipelines
     args = [str(python), str(out / "predict_submission.py"), str(demo_root), "--out", str(written)]
     r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "installing numpy, pandas, opencv-python-headless, onnxruntime, yuface" in r.stdout
+    assert "installing numpy, pandas, opencv-python-headless, onnxruntime, yuface, tqdm" in r.stdout
     assert "images/s" in r.stdout
     check = subprocess.run([str(python), "-c", "import torch"], env=env, capture_output=True, text=True)
     assert check.returncode != 0  # nothing brought torch in

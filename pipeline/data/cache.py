@@ -16,20 +16,17 @@ from ..core.config import Config
 from ..core.errors import DataError
 from ..core.files import atomic_path, remove_stale_temporaries, write_text
 from .competition import Competition, FaceCropCounts
-from .faces import Face, best_face, crop_face
+from .faces import Face, crop_face, detect_all
 from .imaging import (  # WORKERS: decode threads, detection processes
     WORKERS,
     decode_rgb,
     files_key,
-    ordered_map,
     read_bytes,
     square_resize,
 )
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied, data.fit
 FACES_VERSION = 1  # data.face_crop=detect caches: bump when faces.py's detection or framing changes
-DETECT_POOL_FROM = 200  # images from which detection runs in a process pool (starting one takes ~2 s)
-DETECT_CHUNK = 32  # images a detection task
 cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe
 
 
@@ -54,38 +51,13 @@ def _cache_key(paths: list[str], size: int, fit: str, face_crop: str = "none", z
     return files_key(head, paths)
 
 
-def _best_faces(paths: list[str]) -> list[Face | None]:
-    return [best_face(p) for p in paths]
-
-
-def _detect_all(paths: list[str], desc: str) -> list[Face | None]:
-    """best_face of every path, in order; from DETECT_POOL_FROM images on in worker processes (YuNet holds the
-    GIL), DETECT_CHUNK images a task."""
-    if WORKERS == 1 or len(paths) < DETECT_POOL_FROM:
-        return [best_face(p) for p in tqdm(paths, desc=desc, unit="img")]
-    chunks = [paths[i : i + DETECT_CHUNK] for i in range(0, len(paths), DETECT_CHUNK)]
-    found: list[Face | None] = []
-    with tqdm(total=len(paths), desc=desc, unit="img") as bar:
-        for part in ordered_map(_best_faces, chunks, WORKERS, ahead=2, died=_detector_died):
-            found.extend(part)
-            bar.update(len(part))
-    return found
-
-
-def _detector_died(chunk: list[str]) -> str:
-    return (
-        f"face detection: a worker process died (a crash in the image decoder or the face detector) on one of "
-        f"{len(chunk)} images from {chunk[0]}"
-    )
-
-
 def find_faces(paths: list[str], cache_dir: str, tag: str) -> list[Face | None]:
     """best_face of each image, detected once per file list and kept in cache_dir, so that the caches of every
     image size crop from the same detection."""
     key = files_key(f"faces-v{FACES_VERSION}", paths)
     path = Path(cache_dir) / f"{tag}-faces-{key}.json"
     if not path.is_file():
-        found = _detect_all(paths, f"faces {tag}")
+        found = detect_all(paths, f"faces {tag}")
         write_text(json.dumps([asdict(f) if f else None for f in found]), path)
     return [_face_from_json(row) if row else None for row in json.loads(path.read_text())]
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import yuface
+from tqdm import tqdm
 
 from ..core.errors import DataError
-from .imaging import decode_rgb, read_bytes, square_resize
+from .imaging import WORKERS, decode_rgb, ordered_map, read_bytes, square_resize
 
 # Framing of the UTKFace aligned+cropped chips, measured by benchmarks/face_framing.py on developer-set chips:
 # in the frame rotated so that the eyes are level, with s = CHIP_EYE_WEIGHT * eye distance + CHIP_MOUTH_WEIGHT *
@@ -33,6 +34,8 @@ DETECT_MIN_SIDE = 128  # smaller ones on a copy upscaled to it (YuNet misses fac
 DETECT_PAD = 0.25
 DETECT_PAD_UP_TO = 400  # longest side (after scaling) up to which the padding is applied
 MIN_SCORE = 0.75  # 99.5% of UTKFace chips score >= 0.90 (4 in 3,000 under 0.75); textures, a space suit <= 0.74
+DETECT_POOL_FROM = 200  # images from which detect_all runs in a process pool (starting one takes ~2 s)
+DETECT_CHUNK = 32  # images a detection task
 THREADS = 1  # YuNet's OpenMP threads; more than one only spins on a busy 2-core machine
 
 
@@ -143,3 +146,28 @@ def native_face(path: str, fit: str, face: Face | None = None) -> np.ndarray:
         rgb = crop_face(rgb, face)
     h, w = rgb.shape[:2]
     return square_resize(rgb, max(h, w) if fit == "pad" else min(h, w), fit)
+
+
+def _best_faces(paths: list[str]) -> list[Face | None]:
+    return [best_face(p) for p in paths]
+
+
+def detect_all(paths: list[str], desc: str) -> list[Face | None]:
+    """best_face of every path, in order; from DETECT_POOL_FROM images on in WORKERS processes (YuNet holds the
+    GIL), DETECT_CHUNK images a task."""
+    if WORKERS == 1 or len(paths) < DETECT_POOL_FROM:
+        return [best_face(p) for p in tqdm(paths, desc=desc, unit="img")]
+    chunks = [paths[i : i + DETECT_CHUNK] for i in range(0, len(paths), DETECT_CHUNK)]
+    found: list[Face | None] = []
+    with tqdm(total=len(paths), desc=desc, unit="img") as bar:
+        for part in ordered_map(_best_faces, chunks, WORKERS, ahead=2, died=_detector_died):
+            found.extend(part)
+            bar.update(len(part))
+    return found
+
+
+def _detector_died(chunk: list[str]) -> str:
+    return (
+        f"face detection: a worker process died (a crash in the image decoder or the face detector) on one of "
+        f"{len(chunk)} images from {chunk[0]}"
+    )

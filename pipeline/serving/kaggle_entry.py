@@ -20,6 +20,7 @@ NEEDED = {
     "cv2": "opencv-python-headless",
     "onnxruntime": "onnxruntime",
     "yuface": "yuface",
+    "tqdm": "tqdm",
 }
 
 

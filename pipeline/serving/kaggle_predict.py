@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..core.errors import DataError, PipelineError
 from ..core.files import write_csv
-from ..data.faces import Face, best_face, native_face
+from ..data.faces import Face, detect_all, native_face
 from ..data.test_set import read_test_set, validate_submission
 
 COMPETITION_FILE = "competition.json"  # beside the bundle: the slug and the test side's file and column names
@@ -48,7 +48,7 @@ def submission(bundle, root: Path, names: dict) -> pd.DataFrame:
     )
     if not t.ids:
         raise PipelineError(f"{root}: no test set here (no {names['sample_submission']} or {names['test_csv']})")
-    found = [best_face(p) for p in t.paths] if bundle.face_crop == "detect" else None
+    found = detect_all(t.paths, "faces") if bundle.face_crop == "detect" else None
     pred = predict_paths(bundle, t.paths, bundle.info["fit"], found)
     sub = pd.DataFrame({t.id_col: t.ids, t.age_col: pred.age.to_numpy(), t.gender_col: pred.gender.to_numpy()})
     sub = sub.set_index(t.id_col).loc[t.submission_ids].reset_index()
