@@ -67,13 +67,14 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def exclusive(path: str | Path, what: str):
-    """Hold an exclusive lock on `path` (released by the OS even on kill -9), or refuse clearly."""
+def exclusive(path: str | Path, what: str, wait: bool = False):
+    """Hold an exclusive lock on `path` (released by the OS even on kill -9), or refuse clearly (wait: block until
+    the holder is done instead, for short critical sections such as an append to the ledger)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"

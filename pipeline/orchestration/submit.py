@@ -48,7 +48,8 @@ def latest(ledger: pd.DataFrame) -> pd.DataFrame:
 
 def append_rows(rows: list[dict], path: Path = LEDGER) -> None:
     """Append rows to the ledger atomically: the old bytes stay as they were, the file is replaced in one rename."""
-    with exclusive(path.with_name(f".{path.name}.lock"), f"an update of {path}"):
+    # blocking: a submission Kaggle accepted must reach the ledger even while another process appends
+    with exclusive(path.with_name(f".{path.name}.lock"), f"an update of {path}", wait=True):
         old = path.read_bytes() if path.is_file() else b""
         text = pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False, header=not old)
         write_bytes(old + text.encode(), path)
