@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -78,11 +79,16 @@ class Cli:
     def _watch(proc: subprocess.Popen, seen: set[tuple[str, str]]) -> None:
         while proc.poll() is None:
             seen |= tcp_connections(proc.pid)
+            time.sleep(0.02)
+
+
+REAL_HOME_KAGGLE = [Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
 
 
 @pytest.fixture(scope="module")
 def kaggle(demo_root, tmp_path_factory):
     """A stand-in Kaggle that holds the demo competition, and a blended run of it (data.competition set)."""
+    real_home_before = [p.exists() for p in REAL_HOME_KAGGLE]
     root = tmp_path_factory.mktemp("kaggle")
     home = root / "home"
     home.mkdir()
@@ -94,6 +100,7 @@ def kaggle(demo_root, tmp_path_factory):
         r = run("run", cfg)
         assert r.returncode == 0, r.stdout + r.stderr
         yield standin, run, cfg, root
+    assert [p.exists() for p in REAL_HOME_KAGGLE] == real_home_before  # the client never wrote into the real home
 
 
 def ledger(root: Path) -> pd.DataFrame:
@@ -107,7 +114,7 @@ def test_download_fills_data_root_once_and_keeps_home_clean(kaggle, demo_root):
     assert len(standin.calls("DownloadDataFiles")) == 1  # the run downloaded once: later stages found the folder
     r = run("folds", cfg)
     assert r.returncode == 0 and len(standin.calls("DownloadDataFiles")) == 1
-    assert (run.home / ".kaggle").is_dir()  # the client's config folder went to the stand-in home (KAGGLE_CONFIG_DIR)
+    assert (run.home / ".kaggle").is_dir()  # the client made its config folder in the test's home, not the user's
     assert standin.peers == {"127.0.0.1"} and not standin.connects
 
 
@@ -115,6 +122,7 @@ def test_submit_sends_the_file_with_cv_digest_commit_and_logs_it(kaggle):
     standin, run, cfg, root = kaggle
     blend = json.loads((root / "runs" / "exp" / "blend.json").read_text())
     newest = Path(blend["submission"])
+    n_sent, n_rows = len(standin.submissions), len(ledger(root)) if (root / "submissions/ledger.csv").is_file() else 0
     r = run("submit", cfg, "message=first try")
     assert r.returncode == 0, r.stdout + r.stderr
     assert run.netlog.read_text() and run.peers  # the audit hook and ss both saw this process's connections
@@ -130,7 +138,7 @@ def test_submit_sends_the_file_with_cv_digest_commit_and_logs_it(kaggle):
 
     again = run("submit", cfg)  # the same file: refused, with when and how it scored
     assert again.returncode == 2 and "already submitted" in again.stderr and row.ref in again.stderr
-    assert len(standin.submissions) == 1 and len(ledger(root)) == 1
+    assert len(standin.submissions) == n_sent + 1 and len(ledger(root)) == n_rows + 1
 
 
 def test_submissions_reads_scores_back_and_plots_cv_against_public(kaggle):
@@ -147,16 +155,23 @@ def test_submissions_reads_scores_back_and_plots_cv_against_public(kaggle):
         df.to_csv(other, index=False)
         r = run("submit", cfg, f"file={other}", "--wait")
         assert r.returncode == 0 and "public score" in r.stdout, r.stdout + r.stderr
+    # a submission Kaggle got but the ledger missed (a submit cut off after the upload) is found by its message
+    lost = dict(standin.submissions[-1], ref=59999, fileName="lost.csv", polls_left=0)
+    standin.submissions.append(lost)
+    standin.submissions.append(dict(lost, ref=59998, description="made by hand"))  # not ours: left out
     r = run("submissions", cfg)
+    standin.submissions.pop()
     assert r.returncode == 0, r.stdout + r.stderr
     log = ledger(root)
     assert (root / "submissions" / "ledger.csv").read_bytes().startswith(before)  # appended, never rewritten
     state = log.drop_duplicates("ref", keep="last")
-    assert len(state) == 3 and (state.status == "complete").all()
+    assert len(state) == 4 and (state.status == "complete").all() and "59998" not in set(state.ref)
+    adopted = state[state.ref == "59999"].iloc[0]
+    assert adopted.file == "lost.csv" and adopted.experiment == "exp" and adopted.config_digest
     for s in standin.submissions:
         mine = state[state.ref == str(s["ref"])].iloc[0]
         assert (mine.public_score, mine.private_score) == public_score(s["data"])
-    assert "CV-public correlation over 3 scored submissions: Pearson" in r.stdout
+    assert "CV-public correlation over 4 scored submissions: Pearson" in r.stdout
     assert (root / "runs" / "exp" / "plots" / "leaderboard.png").stat().st_size > 1000
     assert "CV against the leaderboard" in (root / "runs" / "exp" / "report.html").read_text()
 
@@ -212,7 +227,7 @@ def test_download_errors_leave_no_half_folder(kaggle, tmp_path):
         target = tmp_path / slug
         r = run("folds", cfg, f"data.competition={slug}", f"data.root={target}", f"experiment={slug}")
         assert r.returncode == 2 and expect in r.stderr, r.stdout + r.stderr
-        assert not target.exists() and not list(tmp_path.glob(".*"))
+        assert not target.exists() and not [p for p in tmp_path.glob(".*") if p.suffix != ".lock"]
 
 
 def test_refuses_a_file_that_fails_validation(kaggle):
@@ -224,3 +239,26 @@ def test_refuses_a_file_that_fails_validation(kaggle):
     r = run("submit", cfg, f"file={bad}")
     assert r.returncode == 2 and "failed validation" in r.stderr and len(standin.submissions) == n
     shutil.os.remove(bad)
+
+
+def test_the_offline_predictor_finds_the_competition_under_kaggle_input(tmp_path):
+    from pipeline.serving.kaggle_predict import default_competition_dir
+
+    (tmp_path / "other-dataset").mkdir()
+    (tmp_path / "comp" / "x").mkdir(parents=True)
+    (tmp_path / "comp" / "x" / "sample_submission.csv").write_text("id,age,gender\n")
+    assert default_competition_dir("", "sample_submission.csv", tmp_path) == tmp_path / "comp" / "x"
+    assert default_competition_dir("other-dataset", "sample_submission.csv", tmp_path) == tmp_path / "other-dataset"
+    assert default_competition_dir("", "sample_submission.csv", tmp_path / "none") == Path(".")
+
+
+def test_an_empty_or_foreign_ledger_is_one_line_not_a_traceback(tmp_path):
+    from pipeline.core.errors import PipelineError
+    from pipeline.orchestration.submit import read_ledger
+
+    empty = tmp_path / "ledger.csv"
+    empty.write_text("")
+    assert read_ledger(empty).empty
+    empty.write_text("a,b\n1,2\n")
+    with pytest.raises(PipelineError, match="not a submissions ledger"):
+        read_ledger(empty)

@@ -41,22 +41,26 @@ def kaggle_api():
     return api
 
 
-def call(what: str, fn: Callable[[], T]) -> T:
-    """Run one client call; any failure becomes a KaggleError that says what `what` was and why it failed."""
+NOTHING_CHANGED = "nothing was changed"
+
+
+def call(what: str, fn: Callable[[], T], if_cut: str = NOTHING_CHANGED) -> T:
+    """Run one client call; any failure becomes a KaggleError that says what `what` was and why it failed.
+    `if_cut`: what the user should know when the connection fails midway (a submission may have arrived)."""
     try:
         return fn()
     except KaggleError:
         raise
     except Exception as e:
-        raise explain(e, what) from None
+        raise explain(e, what, if_cut) from None
 
 
-def explain(e: Exception, what: str) -> KaggleError:
+def explain(e: Exception, what: str, if_cut: str = NOTHING_CHANGED) -> KaggleError:
     """The one-line message for an exception the client raised during `what`."""
     import requests
 
     if isinstance(e, (requests.ConnectionError, requests.Timeout)):
-        return KaggleError(f"{what}: cannot reach Kaggle (no network, or a proxy in the way); nothing was changed")
+        return KaggleError(f"{what}: cannot reach Kaggle (no network, or a proxy in the way); {if_cut}")
     response = getattr(e, "response", None)
     status = getattr(response, "status_code", None)
     text = _server_message(e, response)
@@ -68,8 +72,10 @@ def explain(e: Exception, what: str) -> KaggleError:
             f"{what}: the competition's rules are not accepted yet: open the competition's page on kaggle.com, "
             "choose Join Competition / I Understand and Accept, then run this again"
         )
-    if "daily" in lowered or "allowance" in lowered or status == 429:
+    if "daily" in lowered or "allowance" in lowered:
         return KaggleError(f"{what}: the daily submission limit is reached ({text}); nothing was changed")
+    if status == 429:
+        return KaggleError(f"{what}: Kaggle is limiting the request rate (429); wait a minute and run it again")
     if status == 404:
         return KaggleError(
             f"{what}: no such competition on Kaggle (404); data.competition takes the slug of the competition's "

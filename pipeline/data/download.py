@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from ..core.config import DataConfig
+from ..core.files import exclusive
 from ..core.kaggle_api import call, kaggle_api
 
 
@@ -20,6 +21,14 @@ def needs_download(d: DataConfig) -> bool:
 def download_competition(d: DataConfig) -> Path:
     """Download and unzip data.competition into data.root (see needs_download); returns the folder."""
     root = Path(d.root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(root.with_name(f".{root.name}.download.lock"), f"the download into {root}", wait=True):
+        if needs_download(d):  # another process may have finished it while this one waited
+            _download(d, root)
+    return root
+
+
+def _download(d: DataConfig, root: Path) -> None:
     part = root.with_name(f".{root.name}.download")
     print(f"downloading the files of Kaggle competition {d.competition} into {root} ...", flush=True)
     api = kaggle_api()
@@ -38,4 +47,3 @@ def download_competition(d: DataConfig) -> Path:
         root.rmdir()  # empty, as needs_download checked
     os.replace(part, root)
     print(f"{d.competition}: {files} files in {root}")
-    return root

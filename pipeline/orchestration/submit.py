@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -30,12 +33,16 @@ WAIT_LIMIT = 3600.0  # --wait gives up after an hour (the ledger row stays pendi
 
 
 def read_ledger(path: Path = LEDGER) -> pd.DataFrame:
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame(columns=COLUMNS, dtype=str)
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        ledger = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise PipelineError(f"{path}: not a readable CSV ({e}); it is append-only, restore it from a copy") from None
+    missing = [c for c in COLUMNS if c not in ledger.columns]
+    if missing:
+        raise PipelineError(f"{path}: not a submissions ledger (no column {missing[0]!r}); move it away")
+    return ledger
 
 
 def latest(ledger: pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +108,9 @@ def submit(cfg: Config, file: str = "", message: str = "", wait: bool = False, p
     if not slug:
         raise PipelineError("data.competition: name the Kaggle competition (its slug) to submit to")
     summary = _blend_summary(cfg)
-    path = Path(file) if file else newest_submission(SUBMISSIONS, cfg.experiment)
+    # the file whose CV blend.json holds; a blend stopped between the two leaves the newest file unclaimed
+    latest_file = Path(summary["submission"]) if summary.get("submission") else None
+    path = Path(file) if file else latest_file or newest_submission(SUBMISSIONS, cfg.experiment)
     if path is None or not path.is_file():
         raise PipelineError(f"{file or SUBMISSIONS}: no submission file of experiment {cfg.experiment} found")
     _check_file(cfg, path)
@@ -122,13 +131,40 @@ def submit(cfg: Config, file: str = "", message: str = "", wait: bool = False, p
     if message:
         text += f" | {message}"
     api = kaggle_api()
-    response = call(f"submission to {slug}", lambda: api.competition_submit(str(path), text, slug, quiet=True))
-    if not getattr(response, "ref", 0):
-        raise KaggleError(f"submission to {slug}: the upload did not complete ({response.message}); run it again")
+    with deferred_interrupt():  # once Kaggle has the submission, Ctrl-C waits until the ledger has it too
+        response = call(
+            f"submission to {slug}",
+            lambda: api.competition_submit(str(path), text, slug, quiet=True),
+            if_cut="Kaggle may have received it: `python -m pipeline submissions CONFIG` finds it and logs it",
+        )
+        if not getattr(response, "ref", 0):
+            raise KaggleError(f"submission to {slug}: the upload did not complete ({response.message}); run it again")
+        row = _accepted(cfg, slug, response.ref, metric, cv, digest, commit, str(path), sha, text)
+    print(f"submitted {path} to {slug} (ref {response.ref}): {text}")
+    if wait:
+        row = _wait(api, row, poll)
+    return row
+
+
+@contextmanager
+def deferred_interrupt():
+    """Ctrl-C inside the block is held back and raised when the block ends."""
+    caught = []
+    old = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _accepted(cfg, slug, ref, metric, cv, digest, commit, file, sha, text) -> dict:
+    """The ledger row of a submission Kaggle accepted (appended before anything else can go wrong)."""
     row = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "competition": slug,
-        "ref": str(response.ref),
+        "ref": str(ref),
         "status": "pending",
         "public_score": "",
         "private_score": "",
@@ -137,14 +173,17 @@ def submit(cfg: Config, file: str = "", message: str = "", wait: bool = False, p
         "cv": f"{cv:.6f}",
         "config_digest": digest,
         "commit": commit,
-        "file": str(path),
+        "file": file,
         "sha256": sha,
         "message": text,
     }
-    append_rows([row])
-    print(f"submitted {path} to {slug} (ref {response.ref}): {text}")
-    if wait:
-        row = _wait(api, row, poll)
+    try:
+        append_rows([row])
+    except OSError as e:
+        raise PipelineError(
+            f"Kaggle accepted the submission (ref {ref}) but {LEDGER} could not be written ({e}); "
+            "`python -m pipeline submissions CONFIG` logs it once the folder is writable"
+        ) from None
     return row
 
 
@@ -168,7 +207,7 @@ def refresh(api, slug: str, current: pd.DataFrame) -> list[dict]:
     listed = call(f"list of submissions to {slug}", lambda: api.competition_submissions(slug, page_size=100)) or []
     remote = {str(s.ref): s for s in listed if s is not None}
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    rows = []
+    rows = [_adopted(s, slug, now) for ref, s in remote.items() if ref not in set(current.ref) and _ours(s)]
     for _, r in current[current.competition == slug].iterrows():
         s = remote.get(r.ref)
         if s is None:
@@ -181,19 +220,47 @@ def refresh(api, slug: str, current: pd.DataFrame) -> list[dict]:
     return rows
 
 
+MESSAGE = re.compile(r"^(\S+) \| CV (\S+) ([-\d.]+) \| config ([0-9a-f]*) \| commit (\S*)")  # submit's message
+
+
+def _ours(s) -> bool:
+    return bool(MESSAGE.match(getattr(s, "description", None) or ""))
+
+
+def _adopted(s, slug: str, now: str) -> dict:
+    """A ledger row for a submission of ours that Kaggle lists but the ledger misses (a submit cut off after Kaggle
+    got it), rebuilt from its message; its file's digest is unknown."""
+    experiment, metric, cv, digest, commit = MESSAGE.match(s.description).groups()
+    return {
+        "time": now,
+        "competition": slug,
+        "ref": str(s.ref),
+        "status": _status(s),
+        "public_score": _score(s.public_score),
+        "private_score": _score(s.private_score),
+        "experiment": experiment,
+        "metric": metric,
+        "cv": cv,
+        "config_digest": digest,
+        "commit": commit,
+        "file": s.file_name or "",
+        "sha256": "",
+        "message": s.description,
+    }
+
+
 def submissions(cfg: Config) -> pd.DataFrame:
     """Refresh the scores of data.competition's submissions from Kaggle, print them with the CV-public
     correlation and write the CV-against-leaderboard plot into the experiment's report."""
     slug = cfg.data.competition
     if not slug:
         raise PipelineError("data.competition: name the Kaggle competition (its slug) whose submissions to show")
-    current = latest(read_ledger())
-    if current[current.competition == slug].empty:
-        print(f"no submissions to {slug} in {LEDGER} yet: python -m pipeline submit CONFIG")
-        return current
-    refresh(kaggle_api(), slug, current)
+    refresh(kaggle_api(), slug, latest(read_ledger()))
     table = latest(read_ledger())
     table = table[table.competition == slug]
+    if table.empty:
+        print(f"no submissions to {slug} in {LEDGER} yet: python -m pipeline submit CONFIG")
+        return table
     print(table[["time", "ref", "experiment", "cv", "public_score", "private_score", "status"]].to_string(index=False))
     print(correlation_line(table))
     exp_dir = experiment_dir(cfg.experiment)

@@ -29,7 +29,8 @@ def install_missing() -> None:
     if missing:
         print(f"installing {', '.join(missing)} from {HERE / 'wheels'} (offline)", flush=True)
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(HERE / "wheels")]
-        subprocess.run([*pip, *missing], check=True)
+        if subprocess.run([*pip, *missing]).returncode:
+            sys.exit(f"error: pip could not install {', '.join(missing)} from {HERE / 'wheels'} (its message above)")
         importlib.invalidate_caches()
 
 

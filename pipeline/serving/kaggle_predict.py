@@ -58,27 +58,38 @@ def submission(bundle, root: Path, names: dict) -> pd.DataFrame:
     return sub
 
 
-def default_competition_dir(slug: str) -> Path:
-    """/kaggle/input/<slug> (or the one folder under /kaggle/input holding the sample submission, wherever Kaggle
-    mounted it); outside Kaggle the current folder."""
-    if (KAGGLE_INPUT / slug).is_dir():
-        return KAGGLE_INPUT / slug
-    found = sorted(p.parent for p in KAGGLE_INPUT.glob("**/sample_submission.csv")) if KAGGLE_INPUT.is_dir() else []
-    return found[0] if found else Path(".")
+def default_competition_dir(slug: str, sample_submission: str, kaggle_input: Path = KAGGLE_INPUT) -> Path:
+    """/kaggle/input/<slug>, else the first folder under /kaggle/input holding the sample submission (wherever
+    Kaggle mounted the competition), else the current folder."""
+    if slug and (kaggle_input / slug).is_dir():
+        return kaggle_input / slug
+    found = sorted(kaggle_input.glob(f"*/{sample_submission}")) + sorted(kaggle_input.glob(f"*/*/{sample_submission}"))
+    return found[0].parent if found else Path(".")
+
+
+def _names(path: Path) -> dict:
+    keys = ("competition", "sample_submission", "test_csv", "test_dir", "age_col", "gender_col")
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path}: missing or damaged ({e}); export the dataset again") from None
+    if not isinstance(names, dict) or any(k not in names for k in keys):
+        raise PipelineError(f"{path}: not this exporter's file (it needs {', '.join(keys)}); export again")
+    return names
 
 
 def main(argv: list[str], here: Path) -> int:
     """predict_submission.py [COMPETITION_DIR] [--out submission.csv]; `here`: the exported folder."""
     from .bundle import NAME_THEM, load_bundle
 
-    names = json.loads((here / COMPETITION_FILE).read_text())
     p = argparse.ArgumentParser(prog="predict_submission.py", description="Write the submission, offline.")
-    p.add_argument("competition_dir", nargs="?", help=f"default: /kaggle/input/{names['competition'] or '<slug>'}")
+    p.add_argument("competition_dir", nargs="?", help="default: /kaggle/input/<competition>")
     default_out = KAGGLE_WORKING / "submission.csv" if KAGGLE_WORKING.is_dir() else Path("submission.csv")
     p.add_argument("--out", default=str(default_out), help=f"default: {default_out}")
     args = p.parse_args(argv)
-    root = Path(args.competition_dir) if args.competition_dir else default_competition_dir(names["competition"])
     try:
+        names = _names(here / COMPETITION_FILE)
+        root = Path(args.competition_dir or default_competition_dir(names["competition"], names["sample_submission"]))
         t0 = time.perf_counter()
         bundle = load_bundle(here / "bundle")
         if not bundle.labels_known:
