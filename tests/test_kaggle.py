@@ -103,6 +103,11 @@ def kaggle(demo_root, tmp_path_factory):
     assert [p.exists() for p in REAL_HOME_KAGGLE] == real_home_before  # the client never wrote into the real home
 
 
+def blended_submission(root: Path) -> Path:
+    """The submission file the fixture's blend wrote (relative to root)."""
+    return Path(json.loads((root / "runs" / "exp" / "blend.json").read_text())["submission"])
+
+
 def ledger(root: Path) -> pd.DataFrame:
     return pd.read_csv(root / "submissions" / "ledger.csv", dtype=str, keep_default_na=False)
 
@@ -146,7 +151,7 @@ def test_submissions_reads_scores_back_and_plots_cv_against_public(kaggle):
     if not standin.submissions:
         assert run("submit", cfg).returncode == 0
     standin.competitions[SLUG].polls_to_score = 0
-    sub = Path(json.loads((root / "runs" / "exp" / "blend.json").read_text())["submission"])
+    sub = blended_submission(root)
     before = (root / "submissions" / "ledger.csv").read_bytes()
     for i, shift in enumerate((0.5, 1.5)):  # two more files (ages shifted), each scored while --wait polls
         other = root / "submissions" / f"shifted{i}.csv"
@@ -190,7 +195,7 @@ def test_submissions_reads_scores_back_and_plots_cv_against_public(kaggle):
 def test_a_failed_submit_says_why_in_one_line_and_changes_nothing(kaggle, case, expect):
     standin, run, cfg, root = kaggle
     comp = standin.competitions[SLUG]
-    sub = Path(json.loads((root / "runs" / "exp" / "blend.json").read_text())["submission"])
+    sub = blended_submission(root)
     other = root / "submissions" / f"untried-{case.replace(' ', '-')}.csv"
     df = pd.read_csv(root / sub, dtype={"id": str})
     df["age"] += 3.25
@@ -233,7 +238,7 @@ def test_download_errors_leave_no_half_folder(kaggle, tmp_path):
 def test_refuses_a_file_that_fails_validation(kaggle):
     standin, run, cfg, root = kaggle
     bad = root / "submissions" / "bad.csv"
-    sub = Path(json.loads((root / "runs" / "exp" / "blend.json").read_text())["submission"])
+    sub = blended_submission(root)
     pd.read_csv(root / sub, dtype={"id": str}).iloc[:-1].to_csv(bad, index=False)  # a row short
     n = len(standin.submissions)
     r = run("submit", cfg, f"file={bad}")

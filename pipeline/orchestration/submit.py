@@ -207,7 +207,8 @@ def refresh(api, slug: str, current: pd.DataFrame) -> list[dict]:
     listed = call(f"list of submissions to {slug}", lambda: api.competition_submissions(slug, page_size=100)) or []
     remote = {str(s.ref): s for s in listed if s is not None}
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    rows = [_adopted(s, slug, now) for ref, s in remote.items() if ref not in set(current.ref) and _ours(s)]
+    known = set(current.ref)
+    rows = [_adopted(s, slug, now) for ref, s in remote.items() if ref not in known and _ours(s)]
     for _, r in current[current.competition == slug].iterrows():
         s = remote.get(r.ref)
         if s is None:

@@ -4,8 +4,6 @@ the preprocessing, the gender coding and a model card. `pipeline.serving.bundle`
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import tarfile
 import time
@@ -19,7 +17,7 @@ import torch
 
 from ..core.config import Config, ModelConfig, load_config
 from ..core.errors import DataError, PipelineError
-from ..core.files import atomic_path
+from ..core.files import atomic_folder, atomic_path
 from ..core.layout import (
     BEST,
     BLEND,
@@ -312,20 +310,10 @@ def _figure(value) -> str:
 def write_bundle(members: list[ModelFolds], info: dict, out: Path, archive_root: str) -> Path:
     """Write the bundle folder `out` (replacing an older one only once the new one is complete) and its
     .tar.gz beside it. Returns the archive's path."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         (write_onnx_files if info["runtime"] == "onnx" else write_torch_files)(members, tmp, info)
         (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=1))
         (tmp / "README.md").write_text(model_card(info))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            shutil.rmtree(old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     archive = out.parent / f"{archive_root}.tar.gz"
     with atomic_path(archive) as part, tarfile.open(part, "w:gz", compresslevel=6) as tar:
         tar.add(out, arcname=archive_root)
@@ -393,7 +381,7 @@ def export_cli(config_path: str, args: list[str]) -> int:
         )
     else:
         print(f"exported {fmt} bundle in {time.perf_counter() - t0:.0f}s: {folder} and {archive}")
-    if not load_bundle(folder).labels_known:
+    if not gender_labels(cfg, labels)[2]:
         print(f"note: {NAME_THEM}")
     return 0
 

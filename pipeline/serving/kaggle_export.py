@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..core.config import Config
 from ..core.errors import PipelineError
+from ..core.files import atomic_folder
 from ..core.layout import KAGGLE_DIR, REPO
 from ..data.competition import load_competition
 from .kaggle_predict import COMPETITION_FILE
@@ -114,10 +115,8 @@ def export_kaggle(cfg: Config, exp_dir: Path, bundle_dir: Path, python: str = KA
     new one is complete); `wheels`: a folder to take the wheels from instead of the package index. Returns it."""
     comp = load_competition(cfg)
     out = exp_dir / KAGGLE_DIR
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "wheels").mkdir(parents=True)
+    with atomic_folder(out) as tmp:
+        (tmp / "wheels").mkdir()
         names = fetch_wheels(tmp / "wheels", python, wheels)
         shutil.copytree(bundle_dir, tmp / "bundle")
         for name in SOURCES:
@@ -137,17 +136,10 @@ def export_kaggle(cfg: Config, exp_dir: Path, bundle_dir: Path, python: str = KA
         slug = re.sub(r"[^a-z0-9]+", "-", f"{cfg.experiment}-age-gender".lower()).strip("-")[:50]
         user = kaggle_username()
         dataset_id = f"{user or 'YOUR-KAGGLE-USERNAME'}/{slug}"
-        meta = {"title": slug[:50].ljust(6, "-"), "id": dataset_id, "licenses": [{"name": "other"}]}
+        meta = {"title": slug.ljust(6, "-"), "id": dataset_id, "licenses": [{"name": "other"}]}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         (tmp / "predict_submission.ipynb").write_text(json.dumps(notebook(slug), indent=1))
         (tmp / "README.md").write_text(readme(cfg, slug, dataset_id, python, names))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            shutil.rmtree(old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not user:
         print(f"note: no Kaggle username found (KAGGLE_USERNAME, ~/.kaggle/kaggle.json): set the id in {out}/{META}")
     return out
