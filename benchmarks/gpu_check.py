@@ -2,7 +2,7 @@
 (a head, a last:1 and an `all` phase of two epochs, the frozen-trunk cache on) in each precision train.amp offers,
 and compiled, and prints per run the images/s of each phase and of the frozen-trunk store and the peak memory;
 then checks that the device's predictions agree with the CPU's fp32 ones within the tolerances below, and that a
-T4-class GPU (bf16 only emulated, as on Kaggle's T4 and P100) gets fp16 from train.amp=auto.
+T4-class GPU (bf16 only emulated, as on Kaggle's T4) gets fp16 from train.amp=auto.
 
 Without CUDA it runs the same to the end on CPU (CPU autocast in bf16 and fp16, the gradient scaler, compile),
 skips what needs a GPU and says so; CI runs it that way (tests/test_gpu_check.py), so it is known to work.
@@ -120,7 +120,7 @@ def agreement(reference: FoldJob, device: torch.device, amp: str) -> tuple[float
 
 
 def t4_gets_fp16() -> bool:
-    """train.amp=auto on a GPU whose bf16 is only emulated (T4, P100) is fp16, and bf16 on one that has it."""
+    """train.amp=auto on a GPU whose bf16 is only emulated (T4) is fp16, and bf16 on one that has it."""
     real = torch.cuda.is_bf16_supported
     try:
         torch.cuda.is_bf16_supported = lambda including_emulation=True: including_emulation

@@ -1,7 +1,7 @@
-"""python -m pipeline: the command line (orchestration/cli.py)."""
+"""python -m pipeline: the command line (orchestration/cli.py), the same as the `agegender` command."""
 
 import sys
 
 from .orchestration.cli import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main())

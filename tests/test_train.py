@@ -555,7 +555,7 @@ def test_auto_amp_is_bf16_where_native_fp16_on_older_gpus_and_fp32_on_cpu(monkey
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert amp_dtype("auto", cuda) == torch.float16  # a T4 or P100: bf16 only emulated
+    assert amp_dtype("auto", cuda) == torch.float16  # a T4: bf16 only emulated
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert amp_dtype("auto", cuda) == torch.bfloat16  # Ampere and later
     assert amp_dtype("auto", cpu) is None and amp_dtype("off", cuda) is None

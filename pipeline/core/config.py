@@ -11,7 +11,10 @@ import yaml
 
 from .choices import AGE_HEADS, FITS, TTA_VIEWS
 from .errors import PipelineError
+from .extras import require
 from .metrics import HIGHER_IS_BETTER
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # pipeline/configs: the recipes, package data
 
 
 class ConfigError(PipelineError):
@@ -169,7 +172,7 @@ class TrainConfig:
     gender_smoothing: float = 0.0  # label smoothing of the gender BCE: targets eps/2 and 1 - eps/2
     mixup: float = 0.0  # mixup's Beta(a, a) on each batch (images, or cached trunk outputs) and its labels; 0 = off
     device: str = "auto"
-    amp: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 + a gradient scaler (T4, P100); fp32 on CPU
+    amp: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 + a gradient scaler (T4); fp32 on CPU
     channels_last: bool = True  # faster on CPU (oneDNN) and CUDA alike
     compile: bool = False  # torch.compile the training forward (the part above a cached trunk); checkpoints unchanged
     seed: int = 42
@@ -315,6 +318,8 @@ def _validate(cfg: Config) -> None:
     check("train.amp", cfg.train.amp)
     check("metric", cfg.metric)
     check("launcher", cfg.launcher)
+    if cfg.launcher == "ray":
+        require("ray", "launcher=ray")
     _validate_ray(cfg.ray)
     _validate_tune(cfg)
     if any(not 0 <= k < cfg.folds.n_splits for k in cfg.folds.chosen_on):
@@ -452,8 +457,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw: dict = {}
     if path is not None:
         p = Path(path)
+        if not p.is_file() and (PACKAGED_CONFIGS / f"{path}.yaml").is_file():
+            p = PACKAGED_CONFIGS / f"{path}.yaml"  # a recipe shipped with the package, by name: demo, utkface_gpu, ...
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            names = ", ".join(sorted(c.stem for c in PACKAGED_CONFIGS.glob("*.yaml")))
+            raise ConfigError(f"config file not found: {p} (or give a packaged recipe by name: {names})")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

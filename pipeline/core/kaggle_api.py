@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from .errors import PipelineError
+from .extras import DISTRIBUTION, require
 
 T = TypeVar("T")
 
@@ -26,11 +27,14 @@ class KaggleError(PipelineError):
 
 def kaggle_api():
     """The signed-in `kaggle.api.KaggleApi`, or KaggleError when no credentials are found or accepted."""
+    require("kaggle", "the Kaggle round trip (data.competition, submit, submissions)")
     with contextlib.redirect_stdout(io.StringIO()):  # the client prints its sign-in help on import
         try:
             from kaggle.api.kaggle_api_extended import KaggleApi
         except ImportError as e:
-            raise KaggleError(f"the kaggle client cannot be imported ({e}): pip install -r requirements.txt") from None
+            raise KaggleError(
+                f"the kaggle client cannot be imported ({e}): pip install '{DISTRIBUTION}[kaggle]'"
+            ) from None
         api = KaggleApi()
         try:
             api.authenticate()

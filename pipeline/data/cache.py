@@ -26,7 +26,7 @@ from .imaging import (  # WORKERS: decode threads, detection processes
 )
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied, data.fit
-FACES_VERSION = 1  # data.face_crop=detect caches: bump when faces.py's detection or framing changes
+FACES_VERSION = 2  # data.face_crop=detect caches: bump when faces.py's detection or framing changes
 cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe
 
 

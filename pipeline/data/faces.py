@@ -1,16 +1,15 @@
-"""Offline face detection (YuNet from libfacedetection, compiled into the `yuface` wheel: BSD-3, no model file
-and no download) and face crops aligned by the eyes and framed the way the UTKFace chips are."""
+"""Offline face detection (YuNet, OpenCV Zoo's face_detection_yunet_2023mar.onnx, MIT, shipped in this package and
+run by OpenCV's own cv2.FaceDetectorYN: the same detector on every Python, no download, no torch) and face crops
+aligned by the eyes and framed the way the UTKFace chips are."""
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
-import yuface
 from tqdm import tqdm
 
 from ..core.errors import DataError
@@ -36,7 +35,10 @@ DETECT_PAD_UP_TO = 400  # longest side (after scaling) up to which the padding i
 MIN_SCORE = 0.75  # 99.5% of UTKFace chips score >= 0.90 (4 in 3,000 under 0.75); textures, a space suit <= 0.74
 DETECT_POOL_FROM = 200  # images from which detect_all runs in a process pool (starting one takes ~2 s)
 DETECT_CHUNK = 32  # images a detection task
-THREADS = 1  # YuNet's OpenMP threads; more than one only spins on a busy 2-core machine
+YUNET_MODEL = Path(__file__).with_name("yunet") / "face_detection_yunet_2023mar.onnx"
+YUNET_SCORE = 0.5  # the detector's own floor (min_score filters above it); NMS and top-k as OpenCV Zoo's demo
+YUNET_NMS = 0.3
+YUNET_TOP_K = 5000
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,22 @@ class Face:
     landmarks: tuple[tuple[float, float], ...]  # eyes, nose tip, mouth corners; each pair left then right as seen
 
 
-def _openmp() -> ctypes.CDLL | None:
-    libs = glob.glob(os.path.join(os.path.dirname(yuface.__file__), "..", "yuface.libs", "libgomp*.so*"))
-    return ctypes.CDLL(libs[0]) if libs else None
+_local = threading.local()  # a detector per thread: cv2.FaceDetectorYN keeps its input size as state
 
 
-_GOMP = _openmp()
+def _yunet(size: tuple[int, int]) -> cv2.FaceDetectorYN:
+    """This thread's YuNet, set to an input of `size` (width, height)."""
+    det = getattr(_local, "yunet", None)
+    if det is None:
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # OpenCV 5 warns of backend targets
+        try:
+            det = cv2.FaceDetectorYN.create(str(YUNET_MODEL), "", size, YUNET_SCORE, YUNET_NMS, YUNET_TOP_K)
+        finally:
+            cv2.utils.logging.setLogLevel(level)
+        _local.yunet = det
+    det.setInputSize(size)
+    return det
 
 
 def detect_faces(rgb: np.ndarray, min_score: float = MIN_SCORE, max_side: int = DETECT_MAX_SIDE) -> list[Face]:
@@ -70,16 +82,14 @@ def detect_faces(rgb: np.ndarray, min_score: float = MIN_SCORE, max_side: int = 
     bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
     if pad:
         bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    if _GOMP is not None:
-        _GOMP.omp_set_num_threads(THREADS)  # per calling thread, so set on every call
-    rows = yuface.c_detect(bgr).astype(np.float64)
+    _, rows = _yunet((bgr.shape[1], bgr.shape[0])).detect(bgr)
     faces = []
-    for row in rows:
-        score = float(row[0]) / 100.0
+    for row in np.zeros((0, 15)) if rows is None else rows.astype(np.float64):
+        score = float(row[14])
         if score < min_score:
             continue
-        x, y, bw, bh = (row[1:5] - [pad, pad, 0, 0]) / [scale_x, scale_y, scale_x, scale_y]
-        points = (row[5:15].reshape(5, 2) - pad) / [scale_x, scale_y]
+        x, y, bw, bh = (row[0:4] - [pad, pad, 0, 0]) / [scale_x, scale_y, scale_x, scale_y]
+        points = (row[4:14].reshape(5, 2) - pad) / [scale_x, scale_y]
         box = (float(x), float(y), float(bw), float(bh))
         faces.append(Face(box, score, tuple((float(px), float(py)) for px, py in points)))
     return sorted(faces, key=lambda f: (-f.score, f.box[0], f.box[1]))
@@ -153,8 +163,8 @@ def _best_faces(paths: list[str]) -> list[Face | None]:
 
 
 def detect_all(paths: list[str], desc: str) -> list[Face | None]:
-    """best_face of every path, in order; from DETECT_POOL_FROM images on in WORKERS processes (YuNet holds the
-    GIL), DETECT_CHUNK images a task."""
+    """best_face of every path, in order; from DETECT_POOL_FROM images on in WORKERS processes (one OpenCV
+    thread each), DETECT_CHUNK images a task."""
     if WORKERS == 1 or len(paths) < DETECT_POOL_FROM:
         return [best_face(p) for p in tqdm(paths, desc=desc, unit="img")]
     chunks = [paths[i : i + DETECT_CHUNK] for i in range(0, len(paths), DETECT_CHUNK)]

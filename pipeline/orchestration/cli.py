@@ -1,5 +1,5 @@
-"""CLI: python -m pipeline STAGE CONFIG [model=NAME] [fold=K] [key=value ...] | demo OUT_DIR. Each stage is imported
-only when it runs, so that predict-images and app need only the serving side (requirements-serve.txt)."""
+"""CLI: agegender (or python -m pipeline) STAGE CONFIG [model=NAME] [fold=K] [key=value ...] | demo OUT_DIR.
+Each stage is imported only when it runs, so that predict-images and app need only the serving side."""
 
 from __future__ import annotations
 
@@ -7,20 +7,21 @@ import os
 import sys
 
 from ..core.errors import PipelineError
+from ..core.extras import check_python, require
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would ask PyPI for news on every import
 
-USAGE = """usage:
-  python -m pipeline run|folds|train|predict|blend CONFIG [model=NAME] [fold=K] [key=value ...]
-  python -m pipeline tune CONFIG [trials=N] [folds=0[,1...]] [key=value ...]
-  python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [python=3.11]
+USAGE = """usage (agegender is python -m pipeline):
+  agegender run|folds|train|predict|blend CONFIG [model=NAME] [fold=K] [key=value ...]
+  agegender tune CONFIG [trials=N] [folds=0[,1...]] [key=value ...]
+  agegender export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [python=3.12]
                                    [gender_labels=NAME0,NAME1] [wheels=DIR]
-  python -m pipeline submit CONFIG [file=PATH] [message=TEXT] [--wait] [key=value ...]
-  python -m pipeline submissions CONFIG [key=value ...]
-  python -m pipeline predict-images BUNDLE PATH... [--out preds.csv] [--whole-image] [--detect-size PX]
+  agegender submit CONFIG [file=PATH] [message=TEXT] [--wait] [key=value ...]
+  agegender submissions CONFIG [key=value ...]
+  agegender predict-images BUNDLE PATH... [--out preds.csv] [--whole-image] [--detect-size PX]
                                    [--workers N] [--batch-size N] [--device cpu|cuda]
-  python -m pipeline app BUNDLE [--host 127.0.0.1] [--port N] [--max-file-size MB] [--detect-size PX]
-  python -m pipeline demo OUT_DIR      write the synthetic demo competition to OUT_DIR
+  agegender app BUNDLE [--host 127.0.0.1] [--port N] [--max-file-size MB] [--detect-size PX]
+  agegender demo OUT_DIR      write the synthetic demo competition to OUT_DIR
 
 stages: folds (write fold indices), train, predict (TTA OOF + test predictions),
         blend (OOF-chosen weights -> submissions/), run (all of them in order),
@@ -63,12 +64,31 @@ def _kaggle_stage(stage: str, config_path: str, args: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+NEEDS = {  # stage -> the extra it cannot run without (predict-images checks its bundle's runtime itself)
+    **dict.fromkeys(("run", "folds", "train", "predict", "blend", "tune", "submissions"), "train"),
+    "export": "export",
+    "app": "app",
+    "submit": "kaggle",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `agegender` command (pyproject's console script) and python -m pipeline."""
+    argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
 
     stage, target, rest = argv[0], argv[1], argv[2:]
+    try:
+        check_python()
+        if stage in NEEDS:
+            require(NEEDS[stage], stage)
+        if stage == "tune":
+            require("ray", "tune")
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if stage == "predict-images":
         from ..serving.photos import predict_images_cli
 

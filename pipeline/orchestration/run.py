@@ -29,7 +29,7 @@ from ..data.demo import make_demo
 from ..data.folds import ensure_folds
 from ..inference.blend import blend
 from ..models.backbones import check_name, check_weights
-from ..training.job import check_compile
+from ..training.job import check_compile, check_device
 from .jobs import fold_started, run_fold
 
 STAGES = ("folds", "train", "predict", "blend", "run")
@@ -113,9 +113,20 @@ def claim_experiment(cfg: Config) -> Path:
     return exp_dir
 
 
+def check_gpu_here(cfg: Config) -> None:
+    """A GPU of this machine that the installed torch cannot run is refused before anything is written (a remote Ray
+    cluster's workers check their own, training.job.pick_device)."""
+    from .launch import is_local_address
+
+    if cfg.launcher != "ray" or is_local_address(cfg.ray.address):
+        check_device(cfg)
+
+
 def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = None) -> Path | None:
     if stage not in STAGES:
         raise PipelineError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if stage in ("train", "predict", "run"):
+        check_gpu_here(cfg)
     if cfg.data.root == "demo":
         cfg = replace(cfg, data=replace(cfg.data, root=str(make_demo(DEMO_ROOT)), name=cfg.data.name or "demo"))
     models = [cfg.model(model)] if model else cfg.models

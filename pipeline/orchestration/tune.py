@@ -134,12 +134,13 @@ def run_trial(params: dict, base: TrialBase) -> None:
 def tune(cfg: Config, path: str, overrides: list[str]) -> Path:
     """Run (or continue after a crash) the search; print the trials table and write tune/best.yaml."""
     from .launch import connect, job_resources
-    from .run import claim_experiment
+    from .run import check_gpu_here, claim_experiment
 
     t0 = time.perf_counter()
     if not cfg.ray.shared_fs:
         raise PipelineError("tune: trials write under runs/ (and Tune keeps its state there): needs ray.shared_fs=true")
     check_space(cfg, path, overrides)
+    check_gpu_here(cfg)
     exp_dir = claim_experiment(cfg)
     trial_overrides = list(overrides)
     if cfg.data.root == "demo":

@@ -117,7 +117,7 @@ def _onnx_runners(model: dict, files: dict[str, bytes], path: Path, threads: int
     try:
         import onnxruntime as ort
     except ImportError:
-        raise BundleError("an onnx bundle needs onnxruntime: pip install onnxruntime") from None
+        raise BundleError("an onnx bundle needs onnxruntime: pip install 'agegender[serve]'") from None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -249,7 +249,9 @@ def load_bundle(path: str | Path, device: str = "auto", threads: int = 0, parall
             try:
                 from .torch_runtime import torch_runners  # the one edge from here to torch, taken for torch bundles
             except ImportError as e:
-                raise BundleError(f"a torch bundle needs torch and timm ({e}); or export format=onnx") from None
+                raise BundleError(
+                    f"a torch bundle needs torch and timm ({e}): pip install 'agegender[train]'; or export format=onnx"
+                ) from None
             runners = torch_runners(m, info, files, path, device)
         members.append(
             Member(m["name"], int(m["img_size"]), float(m["age_weight"]), float(m["gender_weight"]), runners)

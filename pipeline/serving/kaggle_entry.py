@@ -19,7 +19,6 @@ NEEDED = {
     "pandas": "pandas",
     "cv2": "opencv-python-headless",
     "onnxruntime": "onnxruntime",
-    "yuface": "yuface",
     "tqdm": "tqdm",
 }
 

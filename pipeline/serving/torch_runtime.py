@@ -13,6 +13,7 @@ from safetensors.torch import load as load_safetensors
 from ..core.config import ModelConfig
 from ..core.errors import BundleError
 from ..models.backbones import create_model
+from ..models.gpu import check_gpu
 from ..models.tta import TTAFold
 
 
@@ -21,6 +22,7 @@ def torch_runners(model: dict, info: dict, files: dict[str, bytes], path: Path, 
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
+    check_gpu(dev, cpu_instead="--device cpu")  # a GPU this torch has no kernels for: one line
     mcfg = ModelConfig.from_inference_spec(model)
     runners = []
     for f in model["folds"]:

@@ -18,13 +18,27 @@ from ..core.errors import PipelineError
 from ..core.tracking import Tracker
 from ..data.cache import Images
 from ..data.competition import Competition
+from ..models.gpu import check_gpu
 from .loader import auto_workers
+
+
+def uses_cuda(cfg: Config) -> bool:
+    """Whether train.device puts training and predicting on the GPU (auto: when torch sees one)."""
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
+def check_device(cfg: Config) -> None:
+    """A GPU the installed torch has no kernels for (e.g. a P100 under torch 2.8+) is refused in one line, before
+    anything is written; nothing to do on CPU-only machines."""
+    if uses_cuda(cfg):
+        check_gpu("cuda", cpu_instead="train.device=cpu")
 
 
 def pick_device(cfg: Config) -> torch.device:
     """The training device; on CUDA with TF32 matmuls and convolutions, and cuDNN picking the fastest kernels
-    (the batch shapes repeat; the GPU path is not bit-reproducible anyway)."""
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+    (the batch shapes repeat; the GPU path is not bit-reproducible anyway). A GPU torch cannot run is refused."""
+    if uses_cuda(cfg):
+        check_device(cfg)  # again here: a Ray worker or Tune trial may sit on another machine's GPU
         torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
         torch.backends.cudnn.benchmark = True
         return torch.device("cuda")
@@ -56,7 +70,8 @@ def fold_rows(comp: Competition, folds: pd.DataFrame, fold: int) -> tuple[np.nda
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast precision of train.amp on `device` (None: fp32). auto: bf16 where the GPU computes it natively
-    (Ampere and later), fp16 on older GPUs (Kaggle's T4 and P100, which only emulate bf16), fp32 on CPU."""
+    (Ampere and later), fp16 with a gradient scaler on older ones (Kaggle's T4, which only emulates bf16), fp32 on
+    CPU."""
     if amp == "auto":
         if device.type != "cuda":
             return None
