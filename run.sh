@@ -27,9 +27,9 @@ case "${1:-}" in
   test)
     shift
     # tests/test_kaggle_export.py installs the offline predictor from wheels in a fresh venv: fetched once, here
-    if ! cmp -s requirements-kaggle.txt .venv/kaggle-wheels/requirements-kaggle.txt; then
+    if ! cmp -s pipeline/serving/kaggle-requirements.txt .venv/kaggle-wheels/kaggle-requirements.txt; then
       .venv/bin/python -m pipeline.serving.kaggle_export wheels .venv/kaggle-wheels
-      cp requirements-kaggle.txt .venv/kaggle-wheels/
+      cp pipeline/serving/kaggle-requirements.txt .venv/kaggle-wheels/
     fi
     .venv/bin/python -m pytest "$@"
     ;;

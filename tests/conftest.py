@@ -24,6 +24,7 @@ from pipeline.data.demo import make_demo
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
+collect_ignore = [] if os.environ.get("AGEGENDER_LANE") else ["lanes"]  # tests/lanes run in .ci's notebook lanes
 
 # A small, fast experiment: scratch_cnn at 32 px, 2 folds. write_config() merges overrides into it.
 BASE_CONFIG = {

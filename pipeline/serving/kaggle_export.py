@@ -22,7 +22,7 @@ from ..data.competition import load_competition
 from .kaggle_predict import COMPETITION_FILE
 
 KAGGLE_PYTHON = "3.11"  # the Python of Kaggle's current notebook image
-REQUIREMENTS = REPO / "requirements-kaggle.txt"
+REQUIREMENTS = Path(__file__).with_name("kaggle-requirements.txt")  # package data
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 SOURCES = (  # what pipeline.serving.kaggle_predict imports, and nothing that needs torch (tests/test_kaggle_export)
     "__init__.py",
