@@ -26,6 +26,21 @@ case "${1:-}" in
     ;;
   test)
     shift
+    # Debian packages the tests need: Chromium and its driver (tests/test_app.py drives the page; never a browser
+    # that downloads itself), a C++ compiler and the Python headers (train.compile's test builds inductor kernels)
+    need=()
+    [ -x /usr/bin/chromedriver ] || need+=(chromium chromium-driver)
+    command -v g++ > /dev/null || need+=(g++)
+    inc=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    [ -f "$inc/Python.h" ] || need+=(python3-dev)
+    if [ ${#need[@]} -gt 0 ]; then
+      if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+        echo "installing ${need[*]} (apt-get) ..."
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" > /dev/null
+      else
+        echo "warning: the tests need ${need[*]}: sudo apt-get install ${need[*]}" >&2
+      fi
+    fi
     # tests/test_kaggle_export.py installs the offline predictor from wheels in a fresh venv: fetched once, here
     if ! cmp -s pipeline/serving/kaggle-requirements.txt .venv/kaggle-wheels/kaggle-requirements.txt; then
       .venv/bin/python -m pipeline.serving.kaggle_export wheels .venv/kaggle-wheels
