@@ -4,6 +4,7 @@ aligned by the eyes and framed the way the UTKFace chips are."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,15 +56,26 @@ def _yunet(size: tuple[int, int]) -> cv2.FaceDetectorYN:
     """This thread's YuNet, set to an input of `size` (width, height)."""
     det = getattr(_local, "yunet", None)
     if det is None:
-        level = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # OpenCV 5 warns of backend targets
-        try:
+        with _opencv_errors_only():  # OpenCV 5 warns that its new engine ignores backend targets
             det = cv2.FaceDetectorYN.create(str(YUNET_MODEL), "", size, YUNET_SCORE, YUNET_NMS, YUNET_TOP_K)
-        finally:
-            cv2.utils.logging.setLogLevel(level)
         _local.yunet = det
     det.setInputSize(size)
     return det
+
+
+@contextlib.contextmanager
+def _opencv_errors_only():
+    """OpenCV's log level at ERROR for a while; its logging API sits in cv2.utils.logging or in cv2, by build."""
+    api = next((m for m in (getattr(cv2.utils, "logging", None), cv2) if hasattr(m, "setLogLevel")), None)
+    if api is None or not hasattr(api, "getLogLevel"):
+        yield
+        return
+    level = api.getLogLevel()
+    api.setLogLevel(2)  # cv::utils::logging::LOG_LEVEL_ERROR
+    try:
+        yield
+    finally:
+        api.setLogLevel(level)
 
 
 def detect_faces(rgb: np.ndarray, min_score: float = MIN_SCORE, max_side: int = DETECT_MAX_SIDE) -> list[Face]:
