@@ -19,10 +19,13 @@ if ! cmp -s requirements.txt .venv/.installed-requirements; then
   .venv/bin/python -m pip install -q -r requirements.txt
   cp requirements.txt .venv/.installed-requirements
 fi
+if [ ! -x .venv/bin/agegender ]; then  # this checkout, editable: the agegender command runs it
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . > .venv/editable.log 2>&1 || { cat .venv/editable.log >&2; exit 1; }
+fi
 
 case "${1:-}" in
   "")
-    .venv/bin/python -m pipeline run configs/demo.yaml
+    .venv/bin/agegender run demo
     ;;
   test)
     shift
@@ -50,9 +53,9 @@ case "${1:-}" in
     ;;
   app)
     shift
-    .venv/bin/python -m pipeline app "$@"
+    .venv/bin/agegender app "$@"
     ;;
   *)
-    .venv/bin/python -m pipeline run "$@"
+    .venv/bin/agegender run "$@"
     ;;
 esac
