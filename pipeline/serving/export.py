@@ -35,13 +35,14 @@ from ..data.competition import detect_layout, load_competition
 from ..models.backbones import create_model
 from ..models.tta import TTAFold
 from .bundle import BUNDLE_FILE, FORMAT, NAME_THEM, UNNAMED, VERSION, Bundle, load_bundle
+from .kaggle_export import KAGGLE_PYTHON, export_kaggle, folder_size
 from .kaggle_predict import predict_paths
 
 FORMATS = ("torch", "onnx")
 UTKFACE_LABELS = {"0": "male", "1": "female"}  # UTKFace file names: age_gender_race, gender 0 = male
 USAGE = (
     "usage: python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [gender_labels=NAME0,NAME1]"
-    " [python=3.11] [wheels=DIR]"
+    f" [python={KAGGLE_PYTHON}] [wheels=DIR]"
 )
 
 
@@ -349,10 +350,8 @@ def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[s
 
 def export_cli(config_path: str, args: list[str]) -> int:
     """`python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [gender_labels=A,B]
-    [python=3.11] [wheels=DIR] [key=value]`; python and wheels (a local wheelhouse instead of the package index) are
-    for format=kaggle."""
-    from .kaggle_export import KAGGLE_PYTHON, export_kaggle, folder_size
-
+    [python=3.12] [wheels=DIR] [key=value]`; python (the wheels' Python, default Kaggle's) and wheels (a local
+    wheelhouse instead of the package index) are for format=kaggle."""
     fmt, labels, python, wheels, overrides = "torch", None, KAGGLE_PYTHON, "", []
     for item in args:
         key, _, value = item.partition("=")

@@ -1,8 +1,8 @@
 """export format=kaggle: runs/<experiment>/kaggle/, a folder to upload as a Kaggle dataset that writes the
 competition's submission in a notebook with the internet off. It holds the ONNX bundle, the torch-free part of
-this package that runs it (SOURCES), the wheels of what that needs for Linux x86-64 and the Python named (fetched by
-pip at export time), predict_submission.py (and a notebook that runs it), competition.json and
-dataset-metadata.json."""
+this package that runs it (SOURCES, and DATA_FILES: the face detector), the wheels of what that needs for Linux x86-64
+and the Python named (fetched by pip at export time), predict_submission.py (and a notebook that runs it),
+competition.json and dataset-metadata.json."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from pathlib import Path
 from ..core.config import Config
 from ..core.errors import PipelineError
 from ..core.files import atomic_folder
-from ..core.layout import KAGGLE_DIR, REPO
+from ..core.layout import KAGGLE_DIR
 from ..data.competition import load_competition
 from .kaggle_predict import COMPETITION_FILE
 
-KAGGLE_PYTHON = "3.11"  # the Python of Kaggle's current notebook image
+KAGGLE_PYTHON = "3.12"  # the Python of Kaggle's current notebook image
+PACKAGE = Path(__file__).resolve().parents[1]  # the `pipeline` package as installed (site-packages or a checkout)
 REQUIREMENTS = Path(__file__).with_name("kaggle-requirements.txt")  # package data
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 SOURCES = (  # what pipeline.serving.kaggle_predict imports, and nothing that needs torch (tests/test_kaggle_export)
@@ -39,15 +40,16 @@ SOURCES = (  # what pipeline.serving.kaggle_predict imports, and nothing that ne
     "serving/bundle.py",
     "serving/kaggle_predict.py",
 )
+DATA_FILES = ("data/yunet/face_detection_yunet_2023mar.onnx", "data/yunet/LICENSE")  # data/faces.py's YUNET_MODEL
 SCRIPT = "predict_submission.py"
 META = "dataset-metadata.json"
 
 
 def fetch_wheels(dest: Path, python: str, find_links: str = "") -> list[str]:
-    """pip download of requirements-kaggle.txt for Linux x86-64 and `python` into `dest`: from the package index,
+    """pip download of kaggle-requirements.txt for Linux x86-64 and `python` into `dest`: from the package index,
     or only from the folder `find_links` (a wheelhouse fetched earlier; no network)."""
     if not re.fullmatch(r"3\.\d{1,2}", python):
-        raise PipelineError(f"python={python!r}: give the Python version of the notebook image, e.g. 3.11")
+        raise PipelineError(f"python={python!r}: give the Python version of the notebook image, e.g. {KAGGLE_PYTHON}")
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", python]
     cmd += ["--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS), "-d", str(dest), "-r", str(REQUIREMENTS)]
     if find_links:
@@ -58,6 +60,13 @@ def fetch_wheels(dest: Path, python: str, find_links: str = "") -> list[str]:
         where = f"in {find_links}" if find_links else "from the package index"
         raise PipelineError(f"pip found no wheels for Linux x86-64 Python {python} {where}: {' '.join(why)}")
     return sorted(p.name for p in dest.glob("*.whl"))
+
+
+def wheels_line(python: str) -> str:
+    """The one line export prints: which Python and platform the dataset's wheels are for."""
+    if python == KAGGLE_PYTHON:
+        return f"wheels for CPython {python}, Linux x86-64 (Kaggle's notebook image; python=3.X for another)"
+    return f"wheels for CPython {python}, Linux x86-64 (python={python}; Kaggle's notebook image runs {KAGGLE_PYTHON})"
 
 
 def kaggle_username() -> str:
@@ -94,7 +103,7 @@ def readme(cfg: Config, slug: str, dataset_id: str, python: str, wheels: list[st
 
 The ensemble of experiment `{cfg.experiment}` as an ONNX bundle (`bundle/`, its model card in `bundle/README.md`),
 with what runs it without torch or internet: `pipeline/` (the pipeline's torch-free serving code), `wheels/`
-(Linux x86-64, Python {python}: {len(wheels)} wheels) and `{SCRIPT}`.
+(Linux x86-64, CPython {python}: {len(wheels)} wheels) and `{SCRIPT}`.
 
 Upload (the official kaggle client; `-r zip` keeps the folders):
 
@@ -106,7 +115,8 @@ and the internet off, run `predict_submission.ipynb`, or:
     !python /kaggle/input/{slug}/{SCRIPT} [COMPETITION_DIR] [--out /kaggle/working/submission.csv]
 
 COMPETITION_DIR defaults to `/kaggle/input/{cfg.data.competition or "<competition>"}`. Missing packages are installed
-from `wheels/` with `pip --no-index`.
+from `wheels/` with `pip --no-index`; on a Python other than {python} that is refused (export again with
+`python=3.X`), while a notebook that already holds them all runs on any Python from 3.10 to 3.13.
 """
 
 
@@ -118,10 +128,11 @@ def export_kaggle(cfg: Config, exp_dir: Path, bundle_dir: Path, python: str = KA
     with atomic_folder(out) as tmp:
         (tmp / "wheels").mkdir()
         names = fetch_wheels(tmp / "wheels", python, wheels)
+        print(wheels_line(python), flush=True)
         shutil.copytree(bundle_dir, tmp / "bundle")
-        for name in SOURCES:
+        for name in SOURCES + DATA_FILES:
             (tmp / "pipeline" / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / "pipeline" / name, tmp / "pipeline" / name)
+            shutil.copy2(PACKAGE / name, tmp / "pipeline" / name)
         shutil.copy2(Path(__file__).with_name("kaggle_entry.py"), tmp / SCRIPT)
         d = cfg.data
         competition = {
@@ -131,6 +142,7 @@ def export_kaggle(cfg: Config, exp_dir: Path, bundle_dir: Path, python: str = KA
             "test_dir": d.test_dir,
             "age_col": comp.sub_age_col,
             "gender_col": comp.sub_gender_col,
+            "wheels_python": python,  # predict_submission.py refuses to install them on another Python
         }
         (tmp / COMPETITION_FILE).write_text(json.dumps(competition, indent=1))
         slug = re.sub(r"[^a-z0-9]+", "-", f"{cfg.experiment}-age-gender".lower()).strip("-")[:50]

@@ -24,6 +24,7 @@ if ! cmp -s "$image" "$venv/.image"; then
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   "$venv/bin/python" -m pip install -q -r "$image" 2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/python" -m pip freeze --all | sort > "$venv/freeze-image.txt"  # what the notebook holds
   cp "$image" "$venv/.image"
 fi
 echo "lane $lane: $("$venv/bin/python" -V), the notebook's stack ready after $((SECONDS - start)) s"
@@ -32,18 +33,17 @@ echo "lane $lane: $("$venv/bin/python" -V), the notebook's stack ready after $((
 rm -rf dist build && "$venv/bin/python" -m pip wheel -q --no-deps -w dist . 2>&1 | grep -v "^WARNING: Location" || true
 wheel=$(ls dist/agegender-*.whl)
 "$venv/bin/python" -m pip uninstall -q -y agegender 2>/dev/null || true
-"$venv/bin/python" -m pip freeze --all | grep -v "^agegender" | sort > "$venv/freeze-before.txt"
 t=$SECONDS
 "$venv/bin/python" -m pip install -q "$wheel[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
 echo "lane $lane: pip install $(basename "$wheel")[$extras] took $((SECONDS - t)) s"
 "$venv/bin/python" -m pip freeze --all | grep -v "^agegender" | sort > "$venv/freeze-after.txt"
-changed=$(comm -23 "$venv/freeze-before.txt" "$venv/freeze-after.txt")
+changed=$(comm -23 "$venv/freeze-image.txt" "$venv/freeze-after.txt")
 if [ -n "$changed" ]; then
   echo "lane $lane: pip install replaced what the notebook had:" >&2
   echo "$changed" >&2
   exit 1
 fi
-echo "lane $lane: nothing the notebook held changed; added: $(comm -13 "$venv/freeze-before.txt" "$venv/freeze-after.txt" | tr '\n' ' ')"
+echo "lane $lane: nothing the notebook held changed; added: $(comm -13 "$venv/freeze-image.txt" "$venv/freeze-after.txt" | tr '\n' ' ')"
 
 if [ "$lane" = colab ]; then
   work=$(mktemp -d)
