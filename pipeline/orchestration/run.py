@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.config import Config, ModelConfig, Phase, TrainConfig, dump_config, upgrade_legacy
+from ..core.config import Config, ModelConfig, Phase, TrainConfig, changes_results, dump_config, upgrade_legacy
 from ..core.errors import PipelineError
 from ..core.files import exclusive, remove_stale_temporaries, write_text
 from ..core.layout import (
@@ -33,21 +33,6 @@ from ..training.job import check_compile, check_device
 from .jobs import fold_started, run_fold
 
 STAGES = ("folds", "train", "predict", "blend", "run")
-# Keys that never change results: how and where jobs run (launcher=ray gives byte-identical files), tuning settings.
-IGNORED_FOR_IDENTITY = {
-    "train.num_workers",
-    "train.device",
-    "train.trunk_on_gpu",
-    "train.compile",
-    "folds.chosen_on",
-    "tracking",
-    "data.cache_dir",
-    "data.competition",
-    "data.gender_labels",
-    "launcher",
-    "ray",
-    "tune",
-}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -93,13 +78,11 @@ def claim_experiment(cfg: Config) -> Path:
     if saved.is_file():
         old = _flatten(upgrade_legacy(json.loads(saved.read_text())))
         new = _flatten(current)
-        # a key the saved config does not have is a setting added to the code since: at its default it changes nothing
+        # a key the saved config does not have is a setting added to the code since: at its default it changes nothing;
+        # keys declared changes_results=False (how and where jobs run, tracking, tuning) are not compared
         defaults = _defaults_like(cfg)
         changed = [
-            k
-            for k in sorted(set(old) | set(new))
-            if old.get(k, defaults.get(k)) != new.get(k)
-            and not any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_IDENTITY)
+            k for k in sorted(set(old) | set(new)) if old.get(k, defaults.get(k)) != new.get(k) and changes_results(k)
         ]
         if changed:
             raise PipelineError(
