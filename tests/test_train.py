@@ -26,7 +26,7 @@ from pipeline.training.evaluation import predict_arrays
 from pipeline.training.job import FoldJob, Inference, fold_rows
 from pipeline.training.loader import FaceDataset, make_loader, train_transform
 from pipeline.training.losses import AgeScale, LossSum, Objective
-from pipeline.training.train import phase_trunk, start_phase, sync_frozen_ema, train_fold, warmup_cosine
+from pipeline.training.train import EpochStep, FoldModel, phase_trunk, start_phase, train_fold, warmup_cosine
 from pipeline.training.trunk import CachedTrunk, TrunkCache
 
 N, SIZE = 48, 32
@@ -100,7 +100,7 @@ def test_warmup_then_cosine_lr_values():
 def test_the_optimiser_holds_exactly_the_trainable_parameters(tmp_path, what):
     job = _job(tmp_path, [Phase(1, what, 1e-3)])
     model = create_model(job.model)
-    optim = start_phase(job, model, 0, job.cfg.phases(job.model)[0], 32, Progress(), None)
+    optim = start_phase(job, FoldModel(model), 0, job.cfg.phases(job.model)[0], 32, Progress())
     in_opt = {id(p) for g in optim.opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
     n_backbone = sum(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
@@ -110,12 +110,12 @@ def test_the_optimiser_holds_exactly_the_trainable_parameters(tmp_path, what):
 def test_frozen_batchnorm_statistics_and_weights_stay_put_through_an_epoch(tmp_path):
     job = _job(tmp_path, [Phase(1, "last:1", 1e-2)])
     model = create_model(job.model)
-    optim = start_phase(job, model, 0, Phase(1, "last:1", 1e-2), N, Progress(), None)
+    optim = start_phase(job, FoldModel(model), 0, Phase(1, "last:1", 1e-2), N, Progress())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = FaceDataset(job.images.train, np.arange(N), np.zeros(N), np.zeros(N), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
     objective = Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
-    train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, None, "")
+    train_mod.train_one_epoch(EpochStep(forward, objective), make_loader(ds, 8, True, 0, 1), optim, "")
     after = model.state_dict()
     frozen = [k for k in after if k.startswith(("backbone.stem", "backbone.stages.0", "backbone.stages.2"))]
     trained = [k for k in after if k.startswith("backbone.stages.3") and "running_mean" in k]
@@ -147,7 +147,7 @@ def _epoch_of_one_batch(mixup: float, seed: int = 3):
         def update(self, loss):
             losses.append(loss.item())
 
-    train_mod.train_one_epoch(forward, [(x, y, torch.zeros(8))], Optim(), objective, None, "", mixup, seed)
+    train_mod.train_one_epoch(EpochStep(forward, objective, None, mixup), [(x, y, torch.zeros(8))], Optim(), "", seed)
     pred = layer(inputs[0]).squeeze(1).detach()
     return y, inputs[0][:, 0], labels, losses[0], pred
 
@@ -185,13 +185,13 @@ def test_cached_and_uncached_validation_agree_after_training_below_the_cut(tmp_p
     job = _job(tmp_path, phases, ema=ema)
     model = create_model(job.model)
     ema_model = train_mod.ModelEmaV3(model, decay=ema, use_warmup=True) if ema else None
-    optim = start_phase(job, model, 0, phases[0], N, Progress(), ema_model)
+    optim = start_phase(job, FoldModel(model, ema_model), 0, phases[0], N, Progress())
     tr, va = job.rows()
     ds = FaceDataset(job.images.train, tr, np.zeros(len(tr)), np.zeros(len(tr)), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
     objective = Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
-    train_mod.train_one_epoch(forward, make_loader(ds, 8, True, 0, 1), optim, objective, None, "")
-    start_phase(job, model, 1, phases[1], N, Progress(), ema_model)
+    train_mod.train_one_epoch(EpochStep(forward, objective), make_loader(ds, 8, True, 0, 1), optim, "")
+    start_phase(job, FoldModel(model, ema_model), 1, phases[1], N, Progress())
     trunk = phase_trunk(_cache(job, model), model, phases, 1)
     eval_model = ema_model.module if ema else model
     how = Inference.for_job(job)
@@ -209,7 +209,7 @@ def test_sync_frozen_ema_copies_only_frozen_modules(tmp_path):
         for p in model.parameters():
             p.add_(1.0)
     set_trainable(model, Unfreeze.parse("last:1"))
-    sync_frozen_ema(ema, model)
+    FoldModel(model, ema).sync_frozen_ema()
     live, avg = model.state_dict(), ema.module.state_dict()
     assert torch.equal(live["backbone.stem.0.weight"], avg["backbone.stem.0.weight"])
     assert not torch.equal(live["backbone.stages.3.0.weight"], avg["backbone.stages.3.0.weight"])
@@ -229,7 +229,7 @@ def test_cached_views_are_the_trunk_outputs_of_the_image_and_of_its_mirror_image
     phases = [Phase(1, "head", 1e-3), Phase(1, "last:1", 1e-3)]
     job = _job(tmp_path, phases, hflip=hflip)
     model = create_model(job.model)
-    start_phase(job, model, 0, phases[0], N, Progress(), None)
+    start_phase(job, FoldModel(model), 0, phases[0], N, Progress())
     cache = _cache(job, model)
     phase_trunk(cache, model, phases, 0)
     trunk, tr, va = cache.base, *job.rows()  # computed at the cut of the last:1 phase
@@ -263,7 +263,7 @@ def test_the_trunk_store_is_computed_once_and_shared_by_the_folds(tmp_path, monk
     for fold in (0, 1):
         torch.manual_seed(0)  # the same starting weights, as a pretrained backbone has in every fold
         model = create_model(job.model)
-        start_phase(job, model, 0, phases[0], N, Progress(), None)
+        start_phase(job, FoldModel(model), 0, phases[0], N, Progress())
         cache = _cache(replace(job, fold=fold), model)
         phase_trunk(cache, model, phases, 0)
         trunks.append(cache.base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +17,7 @@ from ..data.cache import Images
 from ..data.competition import Competition
 from ..inference.predict import predict_fold
 from ..training.job import FoldJob, pick_device
-from ..training.train import train_fold
+from ..training.train import EpochCallback, train_fold
 
 
 def worker_threads(cfg: Config) -> None:
@@ -49,15 +50,16 @@ def run_fold(
     out: Path,
     exp_dir: Path,
     tracker: Tracker | None = None,
+    callbacks: Sequence[EpochCallback] = (),
 ) -> None:
     """One (model, fold) job: train and/or predict, under the fold's lock, with its own tracking run (default: a
-    W&B run named <model>-fold<k>, idle when there is nothing left to do)."""
+    W&B run named <model>-fold<k>, idle when there is nothing left to do); `callbacks` join training's epoch ends."""
     todo = fold_todo(stage, out)
     with exclusive(fold_lock(out), f"{cfg.experiment}/{m.name} fold {k}"):
         tracker = tracker or Tracker(cfg, f"{m.name}-fold{k}", stage, exp_dir, enabled=todo)
         job = FoldJob(cfg, m, k, comp, images, folds, out, pick_device(cfg), tracker)
         if stage in ("train", "run"):
-            train_fold(job)
+            train_fold(job, callbacks)
         if stage in ("predict", "run"):
             predict_fold(job)
         tracker.finish()

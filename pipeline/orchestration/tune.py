@@ -19,12 +19,13 @@ from ..core.config import Config, ConfigError, SearchParam, dump_config, load_co
 from ..core.errors import PipelineError
 from ..core.files import write_csv, write_text
 from ..core.layout import BEST_YAML, DEMO_ROOT, SEARCH, TRIAL_DONE, TRIALS, TRIALS_CSV, fold_dir, tune_dir
-from ..core.metrics import HIGHER_IS_BETTER
+from ..core.metrics import HIGHER_IS_BETTER, is_better
 from ..core.tracking import Tracker
 from ..data.cache import prepare_images
 from ..data.competition import load_competition
 from ..data.demo import make_demo
 from ..data.folds import ensure_folds
+from ..training.train import EpochEnd, FoldTrainer
 from .jobs import run_fold, worker_threads
 
 MAX_EPOCHS = 1000  # ASHA's max_t: above any trial's epochs; rungs sit at grace_epochs * reduction_factor^n
@@ -80,23 +81,21 @@ class TrialBase:
     out: str  # runs/<experiment>/tune/trials, absolute
 
 
-class TrialTracker(Tracker):
-    """The fold's W&B run (when tracking is on), and each epoch's validation metric reported to Tune."""
+class ReportToTune:
+    """An epoch-end callback: each epoch's validation metric, and the trial's CV so far (the folds done and this
+    fold's best epoch), reported to Tune, whose ASHA scheduler may stop the trial there."""
 
-    def __init__(self, cfg: Config, name: str, run_dir: Path, done: list[float]):
-        super().__init__(cfg, name, "tune", run_dir)
-        self.metric, self.done, self.best = cfg.metric, done, None
+    def __init__(self, metric: str, done: list[float]):
+        self.metric, self.done, self.best = metric, done, None
 
-    def log(self, data: dict, step: int | None = None) -> None:
+    def __call__(self, trainer: FoldTrainer, end: EpochEnd) -> None:
         from ray import tune
 
-        super().log(data, step)
-        value = data[f"val_{self.metric}"]
-        better = HIGHER_IS_BETTER[self.metric]
-        if self.best is None or (value > self.best if better else value < self.best):
+        value = end.metrics[self.metric]
+        if self.best is None or is_better(self.metric, value, self.best):
             self.best = value
         cv = sum([*self.done, self.best]) / (len(self.done) + 1)
-        tune.report({"val": value, "cv": cv, "fold": data["fold"], "epoch": data["epoch"]})
+        tune.report({"val": value, "cv": cv, "fold": trainer.job.fold, "epoch": end.epoch})
 
 
 def quiet_sigterm_exit(unraisable) -> None:
@@ -125,9 +124,10 @@ def run_trial(params: dict, base: TrialBase) -> None:
     out = Path(base.out) / tune.get_context().get_trial_id()
     done: list[float] = []
     for k in cfg.tune.folds:
-        tracker = TrialTracker(cfg, f"{out.name}-{m.name}-fold{k}", out, done)
-        run_fold("train", cfg, m, k, comp, images, folds, fold_dir(out, m.name, k), out, tracker)
-        done.append(tracker.best)
+        tracker = Tracker(cfg, f"{out.name}-{m.name}-fold{k}", "tune", out)
+        report = ReportToTune(cfg.metric, done)
+        run_fold("train", cfg, m, k, comp, images, folds, fold_dir(out, m.name, k), out, tracker, [report])
+        done.append(report.best)
     write_text(json.dumps({"params": params, f"cv_{cfg.metric}": sum(done) / len(done)}), out / TRIAL_DONE)
 
 

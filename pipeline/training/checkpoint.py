@@ -34,23 +34,17 @@ class Progress:
     scheduler: dict | None = None
 
 
-def load_resume(out: Path, model: torch.nn.Module, ema, scaler=None) -> Progress:
-    """Model and EMA weights from out/last.pt into `model` / `ema` (a timm ModelEmaV3 or None), fp16's loss scale into
-    `scaler` (a GradScaler or None), and where the fold stopped."""
+def read_last(out: Path) -> tuple[dict | None, Progress]:
+    """out/last.pt's state (None without one) and where the fold stopped."""
     if not (out / LAST).is_file():
-        return Progress()
+        return None, Progress()
     state = torch.load(out / LAST, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
     done = Progress(
         state["epoch"], state["best"], state["history"], state["phase"], state["optimizer"], state["scheduler"]
     )
     if (out / BEST).is_file() and checkpoint_epoch(out / BEST) > done.epoch:
         done.best = None  # killed between saving best.pt and last.pt: that epoch runs again and is saved again
-    return done
+    return state, done
 
 
 def save_epoch(out: Path, model, optim, phase: int, done: Progress, best_state: dict | None) -> None:

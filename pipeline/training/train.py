@@ -1,5 +1,8 @@
 """Train one backbone on one fold: gradual-unfreezing phases, AdamW + per-phase cosine, best
-checkpoint by the fold's validation metric, per-epoch metrics CSV, resumable from the last epoch."""
+checkpoint by the fold's validation metric, per-epoch metrics CSV, resumable from the last epoch.
+
+FoldTrainer holds a fold's state and runs its epochs (fit); what else happens at an epoch's end (the progress line,
+W&B, Tune's report, a time budget) takes part as an epoch-end callback."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +30,7 @@ from ..core.metrics import evaluate, is_better
 from ..models.backbones import create_model, weights_record
 from ..models.network import AgeGenderNet
 from ..models.stages import frozen_prefix_length, set_trainable
-from .checkpoint import Progress, checkpoint_epoch, load_resume, save_epoch
+from .checkpoint import Progress, checkpoint_epoch, read_last, save_epoch
 from .evaluation import predict_arrays
 from .job import FoldJob, Inference, autocast
 from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform, training_batches
@@ -89,79 +94,104 @@ class Optimiser:
         self.step += 1
 
 
-def train_one_epoch(
-    forward,
-    batches,
-    optim: Optimiser,
-    objective: Objective,
-    amp: torch.dtype | None,
-    desc: str,
-    mixup: float = 0.0,
-    seed: int = 0,
-):
+@dataclass(frozen=True)
+class EpochStep:
+    """What a training step runs on a batch: the forward pass (whole model, or the stages above a cached trunk), the
+    loss, the autocast precision and the mixup Beta parameter (0: none)."""
+
+    forward: Callable
+    objective: Objective
+    amp: torch.dtype | None = None
+    mixup: float = 0.0
+
+
+def train_one_epoch(step: EpochStep, batches, optim: Optimiser, desc: str, seed: int = 0) -> tuple[int, float]:
     """One pass over `batches` (images or cached trunk outputs). Returns (images seen, summed loss). With mixup > 0
     each batch is mixed with a shuffled copy of itself, weight lam ~ Beta(mixup, mixup), and the loss is the same
     mix of the losses against both label sets (for cached phases the trunk outputs are mixed: manifold mixup).
     Batches are mixed on the device, and the loss is summed there: read once per epoch (and every BAR_EVERY steps
     when a progress bar is shown), so steps queue on a GPU without waiting for each other."""
-    t0, seen = time.perf_counter(), 0
+    t0, seen, mixup = time.perf_counter(), 0, step.mixup
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)
     device = next(optim.model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     rng = np.random.default_rng(seed)
-    for step, (x, y_age, y_gender) in enumerate(bar, 1):
+    for i, (x, y_age, y_gender) in enumerate(bar, 1):
         x = x.to(device, non_blocking=True)
         y_age, y_gender = y_age.to(device, non_blocking=True), y_gender.to(device, non_blocking=True)
         if mixup > 0:
             lam, perm = float(rng.beta(mixup, mixup)), torch.from_numpy(rng.permutation(len(x))).to(device)
             x = x.float() * lam + x.float()[perm] * (1 - lam)
-        with autocast(device, amp):
-            pred_age, logit = forward(x)
-        loss = objective(pred_age, logit, y_age, y_gender)
+        with autocast(device, step.amp):
+            pred_age, logit = step.forward(x)
+        loss = step.objective(pred_age, logit, y_age, y_gender)
         if mixup > 0:
-            loss = lam * loss + (1 - lam) * objective(pred_age, logit, y_age[perm], y_gender[perm])
+            loss = lam * loss + (1 - lam) * step.objective(pred_age, logit, y_age[perm], y_gender[perm])
         optim.update(loss)
         seen += len(x)
         loss_sum += loss.detach().double() * len(x)
-        if not bar.disable and step % BAR_EVERY == 0:
+        if not bar.disable and i % BAR_EVERY == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     return seen, loss_sum.item()
 
 
-@torch.no_grad()
-def sync_frozen_ema(ema: ModelEmaV3, model: AgeGenderNet) -> None:
-    """Set the EMA copy of every frozen module to the live weights. They no longer change, so their average
-    would converge there anyway; now the EMA model and a frozen trunk cached from the live model agree."""
-    ema_modules = dict(ema.module.named_modules())
-    for name, module in model.named_modules():
-        params = list(module.parameters(recurse=False))
-        if params and not any(p.requires_grad for p in params):
-            target = ema_modules[name]
-            for key, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                getattr(target, key).copy_(value)
+@dataclass
+class FoldModel:
+    """The fold's network, its EMA copy (train.ema > 0) and fp16's gradient scaler: what a checkpoint saves."""
+
+    model: AgeGenderNet
+    ema: ModelEmaV3 | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    @torch.no_grad()
+    def sync_frozen_ema(self) -> None:
+        """Set the EMA copy of every frozen module to the live weights. They no longer change, so their average
+        would converge there anyway; now the EMA model and a frozen trunk cached from the live model agree."""
+        if self.ema is None:
+            return
+        ema_modules = dict(self.ema.module.named_modules())
+        for name, module in self.model.named_modules():
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                target = ema_modules[name]
+                for key, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                    getattr(target, key).copy_(value)
+
+    def resume(self, out: Path) -> Progress:
+        """The weights, EMA and loss scale of out/last.pt, and where the fold stopped (a fresh Progress without it)."""
+        state, progress = read_last(out)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        return progress
+
+    @property
+    def for_eval(self) -> AgeGenderNet:
+        """What is validated and saved as best.pt: the EMA model when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
-def start_phase(
-    job: FoldJob, model, pi: int, phase: Phase, n_train: int, done: Progress, ema, scaler=None
-) -> Optimiser:
+def start_phase(job: FoldJob, net: FoldModel, pi: int, phase: Phase, n_train: int, resume: Progress) -> Optimiser:
     """Freeze what the phase keeps frozen, a fresh optimiser and schedule (or the saved ones mid-phase)."""
-    t = job.cfg.train
+    t, model = job.cfg.train, net.model
     n_trainable = set_trainable(model, phase.unfreeze)
-    if ema is not None:
-        sync_frozen_ema(ema, model)
+    net.sync_frozen_ema()
     opt = create_optimizer_v2(model, "adamw", lr=phase.lr, weight_decay=t.weight_decay)
     steps_per_epoch = training_batches(n_train, job.cfg.batch_size(job.model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(phase.epochs * steps_per_epoch, t.warmup_frac))
-    if done.phase == pi and done.optimizer is not None:
-        opt.load_state_dict(done.optimizer)
-        sched.load_state_dict(done.scheduler)
+    if resume.phase == pi and resume.optimizer is not None:
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.scheduler)
     phases = [p for p in job.cfg.phases(job.model) if p.epochs > 0]
     print(
         f"{job.name}: phase {pi + 1}/{len(phases)} train={phase.train} lr={phase.lr:g} "
         f"epochs={phase.epochs} trainable params={n_trainable:,}"
     )
     first_step = sum(training_batches(n_train, job.cfg.batch_size(job.model)) * p.epochs for p in phases[:pi])
-    return Optimiser(model, opt, sched, ema, first_step + sched.last_epoch, t.grad_clip, scaler)
+    return Optimiser(model, opt, sched, net.ema, first_step + sched.last_epoch, t.grad_clip, net.scaler)
 
 
 def phase_trunk(cache: TrunkCache, model, phases: list[Phase], pi: int) -> CachedTrunk | None:
@@ -233,46 +263,137 @@ def new_model(job: FoldJob, fs: FoldSet) -> AgeGenderNet:
     return model
 
 
-def train_fold(job: FoldJob) -> None:
+@dataclass(frozen=True)
+class EpochEnd:
+    """What an epoch-end callback is given: the epoch's metrics.csv row, its validation metrics, and whether it was
+    kept as best.pt. The epoch is saved (last.pt, best.pt, metrics.csv) before any callback runs."""
+
+    epoch: int
+    row: dict
+    metrics: dict
+    kept: bool
+
+
+EpochCallback = Callable[["FoldTrainer", EpochEnd], None]
+
+
+def print_epoch(trainer: FoldTrainer, end: EpochEnd) -> None:
+    metric, m, row = trainer.job.cfg.metric, end.metrics, end.row
+    print(
+        f"{trainer.job.name} epoch {end.epoch}: loss {row['train_loss']:.4f} val MAE {m['mae']:.2f} "
+        f"acc {m['accuracy']:.3f} {metric} {m[metric]:.4f}{' *' if end.kept else ''} "
+        f"({row['img_per_s']:.0f} img/s, {row['seconds']:.0f}s)"
+    )
+
+
+def track_epoch(trainer: FoldTrainer, end: EpochEnd) -> None:
+    trainer.job.tracker.log({**end.row, "fold": trainer.job.fold}, step=end.epoch)
+
+
+def train_fold(job: FoldJob, callbacks: Sequence[EpochCallback] = ()) -> None:
     """Train the fold's phases (resuming after the last finished epoch), then mark it trained."""
-    out, cfg, t = job.out, job.cfg, job.cfg.train
-    if (out / TRAIN_DONE).is_file():
+    if (job.out / TRAIN_DONE).is_file():
         print(f"{job.name}: already trained, skipping")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    seed = t.seed * 1000 + job.fold
-    seed_everything(seed)
-    fs = fold_set(job)
-    model = new_model(job, fs)
-    if job.model.pseudo_labels:  # the scale and the head's start above come from the real labels only
-        fs = with_pseudo_rows(job, fs)
-    model = model.to(job.device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = ModelEmaV3(model, decay=t.ema, use_warmup=True) if t.ema > 0 else None
-    train_ds = fs.dataset(t, seed)
-    scaler = torch.amp.GradScaler(job.device.type) if job.autocast == torch.float16 else None
-    done = load_resume(out, model, ema, scaler)
-    if done.epoch:
-        print(f"{job.name}: resuming after epoch {done.epoch}")
+    FoldTrainer(job, [track_epoch, print_epoch, *callbacks]).fit()
 
-    loaders = FoldLoaders.of(job, fs, train_ds)
-    phases = [p for p in cfg.phases(job.model) if p.epochs > 0]
-    cache = TrunkCache(model, fs.images, fs.tr_rows, fs.va_rows, t, job.device, cfg.data.cache_dir, job.autocast)
-    epoch = 0
-    for pi, phase in enumerate(phases):
-        if epoch + phase.epochs <= done.epoch:
-            epoch += phase.epochs
-            cache.note_trained(frozen_prefix_length(model, phase.unfreeze))
-            continue
-        optim = start_phase(job, model, pi, phase, len(train_ds), done, ema, scaler)
-        trunk = phase_trunk(cache, model, phases, pi) if t.cache_frozen else None
-        forward = phase_forward(job, model, trunk)
-        for _ in range(phase.epochs):
-            if epoch >= done.epoch:
-                run_epoch(job, fs, loaders, optim, trunk, forward, pi, phase, seed * 100 + epoch, done)
-            epoch += 1
-    finish_fold(job, done)
+
+class FoldTrainer:
+    """One fold's training and what it holds while it runs: the job, its rows and labels (data), the image loaders,
+    the network with its EMA and loss scale (net), the frozen-trunk cache and the progress a kill resumes from.
+    fit() runs the phases' epochs one after another; the callbacks run at each epoch's end, after it is saved."""
+
+    def __init__(self, job: FoldJob, callbacks: Sequence[EpochCallback] = ()):
+        t = job.cfg.train
+        self.job, self.callbacks = job, list(callbacks)
+        job.out.mkdir(parents=True, exist_ok=True)
+        self.seed = t.seed * 1000 + job.fold
+        seed_everything(self.seed)
+        self.data = fold_set(job)
+        model = new_model(job, self.data)
+        if job.model.pseudo_labels:  # the scale and the head's start above come from the real labels only
+            self.data = with_pseudo_rows(job, self.data)
+        model = model.to(job.device)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        ema = ModelEmaV3(model, decay=t.ema, use_warmup=True) if t.ema > 0 else None
+        train_ds = self.data.dataset(t, self.seed)
+        scaler = torch.amp.GradScaler(job.device.type) if job.autocast == torch.float16 else None
+        self.net = FoldModel(model, ema, scaler)
+        self.progress = self.net.resume(job.out)
+        if self.progress.epoch:
+            print(f"{job.name}: resuming after epoch {self.progress.epoch}")
+        self.n_train = len(train_ds)
+        self.loaders = FoldLoaders.of(job, self.data, train_ds)
+        self.phases = [p for p in job.cfg.phases(job.model) if p.epochs > 0]
+        d = self.data
+        self.cache = TrunkCache(
+            model, d.images, d.tr_rows, d.va_rows, t, job.device, job.cfg.data.cache_dir, job.autocast
+        )
+
+    def fit(self) -> None:
+        """Every epoch not yet finished, phase by phase; then train_done.json."""
+        epoch, model = 0, self.net.model
+        for pi, phase in enumerate(self.phases):
+            if epoch + phase.epochs <= self.progress.epoch:  # finished before a kill
+                epoch += phase.epochs
+                self.cache.note_trained(frozen_prefix_length(model, phase.unfreeze))
+                continue
+            optim = start_phase(self.job, self.net, pi, phase, self.n_train, self.progress)
+            trunk = phase_trunk(self.cache, model, self.phases, pi) if self.job.cfg.train.cache_frozen else None
+            step = EpochStep(phase_forward(self.job, model, trunk), self.data.objective, self.job.autocast)
+            step = replace(step, mixup=self.job.cfg.train.mixup)
+            for _ in range(phase.epochs):
+                if epoch >= self.progress.epoch:
+                    end = self.run_epoch(step, optim, trunk, pi, self.seed * 100 + epoch)
+                    for callback in self.callbacks:
+                        callback(self, end)
+                epoch += 1
+        self.finish()
+
+    def run_epoch(self, step: EpochStep, optim: Optimiser, trunk: CachedTrunk | None, pi: int, seed: int) -> EpochEnd:
+        """Train one epoch, validate it and save it (best.pt when it is kept, last.pt, metrics.csv)."""
+        job, fs, done = self.job, self.data, self.progress
+        cfg, phase, epoch = job.cfg, self.phases[pi], done.epoch + 1
+        seed_everything(seed)
+        batches = self.loaders.epoch(trunk, seed)
+        t0 = time.perf_counter()
+        seen, loss_sum = train_one_epoch(step, batches, optim, f"{job.name} e{epoch}", seed)
+        train_time = time.perf_counter() - t0
+        eval_model = self.net.for_eval
+        va = fs.va_rows
+        va_age, va_prob, val_loss = validate(job, eval_model, trunk, fs, self.loaders.val)
+        m = evaluate(fs.age[va], va_age, fs.gender[va], va_prob)
+        row = {
+            "epoch": epoch,
+            "phase": pi + 1,
+            "train": phase.train,
+            "lr": phase.lr,
+            "lr_end": optim.opt.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(1, seen),
+            "val_loss": val_loss,  # the objective trained on, on the validation rows; val_mae etc. in years
+            **{f"val_{k}": v for k, v in m.items()},
+            "img_per_s": seen / train_time,
+            "seconds": time.perf_counter() - t0,
+        }
+        kept = cfg.train.select == "last" or is_better(cfg.metric, m[cfg.metric], done.best)
+        done.epoch, done.history = epoch, [*done.history, row]
+        best_state = None
+        if kept:
+            done.best = m[cfg.metric]
+            s, head = fs.scale, job.model.age_head
+            best_state = best_checkpoint(eval_model.state_dict(), s.mean, s.std, head, epoch, cfg.metric, done.best)
+        save_epoch(job.out, optim.model, optim, pi, done, best_state)
+        return EpochEnd(epoch, row, m, kept)
+
+    def finish(self) -> None:
+        """train_done.json names the epoch best.pt holds (read from best.pt itself, which survives resumes)."""
+        job, done = self.job, self.progress
+        best_epoch = checkpoint_epoch(job.out / BEST)
+        best_row = next(r for r in done.history if r["epoch"] == best_epoch)
+        job.tracker.summary({f"best_{k}": v for k, v in best_row.items()})
+        write_text(json.dumps({"best_epoch": best_epoch, job.cfg.metric: done.best}), job.out / TRAIN_DONE)
+        (job.out / LAST).unlink(missing_ok=True)
 
 
 @dataclass
@@ -287,8 +408,9 @@ class FoldLoaders:
     def of(cls, job: FoldJob, fs: FoldSet, train_ds: FaceDataset) -> FoldLoaders:
         how, cuda, bs = Inference.for_job(job), job.device.type == "cuda", job.cfg.batch_size(job.model)
         workers = auto_workers(job.cfg.train.num_workers)
-        train = make_loader(train_ds, bs, True, workers, pin_memory=cuda, persistent=True)
-        val = make_loader(FaceDataset(fs.images, fs.va_rows), how.batch_size, False, how.workers, 0, cuda, True)
+        train = make_loader(train_ds, bs, train=True, workers=workers, pin_memory=cuda, persistent=True)
+        val_ds = FaceDataset(fs.images, fs.va_rows)
+        val = make_loader(val_ds, how.batch_size, train=False, workers=how.workers, pin_memory=cuda, persistent=True)
         return cls(train, val, bs)
 
     def epoch(self, trunk: CachedTrunk | None, epoch_seed: int):
@@ -313,56 +435,3 @@ def phase_forward(job: FoldJob, model: AgeGenderNet, trunk: CachedTrunk | None):
 
 def _images_forward(model: AgeGenderNet, device: torch.device, x: torch.Tensor):
     return model(to_model_input(x, device), raw=True)
-
-
-def run_epoch(
-    job, fs: FoldSet, loaders: FoldLoaders, optim: Optimiser, trunk, forward, pi: int, phase: Phase, epoch_seed, done
-):
-    """Train one epoch, validate it, save it (best.pt when it is kept, last.pt, metrics.csv) and report it."""
-    cfg, t, epoch = job.cfg, job.cfg.train, done.epoch + 1
-    seed_everything(epoch_seed)
-    batches = loaders.epoch(trunk, epoch_seed)
-    t0 = time.perf_counter()
-    desc = f"{job.name} e{epoch}"
-    seen, loss_sum = train_one_epoch(forward, batches, optim, fs.objective, job.autocast, desc, t.mixup, epoch_seed)
-    train_time = time.perf_counter() - t0
-    eval_model = optim.ema.module if optim.ema is not None else optim.model
-    va = fs.va_rows
-    va_age, va_prob, val_loss = validate(job, eval_model, trunk, fs, loaders.val)
-    m = evaluate(fs.age[va], va_age, fs.gender[va], va_prob)
-    row = {
-        "epoch": epoch,
-        "phase": pi + 1,
-        "train": phase.train,
-        "lr": phase.lr,
-        "lr_end": optim.opt.param_groups[0]["lr"],
-        "train_loss": loss_sum / max(1, seen),
-        "val_loss": val_loss,  # the objective trained on, on the validation rows; val_mae etc. in years
-        **{f"val_{k}": v for k, v in m.items()},
-        "img_per_s": seen / train_time,
-        "seconds": time.perf_counter() - t0,
-    }
-    improved = t.select == "last" or is_better(cfg.metric, m[cfg.metric], done.best)
-    done.epoch, done.history = epoch, [*done.history, row]
-    best_state = None
-    if improved:
-        done.best = m[cfg.metric]
-        s, head = fs.scale, job.model.age_head
-        best_state = best_checkpoint(eval_model.state_dict(), s.mean, s.std, head, epoch, cfg.metric, done.best)
-    save_epoch(job.out, optim.model, optim, pi, done, best_state)
-    job.tracker.log({**row, "fold": job.fold}, step=epoch)
-    print(
-        f"{job.name} epoch {epoch}: loss {row['train_loss']:.4f} val MAE {m['mae']:.2f} "
-        f"acc {m['accuracy']:.3f} {cfg.metric} {m[cfg.metric]:.4f}{' *' if improved else ''} "
-        f"({row['img_per_s']:.0f} img/s, {row['seconds']:.0f}s)"
-    )
-
-
-def finish_fold(job: FoldJob, done: Progress) -> None:
-    """train_done.json names the epoch best.pt holds (read from best.pt itself, which survives resumes)."""
-    metric = job.cfg.metric
-    best_epoch = checkpoint_epoch(job.out / BEST)
-    best_row = next(r for r in done.history if r["epoch"] == best_epoch)
-    job.tracker.summary({f"best_{k}": v for k, v in best_row.items()})
-    write_text(json.dumps({"best_epoch": best_epoch, metric: done.best}), job.out / TRAIN_DONE)
-    (job.out / LAST).unlink(missing_ok=True)
