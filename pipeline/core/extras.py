@@ -11,7 +11,7 @@ from .errors import PipelineError
 PYTHONS = ((3, 10), (3, 13))  # the oldest and newest Python the package is tested on (pyproject's requires-python)
 DISTRIBUTION = "agegender"
 EXTRAS = {  # extra -> the modules it brings that the commands import
-    "train": ("torch", "torchvision", "timm", "albumentations", "sklearn", "scipy", "matplotlib", "imagehash"),
+    "train": ("torch", "torchvision", "timm", "albumentations", "sklearn", "scipy", "matplotlib"),
     "serve": ("onnxruntime",),
     "export": ("safetensors", "onnx", "onnxruntime", "onnxscript"),
     "app": ("gradio", "onnxruntime"),
