@@ -4,7 +4,7 @@ Builds the pipeline's own cache (`cached_images`) of N chips twice in a scratch 
 face_crop=detect (YuNet in a process pool, then the eye-aligned crop and resize in the decode threads), and prints
 images/s of each, their ratio, how many chips had no face (kept whole) and the mean absolute pixel difference
 between the two caches at --size px. --compare M also times the detection alone on M chips one image at a time,
-in a thread pool and in a process pool (yuface holds the GIL, so threads do not scale).
+in a thread pool and in a process pool (detect_all uses processes, one OpenCV thread each).
 
     .venv/bin/python benchmarks/face_crop_speed.py --data ../shared/data/utkface [--n 2000] [--size 96]
 """
