@@ -341,8 +341,8 @@ class FoldTrainer:
                 continue
             optim = start_phase(self.job, self.net, pi, phase, self.n_train, self.progress)
             trunk = phase_trunk(self.cache, model, self.phases, pi) if self.job.cfg.train.cache_frozen else None
-            step = EpochStep(phase_forward(self.job, model, trunk), self.data.objective, self.job.autocast)
-            step = replace(step, mixup=self.job.cfg.train.mixup)
+            forward = phase_forward(self.job, model, trunk)
+            step = EpochStep(forward, self.data.objective, self.job.autocast, self.job.cfg.train.mixup)
             for _ in range(phase.epochs):
                 if epoch >= self.progress.epoch:
                     end = self.run_epoch(step, optim, trunk, pi, self.seed * 100 + epoch)
