@@ -45,9 +45,9 @@ case "${1:-}" in
       fi
     fi
     # tests/test_kaggle_export.py installs the offline predictor from wheels in a fresh venv: fetched once, here
-    if ! cmp -s pipeline/serving/kaggle-requirements.txt .venv/kaggle-wheels/kaggle-requirements.txt; then
-      .venv/bin/python -m pipeline.serving.kaggle_export wheels .venv/kaggle-wheels
-      cp pipeline/serving/kaggle-requirements.txt .venv/kaggle-wheels/
+    if ! cmp -s pipeline/exporting/kaggle-requirements.txt .venv/kaggle-wheels/kaggle-requirements.txt; then
+      .venv/bin/python -m pipeline.exporting.kaggle_export wheels .venv/kaggle-wheels
+      cp pipeline/exporting/kaggle-requirements.txt .venv/kaggle-wheels/
     fi
     .venv/bin/python -m pytest "$@"
     ;;

@@ -24,9 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import Config, ModelConfig, load_config  # noqa: E402
 from pipeline.core.cores import usable_cores  # noqa: E402
 from pipeline.data.cache import decode_image  # noqa: E402
-from pipeline.models.backbones import create_model  # noqa: E402
-from pipeline.serving.bundle import load_bundle  # noqa: E402
-from pipeline.serving.export import (  # noqa: E402
+from pipeline.exporting.export import (  # noqa: E402
     FoldState,
     ModelFolds,
     bundle_info,
@@ -34,6 +32,8 @@ from pipeline.serving.export import (  # noqa: E402
     holdout_from_bundle,
     write_bundle,
 )
+from pipeline.models.backbones import create_model  # noqa: E402
+from pipeline.serving.bundle import load_bundle  # noqa: E402
 
 
 def fresh_bundles(cfg: Config, out: Path) -> dict[str, Path]:

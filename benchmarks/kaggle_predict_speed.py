@@ -45,9 +45,9 @@ def comp_id(root: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from pipeline.exporting.export import run_config
+    from pipeline.exporting.kaggle_export import folder_size
     from pipeline.serving.bundle import load_bundle
-    from pipeline.serving.export import run_config
-    from pipeline.serving.kaggle_export import folder_size
     from pipeline.serving.kaggle_predict import submission
 
     cfg, exp_dir = run_config(argv[0], argv[1:])

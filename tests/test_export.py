@@ -26,9 +26,10 @@ from pipeline.data.cache import decode_image
 from pipeline.data.competition import load_competition
 from pipeline.data.faces import native_face
 from pipeline.data.imaging import square_resize
+from pipeline.exporting.export import export, holdout_from_bundle, run_config
 from pipeline.serving import photos
-from pipeline.serving.bundle import load_bundle
-from pipeline.serving.export import export, holdout_from_bundle, run_config
+from pipeline.exporting.torch_runtime import load_bundle
+from pipeline.serving import bundle as serving_bundle
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
 MODELS = [
@@ -124,6 +125,13 @@ def test_resize_matches_the_training_decode(tmp_path, fit, zoom):
         path = tmp_path / f"{h}x{w}.png"  # lossless, so the file holds exactly `img`
         cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         assert np.array_equal(square_resize(img, 32, fit, zoom), decode_image(str(path), 32, fit, zoom=zoom))
+
+
+def test_the_torch_free_loader_refuses_a_torch_bundle_in_one_line(run):
+    with pytest.raises(PipelineError, match="holds torch weights") as e:
+        serving_bundle.load_bundle(run.torch_archive)
+    assert "\n" not in str(e.value) and "exporting.torch_runtime.load_bundle" in str(e.value)
+    assert serving_bundle.load_bundle(run.onnx_archive).members
 
 
 def test_loading_and_predicting_never_unpickle(run, monkeypatch):
@@ -299,7 +307,7 @@ def test_export_refuses_without_a_blend(run, tmp_path):
         export(run.cfg, run.exp_dir, "zip")
     other = write_config(tmp_path / "other.yaml", experiment="never_run")
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.serving.export", str(other)],
+        [sys.executable, "-m", "pipeline.exporting.export", str(other)],
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,

@@ -96,7 +96,7 @@ def test_train_device_cpu_runs_on_such_a_machine_without_asking(monkeypatch):
 
 
 def test_a_torch_bundle_on_such_a_gpu_is_refused_before_loading(monkeypatch):
-    from pipeline.serving.torch_runtime import torch_runners
+    from pipeline.exporting.torch_runtime import torch_runners
 
     simulate(monkeypatch, (6, 1), NO_PASCAL, name="NVIDIA GeForce GTX 1080")
     with pytest.raises(

@@ -18,19 +18,18 @@ import pytest
 from conftest import REPO, cli, write_config
 
 from pipeline.data.faces import YUNET_MODEL
+from pipeline.exporting.kaggle_export import DATA_FILES, PACKAGE, SOURCES
 from pipeline.serving.kaggle_entry import NEEDED
-from pipeline.serving.kaggle_export import DATA_FILES, PACKAGE, SOURCES
 
-WHEELHOUSE = REPO / ".venv" / "kaggle-wheels"  # fetched once by run.sh (python -m pipeline.serving.kaggle_export)
+WHEELHOUSE = REPO / ".venv" / "kaggle-wheels"  # fetched once by run.sh (python -m pipeline.exporting.kaggle_export)
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 OTHER_PYTHON = "3.12" if PYTHON != "3.12" else "3.11"
-TORCH_BUNDLES_ONLY = {"serving/torch_runtime.py"}  # bundle.py's one edge to torch, never taken for an ONNX bundle
 
 
 @pytest.fixture(scope="module")
 def exported(demo_root, tmp_path_factory):
     if not any(WHEELHOUSE.glob("*.whl")):
-        pytest.fail(f"no wheels in {WHEELHOUSE}: ./run.sh test fetches them (python -m pipeline.serving.kaggle_export)")
+        pytest.fail(f"no wheels in {WHEELHOUSE}: ./run.sh test fetches them (pipeline.exporting.kaggle_export)")
     root = tmp_path_factory.mktemp("kaggle-export")
     data = {"root": str(demo_root), "competition": "age-gender-demo", "gender_labels": ["female", "male"]}
     cfg = write_config(root / "cfg.yaml", data={**data, "face_crop": "detect"})
@@ -79,7 +78,7 @@ def imported_files(source: str) -> set[str]:
 
 
 def test_the_sources_import_only_each_other_the_standard_library_and_the_wheels():
-    allowed = set(SOURCES) | TORCH_BUNDLES_ONLY | set(sys.stdlib_module_names) | set(NEEDED)
+    allowed = set(SOURCES) | set(sys.stdlib_module_names) | set(NEEDED)
     for source in SOURCES:
         assert imported_files(source) <= allowed, source
     assert "yuface" not in {name for source in SOURCES for name in imported_files(source)}

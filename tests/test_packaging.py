@@ -42,7 +42,7 @@ def test_the_wheel_holds_the_package_recipes_and_detector_only(wheel):
     for needed in (
         "data/yunet/face_detection_yunet_2023mar.onnx",
         "data/yunet/LICENSE",
-        "serving/kaggle-requirements.txt",
+        "exporting/kaggle-requirements.txt",
     ):
         assert f"pipeline/{needed}" in names
     assert not [n for n in names if n.endswith((".csv", ".npy", ".pt", ".pth", ".jpg", ".png", ".pyc"))]

@@ -195,7 +195,7 @@ def fake_bundle_module(monkeypatch):
     """pipeline.serving.bundle replaced by a module whose load_bundle returns a FakeBundle (or fails, for 'bad')."""
     from pipeline.core.errors import PipelineError
 
-    def load_bundle(path, device="auto"):
+    def load_bundle(path, device="auto", torch_runners=None):
         if str(path).endswith("bad"):
             raise PipelineError(f"{path}: not a bundle")
         return FakeBundle()
@@ -248,14 +248,14 @@ def test_large_image_under_pillows_own_limit_is_refused_by_its_size(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_bundle(tmp_path_factory) -> Path:
-    """A real bundle archive written by pipeline.serving.export: scratch_cnn at 32 px, 2 folds, untrained weights (what
-    is under test here is reading and calling a bundle, not its accuracy)."""
+    """A real bundle archive written by pipeline.exporting.export: scratch_cnn at 32 px, 2 folds, untrained weights
+    (what is under test here is reading and calling a bundle, not its accuracy)."""
     import torch
     from conftest import write_config
 
     from pipeline.core.config import ModelConfig, load_config
+    from pipeline.exporting.export import FoldState, ModelFolds, bundle_info, write_bundle
     from pipeline.models.backbones import create_model
-    from pipeline.serving.export import FoldState, ModelFolds, bundle_info, write_bundle
 
     root = tmp_path_factory.mktemp("bundle")
     cfg = load_config(str(write_config(root / "cfg.yaml")))
@@ -271,7 +271,7 @@ def real_bundle(tmp_path_factory) -> Path:
 def test_a_bundle_without_gender_names_says_gender_code_and_how_to_name_them(real_bundle, photo_dir, tmp_path, capsys):
     import tarfile
 
-    from pipeline.serving.bundle import load_bundle
+    from pipeline.exporting.torch_runtime import load_bundle, torch_runners
 
     with tarfile.open(real_bundle) as tar:
         tar.extractall(tmp_path, filter="data")
@@ -283,7 +283,8 @@ def test_a_bundle_without_gender_names_says_gender_code_and_how_to_name_them(rea
     bundle = load_bundle(folder)
     assert not bundle.labels_known and bundle.gender_labels == {"0": "gender code 0", "1": "gender code 1"}
     out = tmp_path / "preds.csv"
-    assert photos.predict_images_cli([str(folder), str(photo_dir / "astronaut.jpg"), "--out", str(out)]) == 0
+    args = [str(folder), str(photo_dir / "astronaut.jpg"), "--out", str(out)]
+    assert photos.predict_images_cli(args, torch_runners) == 0
     assert pd.read_csv(out).gender_label.iloc[0].startswith("gender code ")
     note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert len(note) == 1 and "data.gender_labels" in note[0]
@@ -291,9 +292,11 @@ def test_a_bundle_without_gender_names_says_gender_code_and_how_to_name_them(rea
 
 
 def test_predict_images_with_a_real_bundle(real_bundle, photo_dir, tmp_path, capsys):
+    from pipeline.exporting.torch_runtime import torch_runners
+
     out = tmp_path / "preds.csv"
     args = [str(real_bundle), str(photo_dir / "astronaut.jpg"), str(photo_dir / "no_face.png"), "--out", str(out)]
-    assert photos.predict_images_cli([*args, "--whole-image"]) == 0
+    assert photos.predict_images_cli([*args, "--whole-image"], torch_runners) == 0
     df = pd.read_csv(out, keep_default_na=False)
     assert list(df.columns) == [*photos.COLUMNS, "gender_label", "note"]
     assert df.face.tolist() == [0, -1]

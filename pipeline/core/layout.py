@@ -56,7 +56,7 @@ SEARCH = "search"  # Ray Tune's own state (a crashed search continues from it)
 
 LEDGER = SUBMISSIONS / "ledger.csv"  # orchestration/submit.py
 LEADERBOARD_PLOT = "leaderboard.png"  # runs/<experiment>/plots/: CV against public score, from the ledger
-KAGGLE_DIR = "kaggle"  # runs/<experiment>/kaggle/ (serving/kaggle_export.py)
+KAGGLE_DIR = "kaggle"  # runs/<experiment>/kaggle/ (exporting/kaggle_export.py)
 SUBMISSION_NAME = r"{experiment}-\d{{8}}-\d{{6}}(-\d+)?\.csv"  # <experiment>-<YYYYmmdd>-<HHMMSS>[-n].csv
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..core.errors import PipelineError
+from ..core.errors import BundleError, PipelineError
 from ..core.extras import check_python, require
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would ask PyPI for news on every import
@@ -72,6 +72,17 @@ NEEDS = {  # stage -> the extra it cannot run without (predict-images checks its
 }
 
 
+def _torch_runners(*args):
+    """serving.bundle's RunnersFactory for torch bundles: torch is imported only when a torch bundle loads."""
+    try:
+        from ..exporting.torch_runtime import torch_runners
+    except ImportError as e:
+        raise BundleError(
+            f"a torch bundle needs torch and timm ({e}): pip install 'agegender[train]'; or export format=onnx"
+        ) from None
+    return torch_runners(*args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `agegender` command (pyproject's console script) and python -m pipeline."""
     argv = sys.argv[1:] if argv is None else argv
@@ -92,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     if stage == "predict-images":
         from ..serving.photos import predict_images_cli
 
-        return predict_images_cli(argv[1:])
+        return predict_images_cli(argv[1:], _torch_runners)
     if stage == "app":
         from ..serving.app import app_cli
 
-        return app_cli(argv[1:])
+        return app_cli(argv[1:], _torch_runners)
     try:
         if stage == "export":
-            from ..serving.export import export_cli
+            from ..exporting.export import export_cli
 
             return export_cli(target, rest)
         if stage == "demo":

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -22,6 +23,9 @@ from ..core.errors import DataError, PipelineError
 from ..core.files import write_csv
 from ..data import faces
 from . import photos
+
+if TYPE_CHECKING:
+    from .bundle import RunnersFactory
 
 # Read by gradio and huggingface_hub when they are imported or launched: no telemetry, no calls home.
 OFFLINE_ENV = {
@@ -188,7 +192,8 @@ def _offline_env() -> None:
         os.environ[key] = ",".join(v for v in (os.environ.get(key), LOOPBACK) if v)
 
 
-def app_cli(argv: list[str]) -> int:
+def app_cli(argv: list[str], torch_runners: RunnersFactory | None = None) -> int:
+    """agegender app; torch_runners (the command passes it) lets a torch bundle load."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the usage and the problem
@@ -199,7 +204,7 @@ def app_cli(argv: list[str]) -> int:
     from .bundle import load_bundle
 
     try:
-        bundle = load_bundle(args.bundle, device=args.device)
+        bundle = load_bundle(args.bundle, device=args.device, torch_runners=torch_runners)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

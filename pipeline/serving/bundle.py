@@ -1,8 +1,8 @@
 """Load an exported ensemble (a bundle folder or its archive) and predict age and gender on face crops.
 
 Loading never unpickles: weights are safetensors (torch bundles) or ONNX (onnx bundles), the rest is JSON.
-An onnx bundle needs numpy, pandas, OpenCV and onnxruntime only (requirements-serve.txt); torch is imported only
-for torch bundles, by torch_runtime.py."""
+An onnx bundle needs numpy, pandas, OpenCV and onnxruntime only (requirements-serve.txt). This side never imports
+torch: a torch bundle loads when the caller passes `torch_runners` (exporting.torch_runtime.load_bundle does)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ NAME_THEM = (
 MAX_BUNDLE_BYTES = 8 << 30  # a bundle of a few dozen fold models is far smaller; refuse an archive bomb
 
 FoldRunner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 N x S x S x 3 -> (age, gender_prob)
+# (bundle.json's model entry, bundle.json, the bundle's files, its path, device) -> one FoldRunner per fold
+RunnersFactory = Callable[[dict, dict, dict[str, bytes], Path, str], list[FoldRunner]]
 
 
 def read_bundle_files(path: Path) -> dict[str, bytes]:
@@ -228,15 +230,27 @@ def _checked_faces(faces) -> list[np.ndarray]:
     return out
 
 
-def load_bundle(path: str | Path, device: str = "auto", threads: int = 0, parallel_folds: bool = True) -> Bundle:
+def load_bundle(
+    path: str | Path,
+    device: str = "auto",
+    threads: int = 0,
+    parallel_folds: bool = True,
+    torch_runners: RunnersFactory | None = None,
+) -> Bundle:
     """A bundle folder or its archive (.tar.gz, .tgz, .tar, .zip) -> a ready predictor.
 
     device (torch bundles): auto (CUDA when there is one), cpu or cuda. threads (onnx bundles; 0 = every core):
     with parallel_folds, that many fold models run side by side with one onnxruntime thread each (measured faster
-    on 2 cores than one model at a time on every core: small images parallelise poorly inside one model)."""
+    on 2 cores than one model at a time on every core: small images parallelise poorly inside one model).
+    torch_runners builds a torch bundle's fold models; without it a torch bundle is refused in one line."""
     path = Path(path)
     files = read_bundle_files(path)
     info = _parse_info(files, path)
+    if info["runtime"] != "onnx" and torch_runners is None:
+        raise BundleError(
+            f"{path} holds torch weights: load it with pipeline.exporting.torch_runtime.load_bundle "
+            "(pip install 'agegender[train]'), or export format=onnx for a torch-free bundle"
+        )
     threads = threads or usable_cores()
     workers = threads if info["runtime"] == "onnx" and parallel_folds else 1
     members = []
@@ -246,12 +260,6 @@ def load_bundle(path: str | Path, device: str = "auto", threads: int = 0, parall
         if info["runtime"] == "onnx":
             runners = _onnx_runners(m, files, path, max(1, threads // workers))
         else:
-            try:
-                from .torch_runtime import torch_runners  # the one edge from here to torch, taken for torch bundles
-            except ImportError as e:
-                raise BundleError(
-                    f"a torch bundle needs torch and timm ({e}): pip install 'agegender[train]'; or export format=onnx"
-                ) from None
             runners = torch_runners(m, info, files, path, device)
         members.append(
             Member(m["name"], int(m["img_size"]), float(m["age_weight"]), float(m["gender_weight"]), runners)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 HERE = Path(__file__).resolve().parent
-# module -> the package that brings it (pipeline/serving/kaggle-requirements.txt)
+# module -> the package that brings it (pipeline/exporting/kaggle-requirements.txt)
 NEEDED = {
     "numpy": "numpy",
     "pandas": "pandas",

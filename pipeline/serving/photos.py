@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -24,6 +25,9 @@ from ..core.errors import DataError, PipelineError
 from ..core.files import write_csv
 from ..data import faces
 from ..data.imaging import WORKERS, decode_rgb, ordered_map, read_bytes  # WORKERS: processes that decode, detect
+
+if TYPE_CHECKING:
+    from .bundle import RunnersFactory
 
 FLOAT_FORMAT = "%.4f"  # the table's ages and probabilities: 4 decimals, as printed
 
@@ -240,7 +244,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def predict_images_cli(argv: list[str]) -> int:
+def predict_images_cli(argv: list[str], torch_runners: RunnersFactory | None = None) -> int:
+    """agegender predict-images; torch_runners (the command passes it) lets a torch bundle load."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the usage and the problem
@@ -252,7 +257,7 @@ def predict_images_cli(argv: list[str]) -> int:
     from .bundle import NAME_THEM, load_bundle
 
     try:
-        bundle = load_bundle(args.bundle, device=args.device)
+        bundle = load_bundle(args.bundle, device=args.device, torch_runners=torch_runners)
         if not bundle.labels_known:
             print(f"note: {NAME_THEM}", file=sys.stderr)
         paths = photo_paths(args.paths)

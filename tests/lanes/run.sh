@@ -54,10 +54,10 @@ if [ "$lane" = colab ]; then
   rm -rf "$work"
 else
   wheels=$venv/kaggle-wheels  # export format=kaggle's wheels for Kaggle's Python, fetched once
-  if ! cmp -s pipeline/serving/kaggle-requirements.txt "$wheels/kaggle-requirements.txt"; then
+  if ! cmp -s pipeline/exporting/kaggle-requirements.txt "$wheels/kaggle-requirements.txt"; then
     rm -rf "$wheels" && mkdir -p "$wheels"
-    "$venv/bin/python" -m pipeline.serving.kaggle_export wheels "$wheels" "$version"
-    cp pipeline/serving/kaggle-requirements.txt "$wheels/"
+    "$venv/bin/python" -m pipeline.exporting.kaggle_export wheels "$wheels" "$version"
+    cp pipeline/exporting/kaggle-requirements.txt "$wheels/"
   fi
   AGEGENDER_LANE=kaggle AGEGENDER_WHEEL=$PWD/$wheel AGEGENDER_KAGGLE_WHEELS=$PWD/$wheels \
     "$venv/bin/pytest" -q -p no:cacheprovider tests/lanes

@@ -1,5 +1,5 @@
-"""Torch bundles: each fold's safetensors weights in the network they were trained in, run by TTAFold. The only
-part of the serving side that imports torch; bundle.py imports it only when it loads a torch bundle."""
+"""Torch bundles: each fold's safetensors weights in the network they were trained in, run by TTAFold.
+load_bundle here loads either kind of bundle; pipeline.serving.bundle alone (torch-free) loads ONNX bundles."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from ..core.errors import BundleError
 from ..models.backbones import create_model
 from ..models.gpu import check_gpu
 from ..models.tta import TTAFold
+from ..serving import bundle
 
 
-def torch_runners(model: dict, info: dict, files: dict[str, bytes], path: Path, device: str) -> list:
+def torch_runners(model: dict, info: dict, files: dict[str, bytes], path: Path, device: str) -> list[bundle.FoldRunner]:
     """One bundle.FoldRunner per fold of a bundle.json model entry, on `device` (auto: CUDA when there is one)."""
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
@@ -42,3 +43,8 @@ def torch_runners(model: dict, info: dict, files: dict[str, bytes], path: Path, 
 
         runners.append(run)
     return runners
+
+
+def load_bundle(path: str | Path, device: str = "auto", threads: int = 0, parallel_folds: bool = True) -> bundle.Bundle:
+    """A torch or an ONNX bundle -> a ready predictor (pipeline.serving.bundle.load_bundle, with torch_runners)."""
+    return bundle.load_bundle(path, device, threads, parallel_folds, torch_runners=torch_runners)

@@ -19,7 +19,7 @@ from ..core.errors import PipelineError
 from ..core.files import atomic_folder
 from ..core.layout import KAGGLE_DIR
 from ..data.competition import load_competition
-from .kaggle_predict import COMPETITION_FILE
+from ..serving.kaggle_predict import COMPETITION_FILE
 
 KAGGLE_PYTHON = "3.12"  # the Python of Kaggle's current notebook image
 PACKAGE = Path(__file__).resolve().parents[1]  # the `pipeline` package as installed (site-packages or a checkout)
@@ -162,10 +162,10 @@ def folder_size(path: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """python -m pipeline.serving.kaggle_export wheels DIR [PYTHON]: fetch the wheels once into DIR (run.sh does, so
+    """python -m pipeline.exporting.kaggle_export wheels DIR [PYTHON]: fetch the wheels once into DIR (run.sh does, so
     that the tests export offline with wheels=DIR)."""
     if len(argv) not in (2, 3) or argv[0] != "wheels":
-        print("usage: python -m pipeline.serving.kaggle_export wheels DIR [PYTHON]", file=sys.stderr)
+        print("usage: python -m pipeline.exporting.kaggle_export wheels DIR [PYTHON]", file=sys.stderr)
         return 2
     dest = Path(argv[1])
     dest.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Export a blended run as a self-contained bundle: every fold model (safetensors or ONNX), the blend,
-the preprocessing, the gender coding and a model card. `pipeline.serving.bundle` loads it and predicts."""
+the preprocessing, the gender coding and a model card. `pipeline.serving.bundle` loads an ONNX bundle and predicts
+(torch-free); `torch_runtime.load_bundle` loads either kind."""
 
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ from ..data.cache import find_faces
 from ..data.competition import detect_layout, load_competition
 from ..models.backbones import create_model
 from ..models.tta import TTAFold
-from .bundle import BUNDLE_FILE, FORMAT, NAME_THEM, UNNAMED, VERSION, Bundle, load_bundle
+from ..serving.bundle import BUNDLE_FILE, FORMAT, NAME_THEM, UNNAMED, VERSION, Bundle
+from ..serving.kaggle_predict import predict_paths
 from .kaggle_export import KAGGLE_PYTHON, export_kaggle, folder_size
-from .kaggle_predict import predict_paths
+from .torch_runtime import load_bundle
 
 FORMATS = ("torch", "onnx")
+LOADERS = {"torch": "pipeline.exporting.torch_runtime", "onnx": "pipeline.serving.bundle"}  # for the model card
 UTKFACE_LABELS = {"0": "male", "1": "female"}  # UTKFace file names: age_gender_race, gender 0 = male
 USAGE = (
     "usage: python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [gender_labels=NAME0,NAME1]"
@@ -294,7 +297,7 @@ def model_card(info: dict) -> str:
         "## Use",
         "",
         "```python",
-        "from pipeline.serving.bundle import load_bundle",
+        f"from {LOADERS[info['runtime']]} import load_bundle",
         "bundle = load_bundle('this folder or its archive')",
         "bundle.predict([rgb_face_uint8, ...])  # DataFrame: age, gender_prob, gender, gender_label",
         "```",
