@@ -3,7 +3,7 @@ and submissions/ (relative to the working folder, as the CLI is run) and of the 
 
     folds/<dataset>-k<K>-s<seed>.csv          id, fold                                 (data/folds.py)
     runs/<experiment>/config.json, .yaml      the resolved config the experiment was claimed with
-    runs/<experiment>/<model>/fold<k>/        one (model, fold) job: FOLD_FILES below
+    runs/<experiment>/<model>/fold<k>/        one (model, fold) job: the fold files below
     runs/<experiment>/data_report.json        images used and skipped, and why
     runs/<experiment>/oof_blend.csv           every model's OOF predictions and the blend's (inference/blend.py)
     runs/<experiment>/blend.json              weights, threshold, CV table (what export bundles)
@@ -17,8 +17,14 @@ and submissions/ (relative to the working folder, as the CLI is run) and of the 
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .errors import PipelineError
+from .files import write_text
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout this package runs from (git commit, Ray workers' path)
 RUNS = Path("runs")
@@ -31,25 +37,25 @@ CONFIG_JSON = "config.json"  # compared key by key when the experiment is run ag
 CONFIG_YAML = "config.yaml"  # the same config, readable and runnable
 DATA_REPORT = "data_report.json"
 OOF_BLEND = "oof_blend.csv"
-BLEND = "blend.json"
+BLEND = "blend.json"  # BlendFile
 REPORT = "report.html"
 LOCK = ".lock"  # held by the stages that write outside one fold (folds, blend, run)
 
 # runs/<experiment>/<model>/fold<k>/, in the order a job writes them
 PSEUDO_LABELS = "pseudo_labels.csv"  # a student's copy of its teacher's test predictions (training/pseudo.py)
 START_WEIGHTS = "start_weights.json"  # {"file", "tag", "mean", "std"}: what the fold's network started from
-LAST = "last.pt"  # the latest epoch (LastCheckpoint), deleted when the fold is trained
-BEST = "best.pt"  # the kept epoch (BestCheckpoint)
+LAST = "last.pt"  # the latest epoch (last_checkpoint below), deleted when the fold is trained
+BEST = "best.pt"  # the kept epoch (best_checkpoint below)
 EPOCH_METRICS = "metrics.csv"  # one row per epoch
-TRAIN_DONE = "train_done.json"  # {"best_epoch": N, <metric>: value}: the fold is trained
+TRAIN_DONE = "train_done.json"  # TrainDone: the fold is trained
 OOF = "oof.csv"  # id, age, gender_prob, age_true, gender_true of the fold's validation rows (TTA)
 TEST = "test.csv"  # id, age, gender_prob of every test image (TTA)
-PREDICT_DONE = "predict_done.json"  # {"tta", "oof_rows", "test_rows", "oof": metrics}: the fold is predicted
+PREDICT_DONE = "predict_done.json"  # PredictDone: the fold is predicted
 DONE_MARKERS = (TRAIN_DONE, PREDICT_DONE)  # written last: a fold without them is unfinished
 
 # runs/<experiment>/tune/
 TRIALS = "trials"  # trials/<trial id>/: each trial's folds (fold folders as above) and TRIAL_DONE
-TRIAL_DONE = "trial_done.json"  # {"params": the trial's values, "cv_<metric>": mean over its folds}
+TRIAL_DONE = "trial_done.json"  # TrialDone
 TRIALS_CSV = "trials.csv"
 BEST_YAML = "best.yaml"  # the best finished trial's config, runnable
 SEARCH = "search"  # Ray Tune's own state (a crashed search continues from it)
@@ -147,3 +153,145 @@ def last_checkpoint(
         "best": best,
         "history": history,
     }
+
+
+# The files between stages: a dataclass each, with its read and write. A file an older or newer version wrote, or a
+# damaged one, is refused in one line that says which stage writes it again.
+
+
+def read_stage_json(path: Path, stage: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run the {stage} stage first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PipelineError(f"{path}: not valid JSON (damaged); run the {stage} stage again") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: not a {path.name} file; run the {stage} stage again")
+    return data
+
+
+def other_version(path: Path, stage: str, missing) -> PipelineError:
+    return PipelineError(
+        f"{path} lacks {', '.join(sorted(missing))}: written by another version of the pipeline (or damaged); "
+        f"run the {stage} stage again"
+    )
+
+
+def _required(data: dict, keys: tuple[str, ...], path: Path, stage: str) -> None:
+    missing = set(keys) - set(data)
+    if missing:
+        raise other_version(path, stage, missing)
+
+
+@dataclass(frozen=True)
+class TrainDone:
+    """train_done.json: the fold is trained; the kept epoch and its validation metric, under the metric's name."""
+
+    best_epoch: int
+    metric: str
+    value: float
+
+    def write(self, folder: Path) -> None:
+        write_text(json.dumps({"best_epoch": self.best_epoch, self.metric: self.value}), folder / TRAIN_DONE)
+
+    @staticmethod
+    def read(folder: Path) -> TrainDone:
+        path = folder / TRAIN_DONE
+        data = read_stage_json(path, "train")
+        rest = {k: v for k, v in data.items() if k != "best_epoch"}
+        if "best_epoch" not in data or len(rest) != 1:
+            raise other_version(path, "train", {"best_epoch", "<metric>"} - set(data))
+        ((metric, value),) = rest.items()
+        return TrainDone(int(data["best_epoch"]), metric, float(value))
+
+
+@dataclass(frozen=True)
+class PredictDone:
+    """predict_done.json: the fold is predicted; its TTA views, row counts and OOF metrics (with TTA)."""
+
+    tta: list[str]
+    oof_rows: int
+    test_rows: int
+    oof: dict[str, float]
+
+    def write(self, folder: Path) -> None:
+        data = {"tta": self.tta, "oof_rows": self.oof_rows, "test_rows": self.test_rows, "oof": self.oof}
+        write_text(json.dumps(data), folder / PREDICT_DONE)
+
+    @staticmethod
+    def read(folder: Path) -> PredictDone:
+        path = folder / PREDICT_DONE
+        data = read_stage_json(path, "predict")
+        _required(data, ("tta", "oof_rows", "test_rows", "oof"), path, "predict")
+        return PredictDone(list(data["tta"]), int(data["oof_rows"]), int(data["test_rows"]), dict(data["oof"]))
+
+
+@dataclass(frozen=True)
+class TrialDone:
+    """trial_done.json: a tuning trial finished; its parameters and the mean of its folds' best metric."""
+
+    params: dict[str, Any]
+    metric: str
+    cv: float
+
+    def write(self, folder: Path) -> None:
+        write_text(json.dumps({"params": self.params, f"cv_{self.metric}": self.cv}), folder / TRIAL_DONE)
+
+    @staticmethod
+    def read(folder: Path, metric: str) -> TrialDone:
+        path = folder / TRIAL_DONE
+        data = read_stage_json(path, "tune")
+        _required(data, ("params", f"cv_{metric}"), path, "tune")
+        return TrialDone(dict(data["params"]), metric, float(data[f"cv_{metric}"]))
+
+
+@dataclass
+class BlendFile:
+    """blend.json: what the blend stage chose on the OOF predictions and how it scored (what export bundles).
+
+    cv is the headline: the blend scored out of sample (cross-fitted); cv_in_sample the submission's blend (fitted on
+    every OOF row) scored on those rows. table and table_at_half: every model's and the blend's OOF metrics at the
+    chosen threshold and at 0.5. submission and holdout are added once they exist."""
+
+    oof_rows: int
+    metric: str
+    cv: float
+    cv_in_sample: float | None  # None in blend.json of earlier versions
+    cross_fitted: dict[str, float] | None  # None in blend.json of earlier versions (in-sample only)
+    cv_unseen_folds: dict[str, Any] | None  # folds.chosen_on set: the cross-fitted scores on the other folds
+    table: dict[str, dict[str, float]]
+    table_at_half: dict[str, dict[str, float]]
+    threshold: float
+    age_weights: dict[str, float]
+    gender_weights: dict[str, float]
+    selection: dict[str, float] | None  # train.select's optimism: mean fold metric at the kept and last epochs
+    submission: str | None = None
+    holdout: dict[str, float] | None = None
+
+    KEYS = (  # blend.json's keys, in order; "table_at_0.5" is table_at_half
+        "oof_rows", "metric", "cv", "cv_in_sample", "cross_fitted", "cv_unseen_folds", "table", "table_at_0.5",
+        "threshold", "age_weights", "gender_weights", "selection", "submission", "holdout",
+    )  # fmt: skip
+    OPTIONAL = ("cv_in_sample", "cross_fitted", "cv_unseen_folds", "selection", "submission", "holdout")
+
+    def to_json(self) -> dict[str, Any]:
+        values = {**vars(self), "table_at_0.5": self.table_at_half}
+        out = {k: values[k] for k in self.KEYS}
+        return {k: v for k, v in out.items() if v is not None or k not in ("submission", "holdout")}
+
+    def write(self, exp_dir: Path) -> None:
+        write_text(json.dumps(self.to_json(), indent=2), exp_dir / BLEND)
+
+    @staticmethod
+    def read(exp_dir: Path) -> BlendFile:
+        path = exp_dir / BLEND
+        data = read_stage_json(path, "blend")
+        _required(data, tuple(k for k in BlendFile.KEYS if k not in BlendFile.OPTIONAL), path, "blend")
+        values = {("table_at_half" if k == "table_at_0.5" else k): data.get(k) for k in BlendFile.KEYS}
+        return BlendFile(**values)
+
+    @property
+    def blend_scores(self) -> dict[str, float]:
+        """The blend's OOF metrics: cross-fitted, or in-sample for a blend.json of earlier versions."""
+        return self.cross_fitted or self.table["blend"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from ..core.config import Config
 from ..core.errors import PipelineError
 from ..core.files import write_csv, write_text
 from ..core.layout import (
-    BLEND,
     EPOCH_METRICS,
     OOF,
     OOF_BLEND,
@@ -24,6 +22,8 @@ from ..core.layout import (
     SUBMISSIONS,
     TEST,
     TRAIN_DONE,
+    BlendFile,
+    TrainDone,
     fold_dir,
     submission_path,
     submission_pattern,
@@ -184,7 +184,7 @@ def selection_optimism(exp_dir: Path, names: list[str], n_splits: int, metric: s
             if not (fold / EPOCH_METRICS).is_file() or not (fold / TRAIN_DONE).is_file():
                 return None
             history = pd.read_csv(fold / EPOCH_METRICS).set_index("epoch")[f"val_{metric}"]
-            kept.append(history.loc[json.loads((fold / TRAIN_DONE).read_text())["best_epoch"]])
+            kept.append(history.loc[TrainDone.read(fold).best_epoch])
             last.append(history.iloc[-1])
     return {"kept": float(np.mean(kept)), "last": float(np.mean(last)), "gap": float(np.mean(kept) - np.mean(last))}
 
@@ -290,22 +290,22 @@ def print_oof(cfg: Config, b: OofBlend, selection: dict | None) -> None:
         )
 
 
-def blend_summary(cfg: Config, b: OofBlend, selection: dict | None) -> dict:
+def blend_summary(cfg: Config, b: OofBlend, selection: dict | None) -> BlendFile:
     """blend.json (the submission's path and the held-out scores are added once they exist)."""
-    return {
-        "oof_rows": len(b.oof),
-        "metric": cfg.metric,
-        "cv": b.cross_fitted[cfg.metric],  # the headline: the blend scored out of sample (cross_fitted_scores)
-        "cv_in_sample": b.in_sample[cfg.metric],  # the submission's blend (fitted on all rows) scored on them
-        "cross_fitted": b.cross_fitted,
-        "cv_unseen_folds": b.unseen,  # folds.chosen_on set: the cross-fitted scores on the other folds
-        "table": b.table,
-        "table_at_0.5": b.table_half,
-        "threshold": b.threshold,
-        "age_weights": dict(zip(b.names, b.w_age.tolist())),
-        "gender_weights": dict(zip(b.names, b.w_gender.tolist())),
-        "selection": selection,
-    }
+    return BlendFile(
+        oof_rows=len(b.oof),
+        metric=cfg.metric,
+        cv=b.cross_fitted[cfg.metric],
+        cv_in_sample=b.in_sample[cfg.metric],
+        cross_fitted=b.cross_fitted,
+        cv_unseen_folds=b.unseen,
+        table=b.table,
+        table_at_half=b.table_half,
+        threshold=b.threshold,
+        age_weights=dict(zip(b.names, b.w_age.tolist())),
+        gender_weights=dict(zip(b.names, b.w_gender.tolist())),
+        selection=selection,
+    )
 
 
 def submission_frame(cfg: Config, comp: Competition, b: OofBlend, tests: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -356,11 +356,11 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
     sub = submission_frame(cfg, comp, b, {n: preds[n][1] for n in names})
     submissions_dir.mkdir(parents=True, exist_ok=True)
     path = write_submission(sub.to_csv(index=False), submissions_dir, cfg.experiment)
-    summary["submission"] = str(path)
+    summary.submission = str(path)
 
     if comp.holdout_labels is not None:  # read only now, after every choice has been made
         held = holdout_scores(comp, sub)
-        summary["holdout"] = held
+        summary.holdout = held
         print(
             f"held-out test ({len(sub)} images, labels read only after writing the submission): "
             + ", ".join(f"{k} {v:.4f}" for k, v in held.items())
@@ -370,23 +370,23 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
     return path
 
 
-def _finish(cfg: Config, exp_dir: Path, summary: dict, names: list[str], submission: Path | None = None) -> None:
+def _finish(cfg: Config, exp_dir: Path, summary: BlendFile, names: list[str], submission: Path | None = None) -> None:
     """blend.json, the HTML report and the W&B blend run."""
-    write_text(json.dumps(summary, indent=2), exp_dir / BLEND)
+    summary.write(exp_dir)
     report = write_report(exp_dir, names, cfg.folds.n_splits, cfg.metric, cfg.folds.age_bins)
     print(f"report: {report}")
     tracker = Tracker(cfg, "blend", "blend", exp_dir)
-    flat = {f"oof/{model}/{k}": v for model, m in summary["table"].items() for k, v in m.items()}
-    flat.update({f"oof_at_0.5/{model}/{k}": v for model, m in summary["table_at_0.5"].items() for k, v in m.items()})
-    flat.update({f"weights/age/{n}": w for n, w in summary["age_weights"].items()})
-    flat.update({f"weights/gender/{n}": w for n, w in summary["gender_weights"].items()})
-    flat.update({"threshold": summary["threshold"], f"cv_{cfg.metric}": summary["cv"]})
-    flat.update({f"cv_in_sample_{cfg.metric}": summary["cv_in_sample"]})
-    flat.update({f"cross_fitted/{k}": v for k, v in summary["cross_fitted"].items()})
-    flat.update({f"holdout/{k}": v for k, v in summary.get("holdout", {}).items()})
+    flat = {f"oof/{model}/{k}": v for model, m in summary.table.items() for k, v in m.items()}
+    flat.update({f"oof_at_0.5/{model}/{k}": v for model, m in summary.table_at_half.items() for k, v in m.items()})
+    flat.update({f"weights/age/{n}": w for n, w in summary.age_weights.items()})
+    flat.update({f"weights/gender/{n}": w for n, w in summary.gender_weights.items()})
+    flat.update({"threshold": summary.threshold, f"cv_{cfg.metric}": summary.cv})
+    flat.update({f"cv_in_sample_{cfg.metric}": summary.cv_in_sample})
+    flat.update({f"cross_fitted/{k}": v for k, v in summary.blend_scores.items()})
+    flat.update({f"holdout/{k}": v for k, v in (summary.holdout or {}).items()})
     tracker.log(flat)
     tracker.summary(flat)
-    tracker.table("oof_table", summary["table"])
+    tracker.table("oof_table", summary.table)
     if submission is not None:
         tracker.artifact(f"{cfg.experiment}-submission", "submission", [submission, exp_dir / OOF_BLEND])
     tracker.finish()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +11,8 @@ import torch
 
 from ..core.config import ModelConfig
 from ..core.errors import PipelineError
-from ..core.files import write_csv, write_text
-from ..core.layout import BEST, OOF, PREDICT_DONE, TEST
+from ..core.files import write_csv
+from ..core.layout import BEST, OOF, PREDICT_DONE, TEST, PredictDone
 from ..core.metrics import evaluate
 from ..models.backbones import create_model
 from ..models.network import AgeGenderNet
@@ -75,5 +74,5 @@ def predict_fold(job: FoldJob) -> None:
     job.tracker.summary({f"oof_tta_{k}": v for k, v in oof_metrics.items()})
     write_csv(oof, out / OOF)
     write_csv(test, out / TEST)
-    write_text(json.dumps({"tta": cfg.tta, "oof_rows": len(oof), "test_rows": len(test), "oof": oof_metrics}), done)
+    PredictDone(cfg.tta, len(oof), len(test), oof_metrics).write(out)
     print(f"{job.name}: wrote OOF ({len(oof)} rows) and test ({len(test)} rows) predictions, TTA {cfg.tta}")

@@ -19,12 +19,12 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from ..core.files import write_bytes, write_text  # noqa: E402
 from ..core.layout import (  # noqa: E402
-    BLEND,
     DATA_REPORT,
     EPOCH_METRICS,
     LEADERBOARD_PLOT,
     OOF_BLEND,
     REPORT,
+    BlendFile,
     fold_dir,
 )
 from ..core.metrics import METRICS, evaluate  # noqa: E402
@@ -142,12 +142,12 @@ def gender_confusion(oof: pd.DataFrame, threshold: float):
     return fig
 
 
-def blend_weights(summary: dict):
-    names = list(summary["age_weights"])
+def blend_weights(summary: BlendFile):
+    names = list(summary.age_weights)
     fig, ax = plt.subplots(figsize=(5, 2.8))
     x = np.arange(len(names))
-    ax.bar(x - 0.2, [summary["age_weights"][n] for n in names], 0.4, label="age")
-    ax.bar(x + 0.2, [summary["gender_weights"][n] for n in names], 0.4, label="gender")
+    ax.bar(x - 0.2, [summary.age_weights[n] for n in names], 0.4, label="age")
+    ax.bar(x + 0.2, [summary.gender_weights[n] for n in names], 0.4, label="gender")
     ax.set_xticks(x, names, fontsize=8)
     ax.set(ylim=(0, 1), ylabel="weight", title="blend weights (chosen on OOF)")
     ax.legend(fontsize=7)
@@ -228,9 +228,9 @@ def _face_crop_html(fc: dict) -> str:
 
 def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, age_bins: list[float]) -> Path:
     """age_bins: the lower edges of the age bins (folds.age_bins); the last bin is open-ended."""
-    summary = json.loads((exp_dir / BLEND).read_text())
+    summary = BlendFile.read(exp_dir)
     oof = pd.read_csv(exp_dir / OOF_BLEND, dtype={"id": str}, keep_default_na=False)
-    threshold = summary["threshold"]
+    threshold = summary.threshold
     data = json.loads((exp_dir / DATA_REPORT).read_text()) if (exp_dir / DATA_REPORT).is_file() else {}
     plots = exp_dir / "plots"
     plots.mkdir(exist_ok=True)
@@ -241,9 +241,9 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, a
         "confusion": _save(gender_confusion(oof, threshold), plots, "gender_confusion"),
         "weights": _save(blend_weights(summary), plots, "blend_weights"),
     }
-    table = pd.DataFrame(summary["table"]).T[["threshold", *METRICS]]
+    table = pd.DataFrame(summary.table).T[["threshold", *METRICS]]
     table.index.name = "model"
-    table_half = pd.DataFrame(summary["table_at_0.5"]).T[list(METRICS)]
+    table_half = pd.DataFrame(summary.table_at_half).T[list(METRICS)]
     table_half.index.name = "model"
     groups = []
     if "group" in oof.columns and oof.group.notna().any():
@@ -252,19 +252,19 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, a
     groups.append(("By age bin", group_table(oof, age_bin(oof.age_true, age_bins), threshold)))
     groups.append(("By gender", group_table(oof, oof.gender_true.rename("gender"), threshold)))
 
-    blend = summary.get("cross_fitted") or summary["table"]["blend"]  # blend.json of earlier versions: in-sample
+    blend = summary.blend_scores
     cards = [
         ("CV " + metric + " (cross-fitted)", blend[metric]),
-        ("in-sample " + metric, summary["table"]["blend"][metric]),
+        ("in-sample " + metric, summary.table["blend"][metric]),
         ("MAE", blend["mae"]),
         ("RMSE", blend["rmse"]),
         ("gender accuracy", blend["accuracy"]),
         ("macro-F1", blend["f1"]),
     ]
-    held = summary.get("holdout")
+    held = summary.holdout
     parts = [
         f"<h1>{html.escape(exp_dir.name)}</h1>",
-        f"<p class=sub>{summary['oof_rows']} out-of-fold images, {n_splits} folds, models: "
+        f"<p class=sub>{summary.oof_rows} out-of-fold images, {n_splits} folds, models: "
         f"{', '.join(map(html.escape, models))}. Blend weights and gender threshold ({threshold:.2f}) were chosen "
         "on OOF predictions only.</p>",
         "<div class=cards>" + "".join(f"<div class=card>{k}<b>{v:.4f}</b></div>" for k, v in cards) + "</div>",
@@ -283,8 +283,8 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, a
             "<h2>Held-out test set</h2><p>Labels read only after the submission was written.</p>",
             _table(pd.DataFrame({"held-out": held}).T),
         ]
-    if summary.get("submission"):
-        parts.append(f"<p>Submission: <code>{html.escape(summary['submission'])}</code></p>")
+    if summary.submission:
+        parts.append(f"<p>Submission: <code>{html.escape(summary.submission)}</code></p>")
     parts += [
         "<h2>Learning curves</h2>",
         f"<img src='data:image/png;base64,{img['curves']}'>",

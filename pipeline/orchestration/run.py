@@ -20,6 +20,8 @@ from ..core.layout import (
     PREDICT_DONE,
     SUBMISSIONS,
     TRAIN_DONE,
+    PredictDone,
+    TrainDone,
     experiment_dir,
     fold_dir,
 )
@@ -62,12 +64,12 @@ def print_fold_summary(exp_dir: Path, models: list, folds_to_run: list[int], met
     for m in models:
         for k in folds_to_run:
             d = fold_dir(exp_dir, m.name, k)
-            done = json.loads((d / TRAIN_DONE).read_text()) if (d / TRAIN_DONE).is_file() else {}
+            done = TrainDone.read(d) if (d / TRAIN_DONE).is_file() else None
             oof = ""
             if (d / PREDICT_DONE).is_file():  # its OOF figures were computed when it was written
-                oof = f"{json.loads((d / PREDICT_DONE).read_text())['oof'][metric]:.4f}"
-            val = f"{done[metric]:.4f}" if metric in done else "-"
-            print(f"{m.name:<30}{k:>5}{done.get('best_epoch', '-'):>12}{val:>12}{oof:>12}")
+                oof = f"{PredictDone.read(d).oof[metric]:.4f}"
+            epoch, val = (done.best_epoch, f"{done.value:.4f}") if done else ("-", "-")
+            print(f"{m.name:<30}{k:>5}{epoch:>12}{val:>12}{oof:>12}")
 
 
 def claim_experiment(cfg: Config) -> Path:

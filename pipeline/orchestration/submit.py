@@ -5,7 +5,6 @@ status or scores changed; the latest row of a ref is its state). A failed submit
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import signal
 import time
@@ -18,7 +17,7 @@ from ..core.config import Config
 from ..core.errors import PipelineError
 from ..core.files import exclusive, write_bytes
 from ..core.kaggle_api import KaggleError, call, kaggle_api
-from ..core.layout import BLEND, LEDGER, SUBMISSIONS, experiment_dir
+from ..core.layout import BLEND, LEDGER, SUBMISSIONS, BlendFile, experiment_dir
 from ..core.provenance import config_digest, git_commit
 from ..data.competition import load_competition
 from ..inference.blend import newest_submission, validate_submission
@@ -66,11 +65,11 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _blend_summary(cfg: Config) -> dict:
+def _blend_summary(cfg: Config) -> BlendFile:
     path = experiment_dir(cfg.experiment) / BLEND
     if not path.is_file():
         raise PipelineError(f"{path} not found: submit sends a blended experiment's submission; run it first")
-    return json.loads(path.read_text())
+    return BlendFile.read(path.parent)
 
 
 def _check_file(cfg: Config, path: Path) -> None:
@@ -109,7 +108,7 @@ def submit(cfg: Config, file: str = "", message: str = "", wait: bool = False, p
         raise PipelineError("data.competition: name the Kaggle competition (its slug) to submit to")
     summary = _blend_summary(cfg)
     # the file whose CV blend.json holds; a blend stopped between the two leaves the newest file unclaimed
-    latest_file = Path(summary["submission"]) if summary.get("submission") else None
+    latest_file = Path(summary.submission) if summary.submission else None
     path = Path(file) if file else latest_file or newest_submission(SUBMISSIONS, cfg.experiment)
     if path is None or not path.is_file():
         raise PipelineError(f"{file or SUBMISSIONS}: no submission file of experiment {cfg.experiment} found")
@@ -125,7 +124,7 @@ def submit(cfg: Config, file: str = "", message: str = "", wait: bool = False, p
             "`python -m pipeline submissions CONFIG` shows every score"
         )
     exp_dir = experiment_dir(cfg.experiment)
-    metric, cv = summary.get("metric", cfg.metric), summary.get("cv")
+    metric, cv = summary.metric, summary.cv
     digest, commit = config_digest(exp_dir), git_commit()
     text = f"{cfg.experiment} | CV {metric} {cv:.4f} | config {digest} | commit {commit[:12]}"
     if message:

@@ -5,7 +5,6 @@ trials sorted by the metric, runs/<experiment>/tune/trials.csv and tune/best.yam
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -18,7 +17,7 @@ import pandas as pd
 from ..core.config import Config, ConfigError, SearchParam, dump_config, load_config
 from ..core.errors import PipelineError
 from ..core.files import write_csv, write_text
-from ..core.layout import BEST_YAML, DEMO_ROOT, SEARCH, TRIAL_DONE, TRIALS, TRIALS_CSV, fold_dir, tune_dir
+from ..core.layout import BEST_YAML, DEMO_ROOT, SEARCH, TRIAL_DONE, TRIALS, TRIALS_CSV, TrialDone, fold_dir, tune_dir
 from ..core.metrics import HIGHER_IS_BETTER, is_better
 from ..core.tracking import Tracker
 from ..data.cache import prepare_images
@@ -32,15 +31,10 @@ MAX_EPOCHS = 1000  # ASHA's max_t: above any trial's epochs; rungs sit at grace_
 SHORTHANDS = {"trials": "tune.trials={}", "folds": "tune.folds=[{}]"}
 
 
-def tune_overrides(args: list[str]) -> list[str]:
-    """The command line's trials=N and folds=0[,1] as tune.* overrides; other key=value items unchanged."""
-    out = []
-    for item in args:
-        key, _, value = item.partition("=")
-        if key in ("model", "fold"):
-            raise PipelineError(f"tune: {key}= does not apply; a trial trains tune.model on folds=K[,K...]")
-        out.append(SHORTHANDS[key].format(value) if key in SHORTHANDS else item)
-    return out
+def tune_overrides(trials: int | None = None, folds: list[int] | None = None) -> list[str]:
+    """The command line's --trials N and --folds 0,1 as tune.* config overrides (none for what was not given)."""
+    out = [] if trials is None else [SHORTHANDS["trials"].format(trials)]
+    return out if folds is None else [*out, SHORTHANDS["folds"].format(",".join(map(str, folds)))]
 
 
 def param_overrides(params: dict) -> list[str]:
@@ -128,7 +122,7 @@ def run_trial(params: dict, base: TrialBase) -> None:
         report = ReportToTune(cfg.metric, done)
         run_fold("train", cfg, m, k, comp, images, folds, fold_dir(out, m.name, k), out, tracker, [report])
         done.append(report.best)
-    write_text(json.dumps({"params": params, f"cv_{cfg.metric}": sum(done) / len(done)}), out / TRIAL_DONE)
+    TrialDone(params, cfg.metric, sum(done) / len(done)).write(out)
 
 
 def tune(cfg: Config, path: str, overrides: list[str]) -> Path:
@@ -237,7 +231,7 @@ def write_best(cfg: Config, path: str, overrides: list[str], table: pd.DataFrame
         errors = table.error[table.error != ""]
         raise PipelineError(f"tune: no trial finished ({errors.iloc[0] if len(errors) else 'all were stopped'})")
     best = finished.iloc[0]
-    params = json.loads((storage / TRIALS / best.trial / TRIAL_DONE).read_text())["params"]
+    params = TrialDone.read(storage / TRIALS / best.trial, cfg.metric).params
     best_cfg = load_config(path, [*overrides, *param_overrides(params)])
     chosen_on = sorted({*best_cfg.folds.chosen_on, *cfg.tune.folds})  # the blend scores the other folds apart
     best_cfg = replace(

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..core.config import Phase, TrainConfig
 from ..core.files import write_text
-from ..core.layout import BEST, LAST, START_WEIGHTS, TRAIN_DONE, best_checkpoint
+from ..core.layout import BEST, LAST, START_WEIGHTS, TRAIN_DONE, TrainDone, best_checkpoint
 from ..core.metrics import evaluate, is_better
 from ..models.backbones import create_model, weights_record
 from ..models.network import AgeGenderNet
@@ -392,7 +392,7 @@ class FoldTrainer:
         best_epoch = checkpoint_epoch(job.out / BEST)
         best_row = next(r for r in done.history if r["epoch"] == best_epoch)
         job.tracker.summary({f"best_{k}": v for k, v in best_row.items()})
-        write_text(json.dumps({"best_epoch": best_epoch, job.cfg.metric: done.best}), job.out / TRAIN_DONE)
+        TrainDone(best_epoch, job.cfg.metric, done.best).write(job.out)
         (job.out / LAST).unlink(missing_ok=True)
 
 
