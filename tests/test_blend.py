@@ -209,7 +209,8 @@ def test_selection_optimism_compares_the_kept_epochs_with_the_last_ones(tmp_path
         fold = tmp_path / "m" / f"fold{k}"
         fold.mkdir(parents=True)
         pd.DataFrame({"epoch": [1, 2, 3], "val_score": scores}).to_csv(fold / "metrics.csv", index=False)
-        (fold / "train_done.json").write_text(json.dumps({"best_epoch": kept_epoch}))
+        done = {"best_epoch": kept_epoch, "score": scores[kept_epoch - 1]}  # as a trained fold writes it
+        (fold / "train_done.json").write_text(json.dumps(done))
     got = blend_module.selection_optimism(tmp_path, ["m"], 2, "score")
     assert got == pytest.approx({"kept": 0.85, "last": 0.825, "gap": 0.025})
     (tmp_path / "m" / "fold1" / "metrics.csv").unlink()

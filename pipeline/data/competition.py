@@ -16,7 +16,7 @@ from ..core.config import Config, DataConfig
 from ..core.errors import DataError
 from .download import download_competition, needs_download
 from .duplicates import CONFLICT, group_summary, image_hashes, label_conflicts
-from .test_set import IMAGE_COLS, IMAGE_EXTS, detect_column, read_csv, read_test_set, resolve_image
+from .test_set import IMAGE_COLS, IMAGE_EXTS, TestSet, detect_column, read_csv, read_test_set, resolve_image
 
 UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_\d+")
 
@@ -47,6 +47,19 @@ class Competition:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or row, reason)
     face_crop: FaceCropCounts | None = None  # set by prepare_images with data.face_crop=detect
     groups: dict | None = None  # folds.groups: what was found (duplicates.group_summary), for the data report
+
+    def test_set(self) -> TestSet:
+        """The test side as the submission sees it: ids in order, the submission's rows and column names."""
+        ids = self.test.id.tolist()
+        return TestSet(
+            ids,
+            self.test.path.tolist(),
+            self.submission_ids or ids,
+            self.submission_header,
+            self.sub_id_col,
+            self.sub_age_col,
+            self.sub_gender_col,
+        )
 
     def report(self) -> dict:
         reasons: dict[str, int] = {}

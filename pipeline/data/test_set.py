@@ -100,6 +100,17 @@ def read_test_set(
     return TestSet(ids, paths, submission_ids, header, id_col, age_col, gender_col)
 
 
+def shape_submission(t: TestSet, age: np.ndarray, gender: np.ndarray) -> pd.DataFrame:
+    """The submission of the predictions for t.ids (in that order): one row per sample-submission row, in its order
+    and under its header, validated. The one home of the submission's shape (the blend and the offline predictor)."""
+    sub = pd.DataFrame({t.id_col: t.ids, t.age_col: age, t.gender_col: gender})
+    sub = sub.set_index(t.id_col).loc[t.submission_ids].reset_index()
+    if t.header and set(t.header) == set(sub.columns):
+        sub = sub[t.header]
+    validate_submission(sub, t.submission_ids, t.id_col, t.age_col, t.gender_col)
+    return sub
+
+
 def validate_submission(sub: pd.DataFrame, test_ids: list[str], id_col: str, age_col: str, gender_col: str) -> None:
     problems = []
     ids = sub[id_col].astype(str)

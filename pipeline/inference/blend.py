@@ -31,7 +31,7 @@ from ..core.layout import (
 from ..core.metrics import METRICS, evaluate, is_better
 from ..core.tracking import Tracker
 from ..data.competition import Competition
-from ..data.test_set import validate_submission
+from ..data.test_set import shape_submission
 from .report import write_report
 
 
@@ -320,19 +320,8 @@ def submission_frame(cfg: Config, comp: Competition, b: OofBlend, tests: dict[st
             )
     test_age = np.column_stack([tests[n].set_index("id").loc[test_ids, "age"] for n in b.names]) @ b.w_age
     test_prob = np.column_stack([tests[n].set_index("id").loc[test_ids, "gender_prob"] for n in b.names]) @ b.w_gender
-    sub = pd.DataFrame(
-        {
-            comp.sub_id_col: test_ids.to_numpy(),
-            comp.sub_age_col: np.clip(test_age, 0, cfg.data.max_age),
-            comp.sub_gender_col: (test_prob >= b.threshold).astype(int),
-        }
-    )
-    order = comp.submission_ids or test_ids.tolist()
-    sub = sub.set_index(comp.sub_id_col).loc[order].reset_index()
-    if comp.submission_header and set(comp.submission_header) == set(sub.columns):
-        sub = sub[comp.submission_header]
-    validate_submission(sub, order, comp.sub_id_col, comp.sub_age_col, comp.sub_gender_col)
-    return sub
+    age = np.clip(test_age, 0, cfg.data.max_age)
+    return shape_submission(comp.test_set(), age, (test_prob >= b.threshold).astype(int))
 
 
 def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path = SUBMISSIONS) -> Path | None:

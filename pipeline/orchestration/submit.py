@@ -86,7 +86,8 @@ def _check_file(cfg: Config, path: Path) -> None:
     if missing:
         raise PipelineError(f"{path}: no column {missing[0]!r} (the competition's columns are {', '.join(cols)})")
     try:
-        validate_submission(sub, comp.submission_ids or comp.test.id.tolist(), *cols)
+        t = comp.test_set()
+        validate_submission(sub, t.submission_ids, *cols)
     except (ValueError, TypeError) as e:
         raise PipelineError(f"{path}: submission failed validation: {e}") from None
     except PipelineError as e:

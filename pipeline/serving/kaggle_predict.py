@@ -19,7 +19,7 @@ import pandas as pd
 from ..core.errors import DataError, PipelineError
 from ..core.files import write_csv
 from ..data.faces import Face, detect_all, native_face
-from ..data.test_set import read_test_set, validate_submission
+from ..data.test_set import read_test_set, shape_submission
 
 COMPETITION_FILE = "competition.json"  # beside the bundle: the slug and the test side's file and column names
 KAGGLE_INPUT = Path("/kaggle/input")
@@ -50,12 +50,7 @@ def submission(bundle, root: Path, names: dict) -> pd.DataFrame:
         raise PipelineError(f"{root}: no test set here (no {names['sample_submission']} or {names['test_csv']})")
     found = detect_all(t.paths, "faces") if bundle.face_crop == "detect" else None
     pred = predict_paths(bundle, t.paths, bundle.info["fit"], found)
-    sub = pd.DataFrame({t.id_col: t.ids, t.age_col: pred.age.to_numpy(), t.gender_col: pred.gender.to_numpy()})
-    sub = sub.set_index(t.id_col).loc[t.submission_ids].reset_index()
-    if t.header and set(t.header) == set(sub.columns):
-        sub = sub[t.header]
-    validate_submission(sub, t.submission_ids, t.id_col, t.age_col, t.gender_col)
-    return sub
+    return shape_submission(t, pred.age.to_numpy(), pred.gender.to_numpy())
 
 
 def default_competition_dir(slug: str, sample_submission: str, kaggle_input: Path = KAGGLE_INPUT) -> Path:
