@@ -13,7 +13,7 @@ from ..core.config import Config, ModelConfig
 from ..core.files import exclusive
 from ..core.layout import LAST, PREDICT_DONE, TRAIN_DONE, fold_lock
 from ..core.tracking import Tracker
-from ..data.cache import Images
+from ..data.cache import Images, prepare_images
 from ..data.competition import Competition
 from ..inference.predict import predict_fold
 from ..training.job import FoldJob, pick_device
@@ -25,6 +25,13 @@ def worker_threads(cfg: Config) -> None:
     cores than that for anything else (core.cores.usable_cores reads OMP_NUM_THREADS)."""
     torch.set_num_threads(cfg.ray.cpus_per_job)
     os.environ["OMP_NUM_THREADS"] = str(cfg.ray.cpus_per_job)  # this job's own process
+
+
+def model_images(loaded: Competition, cfg: Config, m: ModelConfig) -> tuple[Competition, Images]:
+    """The per-model image step of every launcher (local, the Ray driver and its workers, a Tune trial): the model's
+    images at its size, always from the competition as loaded, so that models of one size share one image list and
+    so one cache. Returns the competition without its unreadable training rows (the rows the images align with)."""
+    return prepare_images(loaded, cfg, cfg.img_size(m))
 
 
 def fold_started(out: Path) -> bool:

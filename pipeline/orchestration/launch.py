@@ -29,11 +29,10 @@ from ..core.cores import usable_cores
 from ..core.errors import PipelineError
 from ..core.files import remove_stale_temporaries, write_bytes, write_text
 from ..core.layout import DONE_MARKERS, LAST, PREDICT_DONE, REPO, error_log, experiment_dir, fold_dir
-from ..data.cache import prepare_images
 from ..data.competition import Competition
 from ..training.checkpoint import checkpoint_epoch
 from ..training.pseudo import stage_pseudo_labels
-from .jobs import fold_todo, run_fold, worker_threads
+from .jobs import fold_todo, model_images, run_fold, worker_threads
 
 CANCEL_GRACE_S = 10  # Ctrl-C: how long jobs get to stop cleanly before they are killed
 SCRATCH = Path(tempfile.gettempdir()) / "pipeline-ray"
@@ -193,8 +192,9 @@ def last_epoch(out: Path) -> int:
 
 
 def fold_task(spec: JobSpec, comp: Competition, folds: pd.DataFrame) -> JobResult:
-    """One (model, fold) job on a Ray worker: the same code path as launcher=local. `comp` is what the driver gave
-    prepare_images for this model, so the worker finds the same image cache (or builds its own copy)."""
+    """One (model, fold) job on a Ray worker: the same code path as launcher=local. `comp` is the competition as
+    loaded, which the driver's model_images started from too, so the worker finds the same image cache (or builds its
+    own copy)."""
     t0 = time.perf_counter()
     worker_threads(spec.cfg)
     if not os.path.isdir(spec.cwd):
@@ -211,7 +211,7 @@ def fold_task(spec: JobSpec, comp: Competition, folds: pd.DataFrame) -> JobResul
             if not (out / name).is_file():
                 write_bytes(data, out / name)
     resumed = last_epoch(out)
-    comp, images = prepare_images(comp, cfg, cfg.img_size(m))
+    comp, images = model_images(comp, cfg, m)
     run_fold(spec.stage, cfg, m, k, comp, images, folds, out, exp_dir)
     done = out / PREDICT_DONE
     oof = json.loads(done.read_text())["oof"] if done.is_file() else None
@@ -256,11 +256,11 @@ def job_error(e: BaseException, ray, max_retries: int) -> tuple[str, bool]:
     return f"{type(e).__name__}: {first_line(e)}", True
 
 
-def submit(ray, stage: str, cfg: Config, jobs: list[tuple[ModelConfig, int]], comps: dict, folds) -> dict:
-    """One task per job; returns {ObjectRef: (model, fold)}."""
+def submit(ray, stage: str, cfg: Config, jobs: list[tuple[ModelConfig, int]], comp: Competition, folds) -> dict:
+    """One task per job, each given the competition as loaded; returns {ObjectRef: (model, fold)}."""
     cpus, gpus = job_resources(ray, cfg)
     task = ray.remote(fold_task)
-    comp_refs = {name: ray.put(c) for name, c in comps.items()}
+    comp_ref = ray.put(comp)
     folds_ref = ray.put(folds)
     refs = {}
     for m, k in jobs:
@@ -268,7 +268,7 @@ def submit(ray, stage: str, cfg: Config, jobs: list[tuple[ModelConfig, int]], co
         spec = JobSpec(stage, cfg, m, k, os.getcwd(), files)
         ref = task.options(
             num_cpus=cpus, num_gpus=gpus, max_retries=cfg.ray.max_retries, retry_exceptions=False, name=job_name(m, k)
-        ).remote(spec, comp_refs[m.name], folds_ref)
+        ).remote(spec, comp_ref, folds_ref)
         refs[ref] = (m, k)
     return refs
 
@@ -283,14 +283,13 @@ def existing_files(out: Path) -> dict[str, bytes]:
 
 def run_on_ray(stage: str, cfg: Config, models: list, folds_to_run: list[int], comp, folds, exp_dir: Path):
     """Run every unfinished (model, fold) job on Ray; returns the competition the blend uses (as local does)."""
-    comps = {}
+    used = comp
     for m in models:  # the driver builds each model's image cache once; shared-fs workers just read it
-        comps[m.name] = comp
-        comp, _ = prepare_images(comp, cfg, cfg.img_size(m))
+        used, _ = model_images(comp, cfg, m)
     jobs = [(m, k) for m in models for k in folds_to_run if fold_todo(stage, fold_dir(exp_dir, m.name, k))]
     if not jobs:
         print("ray: every job is already done")
-        return comp
+        return used
     ray = connect(cfg)
     started_here = cfg.ray.address == ""
     try:
@@ -298,11 +297,11 @@ def run_on_ray(stage: str, cfg: Config, models: list, folds_to_run: list[int], c
             if stage != "predict":
                 for m, k in wave:
                     stage_pseudo_labels(exp_dir, m, k)
-            collect(ray, cfg, submit(ray, stage, cfg, wave, comps, folds), exp_dir)
+            collect(ray, cfg, submit(ray, stage, cfg, wave, comp, folds), exp_dir)
     finally:
         if started_here:
             ray.shutdown()
-    return comp
+    return used
 
 
 def pseudo_label_waves(cfg: Config, jobs: list) -> list[list]:

@@ -25,14 +25,13 @@ from ..core.layout import (
     experiment_dir,
     fold_dir,
 )
-from ..data.cache import prepare_images
 from ..data.competition import load_competition
 from ..data.demo import make_demo
 from ..data.folds import ensure_folds
 from ..inference.blend import blend
 from ..models.backbones import check_name, check_weights
 from ..training.job import check_compile, check_device
-from .jobs import fold_started, run_fold
+from .jobs import fold_started, model_images, run_fold
 
 STAGES = ("folds", "train", "predict", "blend", "run")
 
@@ -168,9 +167,9 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
 
 def _run_local(stage: str, cfg: Config, models: list, folds_to_run: list[int], comp, folds, exp_dir: Path):
     """Every (model, fold) job in this process, one after another. Returns the competition the blend uses."""
-    loaded = comp
-    for m in models:  # each from the loaded rows: the same image list, so one cache per size
-        comp, images = prepare_images(loaded, cfg, cfg.img_size(m))
+    used = comp
+    for m in models:
+        used, images = model_images(comp, cfg, m)
         for k in folds_to_run:
-            run_fold(stage, cfg, m, k, comp, images, folds, fold_dir(exp_dir, m.name, k), exp_dir)
-    return comp
+            run_fold(stage, cfg, m, k, used, images, folds, fold_dir(exp_dir, m.name, k), exp_dir)
+    return used

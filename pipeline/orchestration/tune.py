@@ -20,12 +20,11 @@ from ..core.files import write_csv, write_text
 from ..core.layout import BEST_YAML, DEMO_ROOT, SEARCH, TRIAL_DONE, TRIALS, TRIALS_CSV, TrialDone, fold_dir, tune_dir
 from ..core.metrics import HIGHER_IS_BETTER, is_better
 from ..core.tracking import Tracker
-from ..data.cache import prepare_images
 from ..data.competition import load_competition
 from ..data.demo import make_demo
 from ..data.folds import ensure_folds
 from ..training.train import EpochEnd, FoldTrainer
-from .jobs import run_fold, worker_threads
+from .jobs import model_images, run_fold, worker_threads
 
 MAX_EPOCHS = 1000  # ASHA's max_t: above any trial's epochs; rungs sit at grace_epochs * reduction_factor^n
 SHORTHANDS = {"trials": "tune.trials={}", "folds": "tune.folds=[{}]"}
@@ -114,7 +113,7 @@ def run_trial(params: dict, base: TrialBase) -> None:
     m = cfg.model(cfg.tune.model) if cfg.tune.model else cfg.models[0]
     comp = load_competition(cfg)
     folds = ensure_folds(cfg, comp)
-    comp, images = prepare_images(comp, cfg, cfg.img_size(m))
+    comp, images = model_images(comp, cfg, m)
     out = Path(base.out) / tune.get_context().get_trial_id()
     done: list[float] = []
     for k in cfg.tune.folds:
