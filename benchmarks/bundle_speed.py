@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.config import Config, ModelConfig, load_config  # noqa: E402
 from pipeline.core.cores import usable_cores  # noqa: E402
+from pipeline.core.layout import BlendFile  # noqa: E402
 from pipeline.data.cache import decode_image  # noqa: E402
 from pipeline.exporting.export import (  # noqa: E402
     FoldState,
@@ -32,8 +33,8 @@ from pipeline.exporting.export import (  # noqa: E402
     holdout_from_bundle,
     write_bundle,
 )
+from pipeline.exporting.torch_runtime import load_bundle  # noqa: E402
 from pipeline.models.backbones import create_model  # noqa: E402
-from pipeline.serving.bundle import load_bundle  # noqa: E402
 
 
 def fresh_bundles(cfg: Config, out: Path) -> dict[str, Path]:
@@ -44,7 +45,7 @@ def fresh_bundles(cfg: Config, out: Path) -> dict[str, Path]:
         state = {k: v.contiguous() for k, v in create_model(resolved, load_weights=False).state_dict().items()}
         members.append(ModelFolds(resolved, [FoldState(k, state, 33.0, 20.0) for k in range(cfg.folds.n_splits)]))
     weights = {m.name: 1 / len(cfg.models) for m in cfg.models}
-    blend = {"age_weights": weights, "gender_weights": weights, "threshold": 0.5}
+    blend = BlendFile.of_weights(weights, weights, threshold=0.5)
     paths = {}
     for fmt in ("torch", "onnx"):
         info = bundle_info(cfg, out, blend, members, fmt)

@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--holdout", action="store_true", help="faces from the held-out split, not the developer set")
     ap.add_argument("--detect-size", type=int, default=faces.DETECT_MAX_SIDE, help="predict-images' --detect-size")
     args = ap.parse_args()
-    from pipeline.serving.bundle import load_bundle
+    from pipeline.exporting.torch_runtime import load_bundle  # torch or ONNX bundles
 
     bundle = load_bundle(args.bundle)
     if args.holdout:

@@ -291,6 +291,13 @@ class BlendFile:
         values = {("table_at_half" if k == "table_at_0.5" else k): data.get(k) for k in BlendFile.KEYS}
         return BlendFile(**values)
 
+    @staticmethod
+    def of_weights(age_weights: dict[str, float], gender_weights: dict[str, float], threshold: float) -> BlendFile:
+        """A blend of given weights, scored on nothing (a bundle of untrained models, in tests and benchmarks)."""
+        return BlendFile(
+            0, "score", float("nan"), None, None, None, {}, {}, threshold, age_weights, gender_weights, None
+        )
+
     @property
     def blend_scores(self) -> dict[str, float]:
         """The blend's OOF metrics: cross-fitted, or in-sample for a blend.json of earlier versions."""
