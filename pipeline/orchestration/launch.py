@@ -332,18 +332,7 @@ def collect(ray, cfg: Config, refs: dict, exp_dir: Path) -> None:
                 write_fold_files(job_dir(cfg, m, k), result.files)
             tqdm.write(progress_line(cfg, m, k, result))
     except KeyboardInterrupt:
-        # A plain cancel interrupts each job like Ctrl-C, so it removes its half-written temporaries on the way out;
-        # a job that has not stopped after a grace period is killed (a rerun clears what it left).
-        for ref in refs:
-            ray.cancel(ref)
-        _, running = ray.wait(list(refs), num_returns=len(refs), timeout=CANCEL_GRACE_S)
-        for ref in running:
-            ray.cancel(ref, force=True)
-        if running:
-            ray.wait(running, num_returns=len(running), timeout=CANCEL_GRACE_S)
-        if cfg.ray.shared_fs:  # what the killed jobs were writing when they died
-            for m, k in refs.values():
-                remove_stale_temporaries(job_dir(cfg, m, k))
+        cancel(ray, cfg, refs)
         raise
     finally:
         bar.close()
@@ -352,6 +341,21 @@ def collect(ray, cfg: Config, refs: dict, exp_dir: Path) -> None:
         raise PipelineError(
             f"{len(failed)} job(s) failed ({', '.join(failed)}); finished folds are kept and a rerun skips them"
         )
+
+
+def cancel(ray, cfg: Config, refs: dict) -> None:
+    """Ctrl-C: a plain cancel interrupts each job like Ctrl-C, so it removes its half-written temporaries on the way
+    out; a job that has not stopped after a grace period is killed (a rerun clears what it left)."""
+    for ref in refs:
+        ray.cancel(ref)
+    _, running = ray.wait(list(refs), num_returns=len(refs), timeout=CANCEL_GRACE_S)
+    for ref in running:
+        ray.cancel(ref, force=True)
+    if running:
+        ray.wait(running, num_returns=len(running), timeout=CANCEL_GRACE_S)
+    if cfg.ray.shared_fs:  # what the killed jobs were writing when they died
+        for m, k in refs.values():
+            remove_stale_temporaries(job_dir(cfg, m, k))
 
 
 def report_failure(e, ray, cfg: Config, m: ModelConfig, k: int, exp_dir: Path) -> str:
