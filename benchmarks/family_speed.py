@@ -29,8 +29,15 @@ from pipeline.data.cache import cached_images  # noqa: E402
 from pipeline.data.demo import make_demo  # noqa: E402
 from pipeline.models.backbones import create_model  # noqa: E402
 from pipeline.models.stages import frozen_prefix_length, set_trainable  # noqa: E402
-from pipeline.training.loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform  # noqa: E402
-from pipeline.training.trunk import TrunkCache  # noqa: E402
+from pipeline.training.loader import (  # noqa: E402
+    FaceDataset,
+    LoaderSettings,
+    auto_workers,
+    make_loader,
+    to_model_input,
+    train_transform,
+)
+from pipeline.training.trunk import TrunkCache, TrunkStore  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -48,7 +55,7 @@ def full_epoch(name: str, images, rows, y_age, y_gender, bs: int) -> float:
     model, opt, _ = model_for(name, "all")
     step = step_fn(model, opt)
     ds = FaceDataset(images, rows, y_age, y_gender, train_transform(TrainConfig(), 0))
-    loader = make_loader(ds, bs, True, auto_workers(-1), 0)
+    loader = make_loader(ds, bs, train=True, settings=LoaderSettings(workers=auto_workers(-1)))
     speed = loop_speed(loader, lambda x, a, g: step(to_model_input(x, CPU), a, g), len(rows) // bs - 2, bs)
     return len(rows) / speed
 
@@ -58,7 +65,8 @@ def cached_epoch(name: str, what: str, images, rows, y_age, y_gender, bs: int) -
     m, opt, n_trainable = model_for(name, what)
     k = frozen_prefix_length(m, Unfreeze.parse(what))
     t0 = time.perf_counter()
-    cache = TrunkCache(m, images, rows, rows[:0], TrainConfig(batch_size=bs, trunk_views=1), CPU, tempfile.mkdtemp())
+    store = TrunkStore(tempfile.mkdtemp(), images, TrainConfig(batch_size=bs, trunk_views=1))
+    cache = TrunkCache(m, store, rows=(rows, rows[:0]), device=CPU)
     trunk = cache.for_phase(k, k)
     build = time.perf_counter() - t0
     step = step_fn(m, opt, lambda h: trunk.forward(m, h))

@@ -39,10 +39,10 @@ from pipeline.data.demo import make_demo  # noqa: E402
 from pipeline.inference.predict import load_best  # noqa: E402
 from pipeline.models.backbones import create_model  # noqa: E402
 from pipeline.models.stages import frozen_prefix_length, set_trainable  # noqa: E402
-from pipeline.training.evaluation import predict_arrays  # noqa: E402
+from pipeline.training.evaluation import AgeUnits, predict_arrays  # noqa: E402
 from pipeline.training.job import FoldJob, Inference, amp_dtype  # noqa: E402
 from pipeline.training.train import train_fold  # noqa: E402
-from pipeline.training.trunk import TrunkCache  # noqa: E402
+from pipeline.training.trunk import TrunkCache, TrunkStore  # noqa: E402
 
 # two epochs a phase: its speed is the second's (the first includes cuDNN autotuning and torch.compile's compile)
 PHASES = [Phase(2, "head", 3e-3), Phase(2, "last:1", 1e-3), Phase(2, "all", 5e-4)]
@@ -90,8 +90,8 @@ def store_speed(job: FoldJob) -> float:
     unfreeze = Unfreeze.parse("head")
     set_trainable(model, unfreeze)
     rows = np.arange(len(job.images.train))
-    store = tempfile.mkdtemp(dir=job.out.parent)
-    cache = TrunkCache(model, job.images.train, rows, rows[:0], job.cfg.train, job.device, store, job.autocast)
+    store = TrunkStore(tempfile.mkdtemp(dir=job.out.parent), job.images.train, job.cfg.train, job.autocast)
+    cache = TrunkCache(model, store, rows=(rows, rows[:0]), device=job.device)
     k = frozen_prefix_length(model, unfreeze)
     cache._run(rows[: job.cfg.train.batch_size], k, 0)  # warm-up
     sync(job.device)
@@ -114,7 +114,7 @@ def agreement(reference: FoldJob, device: torch.device, amp: str) -> tuple[float
     for dev, mode in [(CPU, "off"), (device, amp)]:
         model, ckpt = load_best(reference.out / "best.pt", reference.model, dev, channels_last=True)
         how = Inference(dev, reference.cfg.train.batch_size * 2, amp_dtype(mode, dev), 0, ("none", "hflip"))
-        out.append(predict_arrays(model, reference.images.train, va, how, ckpt["age_mean"], ckpt["age_std"]))
+        out.append(predict_arrays(model, reference.images.train, va, how, AgeUnits.of(ckpt)))
     (age0, p0), (age1, p1) = out
     return float(np.abs(age0 - age1).max()), float(np.abs(p0 - p1).max())
 

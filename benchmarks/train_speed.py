@@ -32,8 +32,15 @@ from pipeline.models.backbones import create_model  # noqa: E402
 from pipeline.models.stages import frozen_prefix_length, set_trainable  # noqa: E402
 from pipeline.training.evaluation import predict_arrays  # noqa: E402
 from pipeline.training.job import Inference  # noqa: E402
-from pipeline.training.loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform  # noqa: E402
-from pipeline.training.trunk import TrunkCache  # noqa: E402
+from pipeline.training.loader import (  # noqa: E402
+    FaceDataset,
+    LoaderSettings,
+    auto_workers,
+    make_loader,
+    to_model_input,
+    train_transform,
+)
+from pipeline.training.trunk import TrunkCache, TrunkStore  # noqa: E402
 
 
 def step_fn(model, opt, forward=None):
@@ -132,7 +139,7 @@ def main() -> None:
 
     # (b) our loop: cache + albumentations + loader + step
     ds = FaceDataset(images, rows, y_age, y_gender, train_transform(TrainConfig(), 0))
-    loader = make_loader(ds, bs, True, auto_workers(-1), 0)
+    loader = make_loader(ds, bs, train=True, settings=LoaderSettings(workers=auto_workers(-1)))
     b = loop_speed(loader, lambda x, ya_, yg_: step(to_model_input(x, torch.device("cpu")), ya_, yg_), n_batches, bs)
 
     # (c) naive: PIL decode every epoch + torchvision transforms + DataLoader workers + NCHW float model
@@ -185,9 +192,8 @@ def main() -> None:
         set_trainable(m, unfreeze)
         o = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 1e-4)
         t0 = time.perf_counter()
-        cache = TrunkCache(
-            m, images, rows, rows[:0], TrainConfig(batch_size=bs), torch.device("cpu"), tempfile.mkdtemp()
-        )
+        store = TrunkStore(tempfile.mkdtemp(), images, TrainConfig(batch_size=bs))
+        cache = TrunkCache(m, store, rows=(rows, rows[:0]), device=torch.device("cpu"))
         trunk = cache.for_phase(frozen_prefix_length(m, unfreeze), frozen_prefix_length(m, unfreeze))
         build = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from pipeline.data.cache import prepare_images  # noqa: E402
 from pipeline.data.competition import load_competition  # noqa: E402
 from pipeline.data.folds import ensure_folds  # noqa: E402
 from pipeline.inference.predict import load_best  # noqa: E402
-from pipeline.training.evaluation import predict_arrays  # noqa: E402
+from pipeline.training.evaluation import AgeUnits, predict_arrays  # noqa: E402
 from pipeline.training.job import (
     Inference,  # noqa: E402
     fold_rows,  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
     for view in VIEWS:
         how = Inference(cpu, cfg.batch_size(m) * 2, False, 0, (view,))
         start = time.perf_counter()
-        pred[view] = predict_arrays(model, images.train, val_rows, how, ckpt["age_mean"], ckpt["age_std"])
+        pred[view] = predict_arrays(model, images.train, val_rows, how, AgeUnits.of(ckpt))
         seconds[view] = time.perf_counter() - start
 
     print(f"{m.name} fold {args.fold}: {len(val_rows)} validation images at {cfg.img_size(m)} px")

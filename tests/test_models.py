@@ -117,7 +117,7 @@ def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name, tmp_path
 
     from pipeline.core.config import TrainConfig
     from pipeline.models.stages import frozen_prefix_length, trunk_stages
-    from pipeline.training.trunk import TrunkCache
+    from pipeline.training.trunk import TrunkCache, TrunkStore
 
     torch.manual_seed(0)
     m = create_model(ModelConfig(name=name), load_weights=False).eval()
@@ -133,7 +133,8 @@ def test_trunk_stages_chain_to_the_backbone_and_the_cache_matches(name, tmp_path
         head, last2 = Unfreeze.parse("head"), Unfreeze.parse("last:2")
         set_trainable(m, head)
         t = TrainConfig(trunk_views=1)
-        cache = TrunkCache(m, images, np.arange(4), np.arange(4, 6), t, torch.device("cpu"), str(tmp_path))
+        store = TrunkStore(tmp_path, images, t)
+        cache = TrunkCache(m, store, rows=(np.arange(4), np.arange(4, 6)), device=torch.device("cpu"))
         k_head, k_last2 = frozen_prefix_length(m, head), frozen_prefix_length(m, last2)
         head = cache.for_phase(k_head, k_last2)  # computed at the deeper cut, derived for the head phase
         assert cache.base.k == k_last2 and head.k == k_head
@@ -207,21 +208,20 @@ def test_cached_phases_validate_and_step_as_uncached_ones(name, unfreeze, tmp_pa
 
     from pipeline.core.config import TrainConfig
     from pipeline.models.stages import frozen_prefix_length
-    from pipeline.training.evaluation import predict_arrays
+    from pipeline.training.evaluation import predict_arrays, predict_cached
     from pipeline.training.job import Inference
-    from pipeline.training.trunk import TrunkCache
+    from pipeline.training.trunk import TrunkCache, TrunkStore
 
     m = _family_model(name)
     set_trainable(m, Unfreeze.parse(unfreeze))
     images = np.random.default_rng(0).integers(0, 255, (10, SIDE, SIDE, 3), dtype=np.uint8)
     tr, va = np.arange(6), np.arange(6, 10)
     k = frozen_prefix_length(m, Unfreeze.parse(unfreeze))
-    trunk = TrunkCache(m, images, tr, va, TrainConfig(trunk_views=1), torch.device("cpu"), str(tmp_path)).for_phase(
-        k, k
-    )
+    store = TrunkStore(tmp_path, images, TrainConfig(trunk_views=1))
+    trunk = TrunkCache(m, store, rows=(tr, va), device=torch.device("cpu")).for_phase(k, k)
     assert trunk is not None and trunk.k == k > 0
     how = Inference(torch.device("cpu"), 4, None, 0)
-    cached, uncached = trunk.predict_val(m, how, 0.0, 1.0), predict_arrays(m, images, va, how)
+    cached, uncached = predict_cached(m, trunk, how), predict_arrays(m, images, va, how)
     np.testing.assert_allclose(cached[0], uncached[0], rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(cached[1], uncached[1], atol=5e-3)
 

@@ -7,10 +7,11 @@ import torch
 from pipeline.core.config import ModelConfig
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import competition_score, evaluate
-from pipeline.inference.blend import age_weights, best_threshold, gender_weights, validate_submission
+from pipeline.data.test_set import validate_submission
+from pipeline.inference.blend import age_weights, best_threshold, gender_weights
 from pipeline.models.backbones import create_model
 from pipeline.models.tta import TTA_SHIFT, TTAFold, apply_tta
-from pipeline.training.evaluation import predict_arrays
+from pipeline.training.evaluation import AgeUnits, predict_arrays
 from pipeline.training.job import Inference
 
 
@@ -31,10 +32,12 @@ def test_tta_averages_the_flipped_view():
         a1, g1 = model(x_mirrored)
     cpu = dict(device=torch.device("cpu"), amp=None, workers=0)
     how = Inference(batch_size=2, tta=("none", "hflip"), **cpu)
-    age, prob = predict_arrays(model, images, rows, how, 30.0, 10.0)
+    age, prob = predict_arrays(model, images, rows, how, AgeUnits(30.0, 10.0))
     assert np.allclose(age, ((a0 + a1) / 2).numpy() * 10 + 30, rtol=1e-4, atol=1e-3)
     assert np.allclose(prob, ((torch.sigmoid(g0) + torch.sigmoid(g1)) / 2).numpy(), rtol=1e-4, atol=1e-4)
-    age_plain, _ = predict_arrays(model, images, rows, Inference(batch_size=4, tta=("none",), **cpu), 30.0, 10.0)
+    age_plain, _ = predict_arrays(
+        model, images, rows, Inference(batch_size=4, tta=("none",), **cpu), AgeUnits(30.0, 10.0)
+    )
     assert np.allclose(age_plain, a0.numpy() * 10 + 30, rtol=1e-4, atol=1e-3) and not np.allclose(age_plain, age)
 
 
@@ -58,7 +61,7 @@ def test_zoom_and_shift_views_resample_like_opencv_and_the_bundle_runs_the_same_
     model = create_model(ModelConfig(name="scratch_cnn"), load_weights=False).eval()
     views = ["none", "zoom", "shift_left", "zoom_hflip"]
     how = Inference(batch_size=2, tta=tuple(views), device=torch.device("cpu"), amp=None, workers=0)
-    age, prob = predict_arrays(model, images, np.arange(3), how, 30.0, 10.0)
+    age, prob = predict_arrays(model, images, np.arange(3), how, AgeUnits(30.0, 10.0))
     with torch.no_grad():
         bundle_age, bundle_prob = TTAFold(model, views, 30.0, 10.0)(torch.from_numpy(images))
     assert np.allclose(age, bundle_age.numpy(), atol=1e-4) and np.allclose(prob, bundle_prob.numpy(), atol=1e-6)

@@ -7,7 +7,7 @@ from pipeline.core.config import ConfigError, ModelConfig, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.layout import PSEUDO_LABELS as PSEUDO_FILE
 from pipeline.orchestration.launch import pseudo_label_waves
-from pipeline.training.pseudo import with_pseudo_labels
+from pipeline.training.pseudo import TrainingRows, with_pseudo_labels
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
 TEACHER = {"name": "scratch_cnn", "pretrained": False, "phases": ONE_EPOCH}
@@ -45,12 +45,16 @@ def test_pseudo_labelled_rows_are_the_test_images_with_soft_gender_targets(tmp_p
     (tmp_path / PSEUDO_FILE).write_text("id,age,gender_prob\nt0,31.5,0.8\nt1,60.0,0.1\n")
     train, test = np.zeros((3, 4, 4, 3), np.uint8), np.full((2, 4, 4, 3), 7, np.uint8)
     rows, age, gender = np.array([0, 2]), np.array([20.0, 21.0, 22.0], np.float32), np.array([1.0, 0.0, 1.0])
-    images, rows, age, gender = with_pseudo_labels(tmp_path, np.array(["t0", "t1"]), train, test, rows, age, gender)
+    images, rows, age, gender = with_pseudo_labels(
+        tmp_path, np.array(["t0", "t1"]), test, TrainingRows(train, rows, age, gender)
+    )
     assert images.shape[0] == 5 and (images[3:] == 7).all() and rows.tolist() == [0, 2, 3, 4]
     assert age[rows].tolist() == [20.0, 22.0, 31.5, 60.0]
     np.testing.assert_allclose(gender[rows], [1.0, 1.0, 0.8, 0.1])
     with pytest.raises(PipelineError, match="not the test images' ids"):
-        with_pseudo_labels(tmp_path, np.array(["t1", "t0"]), train, test, np.array([0]), age[:3], gender[:3])
+        with_pseudo_labels(
+            tmp_path, np.array(["t1", "t0"]), test, TrainingRows(train, np.array([0]), age[:3], gender[:3])
+        )
 
 
 def test_pseudo_labels_must_name_an_earlier_model_and_ray_runs_students_after_teachers(tmp_path):

@@ -22,12 +22,12 @@ from pipeline.models.stages import backbone_groups, evaluating, set_trainable, t
 from pipeline.training import losses as loss_fns
 from pipeline.training import train as train_mod
 from pipeline.training.checkpoint import Progress
-from pipeline.training.evaluation import predict_arrays
+from pipeline.training.evaluation import AgeUnits, predict_arrays, predict_cached
 from pipeline.training.job import FoldJob, Inference, fold_rows
-from pipeline.training.loader import FaceDataset, make_loader, train_transform
+from pipeline.training.loader import FaceDataset, LoaderSettings, make_loader, train_transform
 from pipeline.training.losses import AgeScale, LossSum, Objective
 from pipeline.training.train import EpochStep, FoldModel, phase_trunk, start_phase, train_fold, warmup_cosine
-from pipeline.training.trunk import CachedTrunk, TrunkCache
+from pipeline.training.trunk import CachedTrunk, TrunkCache, TrunkStore
 
 N, SIZE = 48, 32
 
@@ -56,7 +56,8 @@ def _job(tmp_path, phases, **train) -> FoldJob:
 
 def _cache(job, model) -> TrunkCache:
     tr, va = job.rows()
-    return TrunkCache(model, job.images.train, tr, va, job.cfg.train, job.device, job.cfg.data.cache_dir)
+    store = TrunkStore(job.cfg.data.cache_dir, job.images.train, job.cfg.train)
+    return TrunkCache(model, store, rows=(tr, va), device=job.device)
 
 
 def _metrics(job) -> pd.DataFrame:
@@ -115,7 +116,7 @@ def test_frozen_batchnorm_statistics_and_weights_stay_put_through_an_epoch(tmp_p
     ds = FaceDataset(job.images.train, np.arange(N), np.zeros(N), np.zeros(N), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
     objective = Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
-    train_mod.train_one_epoch(EpochStep(forward, objective), make_loader(ds, 8, True, 0, 1), optim, "")
+    train_mod.train_one_epoch(EpochStep(forward, objective), make_loader(ds, 8, train=True, seed=1), optim, "")
     after = model.state_dict()
     frozen = [k for k in after if k.startswith(("backbone.stem", "backbone.stages.0", "backbone.stages.2"))]
     trained = [k for k in after if k.startswith("backbone.stages.3") and "running_mean" in k]
@@ -190,12 +191,12 @@ def test_cached_and_uncached_validation_agree_after_training_below_the_cut(tmp_p
     ds = FaceDataset(job.images.train, tr, np.zeros(len(tr)), np.zeros(len(tr)), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
     objective = Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
-    train_mod.train_one_epoch(EpochStep(forward, objective), make_loader(ds, 8, True, 0, 1), optim, "")
+    train_mod.train_one_epoch(EpochStep(forward, objective), make_loader(ds, 8, train=True, seed=1), optim, "")
     start_phase(job, FoldModel(model, ema_model), 1, phases[1], N, Progress())
     trunk = phase_trunk(_cache(job, model), model, phases, 1)
     eval_model = ema_model.module if ema else model
     how = Inference.for_job(job)
-    cached = trunk.predict_val(eval_model, how, 0.0, 1.0)
+    cached = predict_cached(eval_model, trunk, how)
     uncached = predict_arrays(eval_model, job.images.train, va, how)
     np.testing.assert_allclose(cached[0], uncached[0], rtol=2e-2, atol=2e-2)  # the cache is stored in fp16
     np.testing.assert_allclose(cached[1], uncached[1], atol=2e-3)
@@ -292,7 +293,7 @@ def test_augmented_batches_do_not_depend_on_the_worker_count():
 
     def batches(workers):
         ds = FaceDataset(images, np.arange(40), np.arange(40), np.zeros(40), train_transform(TrainConfig(), 3))
-        return [x for x, _, _ in make_loader(ds, 8, True, workers, 7)]
+        return [x for x, _, _ in make_loader(ds, 8, train=True, seed=7, settings=LoaderSettings(workers=workers))]
 
     zero, two = batches(0), batches(2)
     assert len(zero) == 5 and all(torch.equal(a, b) for a, b in zip(zero, two))
@@ -486,13 +487,13 @@ def test_oof_rows_are_predicted_from_the_stored_trunk_while_its_weights_are_the_
     model, ckpt = load_best(job.out / "best.pt", job.model, job.device)
     _, va = job.rows()
     how = Inference.for_job(job, ["none", "hflip"])
-    age, prob = predict_arrays(model, job.images.train, va, how, ckpt["age_mean"], ckpt["age_std"])
+    age, prob = predict_arrays(model, job.images.train, va, how, AgeUnits.of(ckpt))
     oof = pd.read_csv(job.out / "oof.csv")
     assert (oof.id == job.comp.train.id.to_numpy()[va]).all()
     np.testing.assert_allclose(oof.age, age, atol=0.05 if stored else 1e-4)  # the store holds float16
     np.testing.assert_allclose(oof.gender_prob, prob, atol=2e-3 if stored else 1e-6)
     test = pd.read_csv(job.out / "test.csv")  # test images are not in the store: always the image path
-    t_age, t_prob = predict_arrays(model, job.images.test, np.arange(1), how, ckpt["age_mean"], ckpt["age_std"])
+    t_age, t_prob = predict_arrays(model, job.images.test, np.arange(1), how, AgeUnits.of(ckpt))
     np.testing.assert_allclose(test.age, t_age, atol=1e-4)
 
 
@@ -630,13 +631,17 @@ def test_the_trunk_store_runs_under_the_folds_autocast_with_loader_workers(tmp_p
     outputs = {}
     for amp, workers in [(None, 0), (torch.bfloat16, 0), (torch.bfloat16, 2)]:
         t = replace(job.cfg.train, num_workers=workers)
-        cache = TrunkCache(model, job.images.train, tr, va, t, job.device, str(tmp_path / f"s{workers}"), amp)
+        store = TrunkStore(tmp_path / f"s{workers}", job.images.train, t, amp)
+        cache = TrunkCache(model, store, rows=(tr, va), device=job.device)
         outputs[amp, workers] = cache.for_phase(k, k).views
     assert torch.equal(outputs[torch.bfloat16, 0], outputs[torch.bfloat16, 2])
     assert not torch.equal(outputs[None, 0], outputs[torch.bfloat16, 0])  # computed in bf16, a store of its own
     torch.testing.assert_close(outputs[None, 0].float(), outputs[torch.bfloat16, 0].float(), atol=0.1, rtol=0.05)
-    args = (model, job.images.train, job.cfg.train, str(tmp_path / "s0"), ["none", "hflip"])
-    assert stored_tta_inputs(*args, torch.bfloat16) is not None and stored_tta_inputs(*args, torch.float16) is None
+    bf16, fp16 = (
+        TrunkStore(tmp_path / "s0", job.images.train, job.cfg.train, a) for a in (torch.bfloat16, torch.float16)
+    )
+    tta = ["none", "hflip"]
+    assert stored_tta_inputs(model, bf16, tta) is not None and stored_tta_inputs(model, fp16, tta) is None
 
 
 def test_cuda_turns_on_tf32_and_cudnn_autotuning():

@@ -16,9 +16,9 @@ from ..core.layout import BEST, OOF, PREDICT_DONE, TEST, PredictDone
 from ..core.metrics import evaluate
 from ..models.backbones import create_model
 from ..models.network import AgeGenderNet
-from ..training.evaluation import predict_arrays, predict_stored
+from ..training.evaluation import AgeUnits, predict_arrays, predict_stored
 from ..training.job import FoldJob, Inference
-from ..training.trunk import stored_tta_inputs
+from ..training.trunk import TrunkStore, stored_tta_inputs
 
 
 def load_best(
@@ -48,16 +48,17 @@ def predict_fold(job: FoldJob) -> None:
     mcfg = replace(job.model, img_size=cfg.img_size(job.model))
     model, ckpt = load_best(out / BEST, mcfg, job.device, cfg.train.channels_last)
     how = Inference.for_job(job, cfg.tta)
-    scale = dict(age_mean=ckpt["age_mean"], age_std=ckpt["age_std"])
+    units = AgeUnits.of(ckpt)
     _, val_rows = job.rows()
     stored = None
     if cfg.train.cache_frozen:  # the OOF rows' TTA views went through the frozen trunk before: reuse its outputs
-        stored = stored_tta_inputs(model, job.images.train, cfg.train, cfg.data.cache_dir, how.tta, how.amp)
+        store = TrunkStore(cfg.data.cache_dir, job.images.train, cfg.train, how.amp)
+        stored = stored_tta_inputs(model, store, how.tta)
     if stored is not None:
-        age, prob = predict_stored(model, stored, val_rows, how, **scale)
+        age, prob = predict_stored(model, stored, val_rows, how, units)
         print(f"{job.name}: OOF rows from the stored outputs of the frozen trunk ({stored.k} stages)")
     else:
-        age, prob = predict_arrays(model, job.images.train, val_rows, how, desc=f"{job.name} OOF", **scale)
+        age, prob = predict_arrays(model, job.images.train, val_rows, how, units, desc=f"{job.name} OOF")
     oof = pd.DataFrame(
         {
             "id": train.id.to_numpy()[val_rows],
@@ -68,7 +69,7 @@ def predict_fold(job: FoldJob) -> None:
         }
     )
     test_rows = np.arange(len(job.comp.test))
-    age_t, prob_t = predict_arrays(model, job.images.test, test_rows, how, desc=f"{job.name} test", **scale)
+    age_t, prob_t = predict_arrays(model, job.images.test, test_rows, how, units, desc=f"{job.name} test")
     test = pd.DataFrame({"id": job.comp.test.id.to_numpy(), "age": age_t, "gender_prob": prob_t})
     oof_metrics = evaluate(oof.age_true, oof.age, oof.gender_true, oof.gender_prob)
     job.tracker.summary({f"oof_tta_{k}": v for k, v in oof_metrics.items()})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import albumentations as A
 import numpy as np
 import torch
@@ -98,23 +100,26 @@ def training_batches(n: int, batch_size: int) -> int:
     return n // batch_size if n > batch_size else 1
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How a loader runs: its worker processes (0: in this process), pinned host memory (for copies to a GPU), and
+    whether the workers stay up between epochs (loader.batch_sampler.set_epoch(seed) before each)."""
+
+    workers: int = 0
+    pin_memory: bool = False
+    persistent: bool = False
+
+
 def make_loader(
-    ds: FaceDataset,
-    batch_size: int,
-    train: bool,
-    workers: int,
-    seed: int = 0,
-    pin_memory: bool = False,
-    persistent: bool = False,
+    ds: FaceDataset, batch_size: int, *, train: bool, seed: int = 0, settings: LoaderSettings = LoaderSettings()
 ) -> DataLoader:
     """train=True: shuffled, last partial batch dropped (see training_batches). Deterministic for a given
-    seed: the order and every sample's augmentation derive from it, not from the worker count. persistent: the
-    workers stay up between epochs (loader.batch_sampler.set_epoch(seed) before each)."""
+    seed: the order and every sample's augmentation derive from it, not from the worker count."""
     return DataLoader(
         ds,
         batch_sampler=EpochBatches(len(ds), batch_size, train, seed),
-        num_workers=workers,
+        num_workers=settings.workers,
         generator=torch.Generator().manual_seed(seed),  # the workers' base seed, never the global RNG
-        persistent_workers=persistent and workers > 0,
-        pin_memory=pin_memory,
+        persistent_workers=settings.persistent and settings.workers > 0,
+        pin_memory=settings.pin_memory,
     )

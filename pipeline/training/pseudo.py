@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -34,20 +35,27 @@ def stage_pseudo_labels(exp_dir: Path, m: ModelConfig, k: int) -> None:
         shutil.copyfile(teacher / TEST, tmp)
 
 
-def with_pseudo_labels(
-    out: Path, test_ids: np.ndarray, train_images: np.ndarray, test_images: np.ndarray, rows, age, gender
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The training images and labels with the test images appended as rows len(train_images)..: their ages and
-    gender probabilities (soft targets) from out/pseudo_labels.csv. Returns (images, rows, age, gender)."""
+class TrainingRows(NamedTuple):
+    """Images, the rows of them that train, and every image's labels (age in years, gender 0/1 or a probability)."""
+
+    images: np.ndarray
+    rows: np.ndarray
+    age: np.ndarray
+    gender: np.ndarray
+
+
+def with_pseudo_labels(out: Path, test_ids: np.ndarray, test_images: np.ndarray, train: TrainingRows) -> TrainingRows:
+    """`train` with the test images appended as rows len(train.images)..: their ages and gender probabilities (soft
+    targets) from out/pseudo_labels.csv."""
     path = out / PSEUDO_LABELS
     labels = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
     if len(labels) != len(test_ids) or not np.array_equal(labels.id.to_numpy(), np.asarray(test_ids, str)):
         raise PipelineError(f"{path}: its ids are not the test images' ids in order; delete it to copy it afresh")
     if not np.isfinite(labels[["age", "gender_prob"]].to_numpy(float)).all():
         raise PipelineError(f"{path}: non-finite ages or gender probabilities")
-    n = len(train_images)
-    images = np.concatenate([train_images, test_images])
-    rows = np.concatenate([rows, n + np.arange(len(labels))])
-    age = np.concatenate([age, labels.age.to_numpy(np.float32)])
-    gender = np.concatenate([gender, labels.gender_prob.to_numpy(np.float32).clip(0, 1)])
-    return images, rows, age, gender
+    return TrainingRows(
+        np.concatenate([train.images, test_images]),
+        np.concatenate([train.rows, len(train.images) + np.arange(len(labels))]),
+        np.concatenate([train.age, labels.age.to_numpy(np.float32)]),
+        np.concatenate([train.gender, labels.gender_prob.to_numpy(np.float32).clip(0, 1)]),
+    )

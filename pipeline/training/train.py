@@ -31,12 +31,20 @@ from ..models.backbones import create_model, weights_record
 from ..models.network import AgeGenderNet
 from ..models.stages import frozen_prefix_length, set_trainable
 from .checkpoint import Progress, checkpoint_epoch, read_last, save_epoch
-from .evaluation import predict_arrays
+from .evaluation import Validation, validate_cached, validate_images
 from .job import FoldJob, Inference, autocast
-from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform, training_batches
-from .losses import AgeScale, LossSum, Objective
-from .pseudo import stage_pseudo_labels, with_pseudo_labels
-from .trunk import CachedTrunk, TrunkCache
+from .loader import (
+    FaceDataset,
+    LoaderSettings,
+    auto_workers,
+    make_loader,
+    to_model_input,
+    train_transform,
+    training_batches,
+)
+from .losses import AgeScale, Objective
+from .pseudo import TrainingRows, stage_pseudo_labels, with_pseudo_labels
+from .trunk import CachedTrunk, TrunkCache, TrunkStore
 
 BAR_EVERY = 20  # steps between progress-bar updates (each reads the running loss back from the device)
 
@@ -205,11 +213,10 @@ def validate(job: FoldJob, eval_model, trunk: CachedTrunk | None, fs: FoldSet, l
     """Validation predictions (no TTA) of the fold's validation rows, from the cache when the phase has one, and
     the training objective on them (un-augmented, unsmoothed)."""
     how, s, va = Inference.for_job(job), fs.scale, fs.va_rows
-    loss = LossSum(fs.objective, s.to_target(fs.age[va]), fs.gender[va])
+    val = Validation(fs.objective, s, fs.age[va], fs.gender[va])
     if trunk is not None:
-        return *trunk.predict_val(eval_model, how, s.mean, s.std, loss), loss.value
-    age, prob = predict_arrays(eval_model, job.images.train, va, how, s.mean, s.std, loader=loader, loss=loss)
-    return age, prob, loss.value
+        return validate_cached(eval_model, trunk, how, val)
+    return validate_images(eval_model, loader, how, val)
 
 
 @dataclass
@@ -245,7 +252,7 @@ def with_pseudo_rows(job: FoldJob, fs: FoldSet) -> FoldSet:
     stage_pseudo_labels(job.out.parents[1], job.model, job.fold)
     test_ids = job.comp.test.id.to_numpy()
     images, tr_rows, age, gender = with_pseudo_labels(
-        job.out, test_ids, fs.images, job.images.test, fs.tr_rows, fs.age, fs.gender
+        job.out, test_ids, job.images.test, TrainingRows(fs.images, fs.tr_rows, fs.age, fs.gender)
     )
     print(f"{job.name}: + {len(test_ids)} test images pseudo-labelled by {job.model.pseudo_labels} fold {job.fold}")
     return replace(fs, images=images, tr_rows=tr_rows, age=age, gender=gender)
@@ -327,9 +334,8 @@ class FoldTrainer:
         self.loaders = FoldLoaders.of(job, self.data, train_ds)
         self.phases = [p for p in job.cfg.phases(job.model) if p.epochs > 0]
         d = self.data
-        self.cache = TrunkCache(
-            model, d.images, d.tr_rows, d.va_rows, t, job.device, job.cfg.data.cache_dir, job.autocast
-        )
+        store = TrunkStore(job.cfg.data.cache_dir, d.images, t, job.autocast)
+        self.cache = TrunkCache(model, store, rows=(d.tr_rows, d.va_rows), device=job.device)
 
     def fit(self) -> None:
         """Every epoch not yet finished, phase by phase; then train_done.json."""
@@ -408,9 +414,11 @@ class FoldLoaders:
     def of(cls, job: FoldJob, fs: FoldSet, train_ds: FaceDataset) -> FoldLoaders:
         how, cuda, bs = Inference.for_job(job), job.device.type == "cuda", job.cfg.batch_size(job.model)
         workers = auto_workers(job.cfg.train.num_workers)
-        train = make_loader(train_ds, bs, train=True, workers=workers, pin_memory=cuda, persistent=True)
+        train_settings = LoaderSettings(workers, pin_memory=cuda, persistent=True)
+        train = make_loader(train_ds, bs, train=True, settings=train_settings)
         val_ds = FaceDataset(fs.images, fs.va_rows)
-        val = make_loader(val_ds, how.batch_size, train=False, workers=how.workers, pin_memory=cuda, persistent=True)
+        val_settings = LoaderSettings(how.workers, pin_memory=cuda, persistent=True)
+        val = make_loader(val_ds, how.batch_size, train=False, settings=val_settings)
         return cls(train, val, bs)
 
     def epoch(self, trunk: CachedTrunk | None, epoch_seed: int):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from functools import cached_property
 from pathlib import Path
 
 import albumentations as A
@@ -23,8 +24,16 @@ from ..core.config import TrainConfig
 from ..core.files import atomic_path, remove_stale_temporaries
 from ..models.network import AgeGenderNet
 from ..models.stages import evaluating, trunk_stages
-from .job import Inference, autocast
-from .loader import FaceDataset, auto_workers, make_loader, to_model_input, train_transform, training_batches
+from .job import autocast
+from .loader import (
+    FaceDataset,
+    LoaderSettings,
+    auto_workers,
+    make_loader,
+    to_model_input,
+    train_transform,
+    training_batches,
+)
 
 STORE_VERSION = 1
 STORE_BATCH = 128  # the batch size of trunk passes (augmented views are seeded per batch)
@@ -39,13 +48,29 @@ def placement(nbytes: int, device: torch.device, share: float) -> str:
     return "gpu" if nbytes <= share * free else "pinned"
 
 
-class CachedTrunk:
+class TrunkCut:
+    """The network above the first k trunk stages, run on their outputs (CachedTrunk, StoredViews)."""
+
+    def __init__(self, k: int, channels_last: bool = False):
+        self.k = k
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, model: AgeGenderNet, outputs: torch.Tensor, raw: bool = True):
+        h = outputs.to(model.mean.device, non_blocking=True).float()
+        if h.ndim == 4:  # the layout of the model's weights (stored outputs are plain NCHW)
+            h = h.contiguous(memory_format=self.memory_format)
+        for stage in trunk_stages(model)[self.k :]:
+            h = stage(h)
+        return model.heads(h, raw)
+
+
+class CachedTrunk(TrunkCut):
     """Outputs of a phase's frozen trunk prefix (eval mode): `views` x training rows, and the validation rows
     (view 0), reused by every epoch of the phase."""
 
     def __init__(self, k: int, views: torch.Tensor, val: torch.Tensor, channels_last: bool = False):
-        self.k, self.views, self.val = k, views, val
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        super().__init__(k, channels_last)
+        self.views, self.val = views, val
         self.where = "host"
 
     def place(self, device: torch.device, share: float) -> CachedTrunk:
@@ -54,14 +79,6 @@ class CachedTrunk:
         if self.where == "gpu":
             self.views, self.val = self.views.to(device), self.val.to(device)
         return self
-
-    def forward(self, model: AgeGenderNet, h: torch.Tensor, raw: bool = True):
-        h = h.to(model.mean.device, non_blocking=True).float()
-        if h.ndim == 4:  # the layout of the model's weights (stored outputs are plain NCHW)
-            h = h.contiguous(memory_format=self.memory_format)
-        for stage in trunk_stages(model)[self.k :]:
-            h = stage(h)
-        return model.heads(h, raw)
 
     def batches(self, age: np.ndarray, gender: np.ndarray, batch_size: int, seed: int):
         """Shuffled training batches (trunk outputs of a random view of each image, age, gender); the same
@@ -81,19 +98,14 @@ class CachedTrunk:
                 out = torch.empty((len(idx), *flat.shape[1:]), dtype=flat.dtype, pin_memory=True)
             yield torch.index_select(flat, 0, pick[idx], out=out), age_t[idx], gender_t[idx]
 
-    @torch.inference_mode()
-    def predict_val(self, model: AgeGenderNet, how: Inference, age_mean: float, age_std: float, loss=None):
-        """Validation predictions (no TTA) at the same precision as the uncached path (predict_arrays), summing
-        the training objective into `loss` (a LossSum) if given."""
-        ages, probs = [], []
-        with evaluating(model):
-            for i in range(0, len(self.val), how.batch_size):
-                with autocast(how.device, how.amp):
-                    out = self.forward(model, self.val[i : i + how.batch_size], raw=loss is not None)
-                    a, g = out if loss is None else loss.take(model, *out)
-                ages.append(a.float().cpu().numpy() * age_std + age_mean)
-                probs.append(torch.sigmoid(g.float()).cpu().numpy())
-        return np.concatenate(ages), np.concatenate(probs)
+
+class StoredViews(TrunkCut):
+    """The stored outputs at cut k of all the store's images (stored_tta_inputs): one read-only array per TTA view,
+    indexed by image."""
+
+    def __init__(self, k: int, views: list[np.ndarray], channels_last: bool = False):
+        super().__init__(k, channels_last)
+        self.views = views
 
 
 def view_transform(t: TrainConfig, view: int) -> A.Compose | None:
@@ -110,23 +122,35 @@ def view_ids(t: TrainConfig) -> list[int]:
     return [v for v in range(t.trunk_views) if v != 1 or t.hflip > 0]
 
 
-def store_path(
-    store_dir: Path, stages, size: int, images_key: str, t: TrainConfig, k: int, view: int, amp=None
-) -> Path:
-    """Where the outputs of the first k `stages` for one view of the images (digest `images_key`) are stored:
-    keyed by the prefix weights, the view, the autocast precision and the torch thread count (CPU results
-    depend on it)."""
-    prefix = [p.detach().cpu().numpy() for s in stages[:k] for p in [*s.parameters(), *s.buffers()]]
-    spec = f"v{STORE_VERSION}|{k}|{view}|{view_transform(t, view)!r}|{torch.get_num_threads()}"
-    spec += f"|{amp}" if amp is not None else ""  # fp32 keys are those of earlier versions
-    key = _digest([*prefix, np.frombuffer(f"{spec}|{images_key}".encode(), np.uint8)])
-    return Path(store_dir) / f"trunk-{size}px-k{k}-view{view}-{key}.npy"
+class TrunkStore:
+    """The stored trunk outputs of all `images` in `folder`, their views made by train config `t` and computed
+    under autocast precision `amp` (None: fp32); one file per cut, view and prefix weights."""
+
+    def __init__(self, folder: str | Path, images: np.ndarray, t: TrainConfig, amp: torch.dtype | None = None):
+        self.folder, self.images, self.t, self.amp = Path(folder), images, t, amp
+
+    @cached_property
+    def images_key(self) -> str:
+        return _digest([self.images])
+
+    def holds_some(self, k: int, view: int) -> bool:
+        """Whether the folder holds outputs at cut k for this view and these images' size (from any weights)."""
+        return any(self.folder.glob(f"trunk-{self.images.shape[1]}px-k{k}-view{view}-*.npy"))
+
+    def path(self, stages, k: int, view: int) -> Path:
+        """Where the outputs of the first k `stages` for one view are stored: keyed by the images, the prefix
+        weights, the view, the autocast precision and the torch thread count (CPU results depend on it)."""
+        prefix = [p.detach().cpu().numpy() for s in stages[:k] for p in [*s.parameters(), *s.buffers()]]
+        spec = f"v{STORE_VERSION}|{k}|{view}|{view_transform(self.t, view)!r}|{torch.get_num_threads()}"
+        spec += f"|{self.amp}" if self.amp is not None else ""  # fp32 keys are those of earlier versions
+        key = _digest([*prefix, np.frombuffer(f"{spec}|{self.images_key}".encode(), np.uint8)])
+        return self.folder / f"trunk-{self.images.shape[1]}px-k{k}-view{view}-{key}.npy"
 
 
 def _digest(arrays) -> str:
     h = hashlib.sha1()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
+    for array in arrays:
+        a = np.ascontiguousarray(array)
         h.update(f"{a.dtype}{a.shape}".encode())
         flat = a.reshape(-1).view(np.uint8)
         for i in range(0, len(flat), 1 << 26):
@@ -139,22 +163,24 @@ class TrunkCache:
     deepest cut that the coming cached phases need; a later phase with a shallower trainable part derives its
     inputs from it (running only the stages in between), as long as those stages have not been trained since.
 
-    While no stage of the prefix has been trained in this fold, its outputs for all images come from the
-    store in `store_dir` (computed on first use, then shared by the folds) and are indexed by the fold's rows."""
+    While no stage of the prefix has been trained in this fold, its outputs for all of the store's images come
+    from the store (computed on first use, then shared by the folds) and are indexed by the fold's `rows` (training,
+    validation)."""
 
-    def __init__(self, model: AgeGenderNet, images, tr_rows, va_rows, t: TrainConfig, device, store_dir: str, amp=None):
-        self.model, self.images, self.rows = model, images, (tr_rows, va_rows)
-        self.t, self.device, self.store_dir, self.amp = t, device, Path(store_dir), amp
+    def __init__(
+        self, model: AgeGenderNet, store: TrunkStore, rows: tuple[np.ndarray, np.ndarray], device: torch.device
+    ):
+        self.model, self.store, self.rows, self.device = model, store, rows, device
+        self.images, self.t, self.amp = store.images, store.t, store.amp
         self.stages = trunk_stages(model)
         self.base: CachedTrunk | None = None
-        self.trained_from = 10**9  # lowest stage index trained since `base` was computed
-        self.lowest_trained = 10**9  # lowest stage index trained in this fold so far
-        self._images_key = ""
+        self.trained_from: int | None = None  # lowest stage index trained since `base` was computed
+        self.lowest_trained: int | None = None  # lowest stage index trained in this fold so far
 
     def note_trained(self, k: int) -> None:
         """A phase that kept the first k stages frozen has run (also one that finished before a resume)."""
-        self.trained_from = min(self.trained_from, k)
-        self.lowest_trained = min(self.lowest_trained, k)
+        self.trained_from = k if self.trained_from is None else min(self.trained_from, k)
+        self.lowest_trained = k if self.lowest_trained is None else min(self.lowest_trained, k)
 
     @torch.no_grad()
     def for_phase(self, k: int, k_min_ahead: int) -> CachedTrunk | None:
@@ -165,12 +191,12 @@ class TrunkCache:
             self.note_trained(0)
             return None
         t0 = time.perf_counter()
-        if self.base is None or self.base.k > k or self.trained_from < k:
+        if self.base is None or self.base.k > k or _trained_below(self.trained_from, k):
             self.base = self._base(min(k, k_min_ahead))
-            self.trained_from = 10**9
+            self.trained_from = None
         if self.base.k == k:
             trunk = self.base
-        elif self.lowest_trained >= k:  # still the starting weights up to k: derived once for all folds, stored
+        elif not _trained_below(self.lowest_trained, k):  # still the starting weights up to k: derived once, stored
             trunk = self._from_store(k, derive_from=self.base.k)
         else:
             views = torch.stack([self._derive(v, k) for v in self.base.views])
@@ -186,7 +212,7 @@ class TrunkCache:
         return trunk
 
     def _base(self, k: int) -> CachedTrunk:
-        if self.lowest_trained >= k:  # the prefix holds its starting weights: the same in every fold
+        if not _trained_below(self.lowest_trained, k):  # the prefix holds its starting weights: the same in every fold
             return self._from_store(k)
         tr, va = self.rows
         views = torch.stack([self._run(tr, k, v) for v in view_ids(self.t)])
@@ -200,21 +226,16 @@ class TrunkCache:
         views = torch.stack([torch.from_numpy(s[tr]) for s in stored])
         return CachedTrunk(k, views, torch.from_numpy(stored[0][va]), self.t.channels_last)
 
-    def _store_path(self, k: int, view: int) -> Path:
-        self._images_key = self._images_key or _digest([self.images])
-        size = self.images.shape[1]
-        return store_path(self.store_dir, self.stages, size, self._images_key, self.t, k, view, self.amp)
-
     def _stored(self, k: int, view: int, derive_from: int | None = None) -> np.ndarray:
         """All images' outputs of the first k stages for one view, from the store (computed on first use)."""
-        path = self._store_path(k, view)
+        path = self.store.path(self.stages, k, view)
         if not path.is_file():
-            self.store_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.store_dir)
+            self.store.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.store.folder)
             if derive_from is None:
                 out = self._run(np.arange(len(self.images)), k, view)
             else:
-                source = torch.from_numpy(np.load(self._store_path(derive_from, view)))
+                source = torch.from_numpy(np.load(self.store.path(self.stages, derive_from, view)))
                 out = self._derive(source, k, derive_from)
             with atomic_path(path) as tmp:
                 np.save(tmp, out.numpy())
@@ -223,8 +244,8 @@ class TrunkCache:
     def _run(self, rows: np.ndarray, k: int, view: int) -> torch.Tensor:
         out = []
         ds = FaceDataset(self.images, rows, transform=view_transform(self.t, view))
-        workers, cuda = auto_workers(self.t.num_workers), self.device.type == "cuda"
-        loader = make_loader(ds, STORE_BATCH, False, workers, seed=view, pin_memory=cuda)
+        settings = LoaderSettings(auto_workers(self.t.num_workers), pin_memory=self.device.type == "cuda")
+        loader = make_loader(ds, STORE_BATCH, train=False, seed=view, settings=settings)
         with evaluating(self.model), autocast(self.device, self.amp):
             for x, _, _ in tqdm(loader, desc=f"frozen trunk view {view}", unit="batch", leave=False, disable=None):
                 h = (to_model_input(x, self.device).float() - self.model.mean) / self.model.std
@@ -247,6 +268,11 @@ class TrunkCache:
         return torch.cat(out)
 
 
+def _trained_below(lowest_trained: int | None, k: int) -> bool:
+    """Whether a stage below cut k was trained (lowest_trained: the lowest trained stage index; None: none)."""
+    return lowest_trained is not None and lowest_trained < k
+
+
 _UNSPLIT_SAID: set[str] = set()
 
 
@@ -257,24 +283,21 @@ def _say_unsplit(model: AgeGenderNet) -> None:
         print(f"  {kind} backbones do not split into stages: frozen phases run the whole trunk every epoch (no cache)")
 
 
-TTA_VIEWS = {"none": 0, "hflip": 1}  # the stored view that is each TTA view's input
+STORED_VIEW_OF_TTA = {"none": 0, "hflip": 1}  # the stored view that is the input of each of these TTA views
 
 
-def stored_tta_inputs(
-    model: AgeGenderNet, images: np.ndarray, t: TrainConfig, store_dir: str, tta, amp=None
-) -> CachedTrunk | None:
-    """The stored trunk outputs of all `images` for each TTA view (CachedTrunk.views: one array per TTA view), at
-    the deepest cut whose prefix still holds this model's weights (a phase that trained the prefix makes another
-    key); None when the store lacks them or a TTA view is no stored view."""
+def stored_tta_inputs(model: AgeGenderNet, store: TrunkStore, tta) -> StoredViews | None:
+    """The stored trunk outputs of all the store's images for each TTA view, at the deepest cut whose prefix still
+    holds this model's weights (a phase that trained the prefix makes another key); None when the store lacks them
+    or a TTA view is no stored view."""
     stages = trunk_stages(model)
-    if stages is None or any(name not in TTA_VIEWS for name in tta):
+    if stages is None or any(name not in STORED_VIEW_OF_TTA for name in tta):
         return None
-    views, size, images_key = [TTA_VIEWS[name] for name in tta], images.shape[1], ""
+    views = [STORED_VIEW_OF_TTA[name] for name in tta]
     for k in range(len(stages) - 2, 0, -1):  # below the last stage (stages end with the neck)
-        if not all(any(Path(store_dir).glob(f"trunk-{size}px-k{k}-view{v}-*.npy")) for v in views):
+        if not all(store.holds_some(k, v) for v in views):
             continue
-        images_key = images_key or _digest([images])
-        paths = [store_path(Path(store_dir), stages, size, images_key, t, k, v, amp) for v in views]
+        paths = [store.path(stages, k, v) for v in views]
         if all(p.is_file() for p in paths):
-            return CachedTrunk(k, [np.load(p, mmap_mode="r") for p in paths], None, t.channels_last)
+            return StoredViews(k, [np.load(p, mmap_mode="r") for p in paths], store.t.channels_last)
     return None
