@@ -90,7 +90,7 @@ def store_speed(job: FoldJob) -> float:
     unfreeze = Unfreeze.parse("head")
     set_trainable(model, unfreeze)
     rows = np.arange(len(job.images.train))
-    store = TrunkStore(tempfile.mkdtemp(dir=job.out.parent), job.images.train, job.cfg.train, job.autocast)
+    store = TrunkStore(tempfile.mkdtemp(dir=job.out.parent), job.images.train, job.cfg.train, job.precision)
     cache = TrunkCache(model, store, rows=(rows, rows[:0]), device=job.device)
     k = frozen_prefix_length(model, unfreeze)
     cache._run(rows[: job.cfg.train.batch_size], k, 0)  # warm-up

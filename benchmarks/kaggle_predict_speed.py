@@ -1,4 +1,4 @@
-"""The exported Kaggle dataset (export format=kaggle) as a code competition runs it: a fresh virtual environment, the
+"""The exported Kaggle dataset (export --format kaggle) as a code competition runs it: a fresh virtual environment, the
 wheels installed offline by predict_submission.py, then the submission written. Prints the folder's size, the
 install and prediction wall times and images/s, against the same bundle predicting in this process.
 
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     cfg, exp_dir = run_config(argv[0], argv[1:])
     out = exp_dir / "kaggle"
     if not (out / "predict_submission.py").is_file():
-        print(f"{out}: export it first: python -m pipeline export {argv[0]} format=kaggle", file=sys.stderr)
+        print(f"{out}: export it first: python -m pipeline export {argv[0]} --format kaggle", file=sys.stderr)
         return 2
     sizes = {name: folder_size(out / name) / 2**20 for name in ("bundle", "wheels", "pipeline")}
     print(f"{out}: {folder_size(out) / 2**20:.1f} MiB (" + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()) + ")")

@@ -162,7 +162,7 @@ def main() -> None:
     model.eval()
     with torch.inference_mode():
         ai = timed(lambda: (model(xb), model(xb.flip(3))), n_batches, bs)
-    how = Inference(torch.device("cpu"), bs, amp=None, workers=auto_workers(-1), tta=("none", "hflip"))
+    how = Inference(torch.device("cpu"), bs, precision=None, workers=auto_workers(-1), tta=("none", "hflip"))
     predict_arrays(model, images, rows[:bs], how)  # warm-up, as for (a)
     t0 = time.perf_counter()
     predict_arrays(model, images, rows, how)

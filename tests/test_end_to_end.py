@@ -72,8 +72,8 @@ def test_end_to_end_run_resume_and_stages(demo_root, workdir):
     early = cli("blend", staged, cwd=workdir)
     assert early.returncode == 2 and "no predictions yet" in early.stderr
     for k in ("0", "1"):
-        assert cli("train", staged, "model=scratch_cnn", f"fold={k}", cwd=workdir).returncode == 0
-    assert cli("train", staged, "model=tf_efficientnet_lite0", cwd=workdir).returncode == 0
+        assert cli("train", staged, "--model", "scratch_cnn", "--fold", k, cwd=workdir).returncode == 0
+    assert cli("train", staged, "--model", "tf_efficientnet_lite0", cwd=workdir).returncode == 0
     assert cli("predict", staged, cwd=workdir).returncode == 0
     r4 = cli("blend", staged, cwd=workdir)
     assert r4.returncode == 0, r4.stderr

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,9 +28,9 @@ from pipeline.data.competition import load_competition
 from pipeline.data.faces import native_face
 from pipeline.data.imaging import square_resize
 from pipeline.exporting.export import export, holdout_from_bundle, run_config
-from pipeline.serving import photos
 from pipeline.exporting.torch_runtime import load_bundle
 from pipeline.serving import bundle as serving_bundle
+from pipeline.serving import photos
 
 ONE_EPOCH = [{"epochs": 1, "train": "all", "lr": 0.003}]
 MODELS = [
@@ -49,7 +50,8 @@ def run(demo_root, tmp_path_factory):
     assert r.returncode == 0, r.stdout + r.stderr
     cfg, exp_dir = run_config(str(cfg_path), [], runs=root / "runs")
     torch_dir, torch_archive = export(cfg, exp_dir, "torch")
-    onnx_dir, onnx_archive = export(cfg, exp_dir, "onnx", labels=["male", "female"])
+    named = replace(cfg, data=replace(cfg.data, gender_labels=["male", "female"]))  # data.gender_labels at export
+    onnx_dir, onnx_archive = export(named, exp_dir, "onnx")
     comp = load_competition(cfg)
     submission = pd.read_csv(next((root / "submissions").glob("exp-*.csv")), dtype={"id": str}).set_index("id")
     return SimpleNamespace(
@@ -306,15 +308,21 @@ def test_export_refuses_without_a_blend(run, tmp_path):
     with pytest.raises(PipelineError, match="format='zip' is not valid"):
         export(run.cfg, run.exp_dir, "zip")
     other = write_config(tmp_path / "other.yaml", experiment="never_run")
-    r = subprocess.run(
-        [sys.executable, "-m", "pipeline.exporting.export", str(other)],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-    )
+    r = cli("export", other, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert "no such experiment" in r.stderr
+
+
+def test_export_takes_the_gender_codes_names_from_a_config_override(run, tmp_path):
+    """data.gender_labels given to export names the codes in the bundle, over the run's saved config (none there)."""
+    shutil.copytree(run.exp_dir, tmp_path / "runs" / "exp", ignore=shutil.ignore_patterns("bundle*", "*.tar.gz"))
+    r = cli("export", run.root / "cfg.yaml", "--format", "onnx", "data.gender_labels=[female,male]", cwd=tmp_path)
+    assert r.returncode == 0 and "note:" not in r.stdout, r.stdout + r.stderr
+    info = json.loads((tmp_path / "runs" / "exp" / "bundle-onnx" / "bundle.json").read_text())
+    assert info["gender"]["labels"] == {"0": "female", "1": "male"} and info["gender"]["labels_known"] is True
+    assert info["gender"]["labels_from"] == "the config's data.gender_labels"
+    r = cli("export", run.root / "cfg.yaml", "data.gender_labels=[female]", cwd=tmp_path)  # the config's own check
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "data.gender_labels" in r.stderr, r.stderr
 
 
 UTKFACE_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface"
@@ -332,7 +340,7 @@ def test_utkface_holdout_from_the_bundle_equals_the_runs_own():
     if not (folder / "bundle.json").is_file():
         export(cfg, UTKFACE_RUN, "onnx")
     bundle = load_bundle(folder)
-    assert bundle.info["gender"]["labels"] == {"0": "male", "1": "female"}
+    assert bundle.info.gender.labels == {"0": "male", "1": "female"}
     got = holdout_from_bundle(bundle, cfg)
     own = json.loads((UTKFACE_RUN / "blend.json").read_text())["holdout"]
     assert got == pytest.approx(own, abs=1e-4)

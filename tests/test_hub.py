@@ -71,7 +71,7 @@ def test_a_trained_run_predicts_blends_and_exports_without_the_weights(trained, 
     for fold in (root / "runs/exp/resnet18.a1_in1k").glob("fold*"):
         for name in ("oof.csv", "test.csv", "predict_done.json"):
             (fold / name).unlink()
-    for args in (("predict", cfg), ("run", cfg), ("export", cfg, "format=torch")):  # run: the blend, no training
+    for args in (("predict", cfg), ("run", cfg), ("export", cfg, "--format", "torch")):  # run: the blend, no training
         r = cli(*args, cwd=root, env=gone)
         assert r.returncode == 0, r.stdout + r.stderr
     assert (root / "runs/exp/bundle/bundle.json").is_file()

@@ -128,7 +128,7 @@ def test_submit_sends_the_file_with_cv_digest_commit_and_logs_it(kaggle):
     blend = json.loads((root / "runs" / "exp" / "blend.json").read_text())
     newest = Path(blend["submission"])
     n_sent, n_rows = len(standin.submissions), len(ledger(root)) if (root / "submissions/ledger.csv").is_file() else 0
-    r = run("submit", cfg, "message=first try")
+    r = run("submit", cfg, "--message", "first try")
     assert r.returncode == 0, r.stdout + r.stderr
     assert run.netlog.read_text() and run.peers  # the audit hook and ss both saw this process's connections
     sent = standin.submissions[-1]
@@ -158,7 +158,7 @@ def test_submissions_reads_scores_back_and_plots_cv_against_public(kaggle):
         df = pd.read_csv(root / sub, dtype={"id": str})
         df["age"] += shift
         df.to_csv(other, index=False)
-        r = run("submit", cfg, f"file={other}", "--wait")
+        r = run("submit", cfg, "--file", other, "--wait")
         assert r.returncode == 0 and "public score" in r.stdout, r.stdout + r.stderr
     # a submission Kaggle got but the ledger missed (a submit cut off after the upload) is found by its message
     lost = dict(standin.submissions[-1], ref=59999, fileName="lost.csv", polls_left=0)
@@ -201,7 +201,7 @@ def test_a_failed_submit_says_why_in_one_line_and_changes_nothing(kaggle, case, 
     df["age"] += 3.25
     df.to_csv(other, index=False)
     files = {p: p.read_bytes() for p in (root / "submissions").iterdir()}
-    args, credentials, env = ["submit", cfg, f"file={other}"], "key", {}
+    args, credentials, env = ["submit", cfg, "--file", other], "key", {}
     if case == "no credentials":
         credentials = "none"
     elif case == "wrong key":
@@ -241,7 +241,7 @@ def test_refuses_a_file_that_fails_validation(kaggle):
     sub = blended_submission(root)
     pd.read_csv(root / sub, dtype={"id": str}).iloc[:-1].to_csv(bad, index=False)  # a row short
     n = len(standin.submissions)
-    r = run("submit", cfg, f"file={bad}")
+    r = run("submit", cfg, "--file", bad)
     assert r.returncode == 2 and "failed validation" in r.stderr and len(standin.submissions) == n
     shutil.os.remove(bad)
 

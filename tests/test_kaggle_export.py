@@ -1,4 +1,4 @@
-"""export format=kaggle: the folder is a Kaggle dataset (metadata, notebook, no torch, no pickle, YuNet's model), and
+"""export --format kaggle: the folder is a Kaggle dataset (metadata, notebook, no torch, no pickle, YuNet's model), and
 in a fresh virtual environment with nothing installed but its own wheels (pip --no-index), predict_submission.py
 writes the pipeline's own submission (ages within 0.01 years, every gender the same) in the competition's order and
 columns; on a Python other than its wheels' it stops with one line instead of installing them."""
@@ -35,7 +35,7 @@ def exported(demo_root, tmp_path_factory):
     cfg = write_config(root / "cfg.yaml", data={**data, "face_crop": "detect"})
     r = cli("run", cfg, cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = cli("export", cfg, "format=kaggle", f"python={PYTHON}", f"wheels={WHEELHOUSE}", cwd=root,
+    r = cli("export", cfg, "--format", "kaggle", "--python", PYTHON, "--wheels", WHEELHOUSE, cwd=root,
             env={"KAGGLE_USERNAME": "tester"})  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "exported the Kaggle dataset" in r.stdout and "note:" not in r.stdout
@@ -161,6 +161,6 @@ def test_predict_submission_refuses_to_install_wheels_of_another_python(other_py
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == (
         f"error: this dataset's wheels are for CPython {OTHER_PYTHON}, but this notebook runs Python {PYTHON}: "
-        f"export again with python={PYTHON} (agegender export CONFIG format=kaggle python={PYTHON})\n"
+        f"export again with --python {PYTHON} (agegender export CONFIG --format kaggle --python {PYTHON})\n"
     )
     assert not written.exists()

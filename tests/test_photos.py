@@ -254,17 +254,18 @@ def real_bundle(tmp_path_factory) -> Path:
     from conftest import write_config
 
     from pipeline.core.config import ModelConfig, load_config
+    from pipeline.core.layout import BlendFile
     from pipeline.exporting.export import FoldState, ModelFolds, bundle_info, write_bundle
     from pipeline.models.backbones import create_model
 
     root = tmp_path_factory.mktemp("bundle")
-    cfg = load_config(str(write_config(root / "cfg.yaml")))
+    cfg = load_config(str(write_config(root / "cfg.yaml", data={"gender_labels": ["male", "female"]})))
     torch.manual_seed(0)
     mcfg = ModelConfig(name="scratch_cnn", pretrained=False, img_size=32)
     folds = [FoldState(k, create_model(mcfg, load_weights=False).state_dict(), 30.0, 15.0) for k in range(2)]
     members = [ModelFolds(mcfg, folds)]
-    blend = {"age_weights": {"scratch_cnn": 1.0}, "gender_weights": {"scratch_cnn": 1.0}, "threshold": 0.5}
-    info = bundle_info(cfg, root, blend, members, "torch", labels=["male", "female"])
+    blend = BlendFile.of_weights({"scratch_cnn": 1.0}, {"scratch_cnn": 1.0}, threshold=0.5)
+    info = bundle_info(cfg, root, blend, members, "torch")
     return write_bundle(members, info, root / "bundle", "test-bundle")
 
 

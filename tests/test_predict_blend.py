@@ -30,7 +30,7 @@ def test_tta_averages_the_flipped_view():
     with torch.no_grad():
         a0, g0 = model(x)
         a1, g1 = model(x_mirrored)
-    cpu = dict(device=torch.device("cpu"), amp=None, workers=0)
+    cpu = dict(device=torch.device("cpu"), precision=None, workers=0)
     how = Inference(batch_size=2, tta=("none", "hflip"), **cpu)
     age, prob = predict_arrays(model, images, rows, how, AgeUnits(30.0, 10.0))
     assert np.allclose(age, ((a0 + a1) / 2).numpy() * 10 + 30, rtol=1e-4, atol=1e-3)
@@ -60,7 +60,7 @@ def test_zoom_and_shift_views_resample_like_opencv_and_the_bundle_runs_the_same_
     torch.manual_seed(0)
     model = create_model(ModelConfig(name="scratch_cnn"), load_weights=False).eval()
     views = ["none", "zoom", "shift_left", "zoom_hflip"]
-    how = Inference(batch_size=2, tta=tuple(views), device=torch.device("cpu"), amp=None, workers=0)
+    how = Inference(batch_size=2, tta=tuple(views), device=torch.device("cpu"), precision=None, workers=0)
     age, prob = predict_arrays(model, images, np.arange(3), how, AgeUnits(30.0, 10.0))
     with torch.no_grad():
         bundle_age, bundle_prob = TTAFold(model, views, 30.0, 10.0)(torch.from_numpy(images))

@@ -8,7 +8,16 @@ import json
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.layout import BLEND, PREDICT_DONE, TRAIN_DONE, BlendFile, PredictDone, TrainDone, TrialDone
+from pipeline.core.layout import (
+    BLEND,
+    PREDICT_DONE,
+    TRAIN_DONE,
+    BlendFile,
+    BundleInfo,
+    PredictDone,
+    TrainDone,
+    TrialDone,
+)
 
 TABLE = {"m": {"mae": 5.0, "accuracy": 0.9, "f1": 0.9, "score": 0.8, "threshold": 0.5}}
 BLEND_JSON = {
@@ -74,3 +83,55 @@ def test_done_markers_round_trip_and_refuse_another_version(tmp_path):
     (tmp_path / PREDICT_DONE).write_text('{"tta": ["none"]}')
     assert "oof_rows" in one_line_error(PredictDone.read, tmp_path)
     assert "cv_score" in one_line_error(TrialDone.read, tmp_path, "score")
+
+
+BUNDLE_JSON = {
+    "format": "age-gender-bundle",
+    "version": 1,
+    "runtime": "onnx",
+    "experiment": "exp",
+    "created": "2026-12-06T00:00:00Z",
+    "git_commit": "abc",
+    "versions": {"python": "3.12.1"},
+    "face_crop": "detect",
+    "fit": "stretch",
+    "zoom": 1.25,
+    "tta": ["none", "hflip"],
+    "max_age": 116.0,
+    "input": "RGB uint8 face crops",
+    "gender": {"threshold": 0.5, "labels": {"0": "male", "1": "female"}, "labels_from": "given", "labels_known": True},
+    "models": [
+        {
+            **{"name": "m", "arch": "scratch_cnn", "img_size": 32, "drop_rate": 0.1, "age_head": "dldl"},
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.25, 0.25, 0.25],
+            "age_weight": 1.0,
+            "gender_weight": 1.0,
+            "folds": [{"fold": 0, "age_mean": 33.0, "age_std": 20.0, "epoch": 2, "file": "models/m/fold0.onnx"}],
+        }
+    ],
+    "oof": {"metric": "score", "cv": 0.8},
+    "holdout": None,
+    "data": {"dataset": "demo"},
+}
+
+
+def test_bundle_json_reads_into_its_dataclass_and_back_and_refuses_other_versions(tmp_path):
+    info = BundleInfo.from_json(json.dumps(BUNDLE_JSON).encode(), tmp_path)
+    assert info.models[0].name == "m" and info.models[0].img_size == 32 and info.models[0].folds[0].epoch == 2
+    assert info.models[0].spec["age_head"] == "dldl" and info.gender.labels_known
+    assert info.to_json() == BUNDLE_JSON
+    older = {k: v for k, v in BUNDLE_JSON.items() if k not in ("zoom", "face_crop", "experiment")}
+    older["gender"] = {"threshold": 0.5, "labels": {"0": "0", "1": "1"}}
+    old = BundleInfo.from_json(json.dumps(older).encode(), tmp_path)
+    assert (old.zoom, old.face_crop, old.gender.labels_known) == (1.0, "none", None)
+    for change, message in (
+        ({"version": 2}, "bundle version 2; this pipeline reads version 1"),
+        ({"format": "other"}, "does not describe an age-gender bundle"),
+        ({"fit": "squash"}, "unknown fit 'squash'"),
+        ({"zoom": 9}, "no number from 1 to 4"),
+        ({"gender": {"labels": {}}}, "has no valid 'threshold'"),
+    ):
+        raw = json.dumps({**BUNDLE_JSON, **change}).encode()
+        assert message in one_line_error(BundleInfo.from_json, raw, tmp_path)
+    assert "not valid JSON" in one_line_error(BundleInfo.from_json, b"{", tmp_path)

@@ -12,7 +12,7 @@ from conftest import cli, write_config
 from test_ray import SocketWatch
 
 from pipeline.core.config import ConfigError, load_config
-from pipeline.core.errors import PipelineError
+from pipeline.orchestration.cli import UsageError, parse
 from pipeline.orchestration.tune import quiet_sigterm_exit, tune_overrides
 
 SPACE = [
@@ -25,7 +25,7 @@ SPACE = [
 def test_tune_writes_a_best_yaml_that_runs(demo_root, workdir):
     cfg = write_config(workdir / "c.yaml", data={"root": demo_root}, tune={"space": SPACE})
     with SocketWatch() as watch:
-        r = cli("tune", cfg, "trials=2", "folds=0", cwd=workdir)
+        r = cli("tune", cfg, "--trials", "2", "--folds", "0", cwd=workdir)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not watch.bad and watch.seen > 0, watch.bad  # Ray started by the CLI stayed on loopback
     assert "cv_score" in r.stdout and "best config: runs/exp/tune/best.yaml" in r.stdout, r.stdout
@@ -94,10 +94,9 @@ def test_tune_refuses_a_space_key_that_is_not_in_the_config(demo_root, workdir):
 
 
 def test_tune_command_line_shorthands():
-    assert tune_overrides(["trials=3", "folds=0,2", "train.ema=0.9"]) == [
-        "tune.trials=3",
-        "tune.folds=[0,2]",
-        "train.ema=0.9",
-    ]
-    with pytest.raises(PipelineError, match="fold= does not apply"):
-        tune_overrides(["fold=1"])
+    assert tune_overrides(3, [0, 2]) == ["tune.trials=3", "tune.folds=[0,2]"]
+    assert tune_overrides() == [] and tune_overrides(folds=[1]) == ["tune.folds=[1]"]
+    assert parse(["tune", "c.yaml", "--trials", "3", "--folds", "0,2", "train.ema=0.9"]).overrides == ["train.ema=0.9"]
+    for item, instead in (("fold=1", "use --folds 1"), ("model=m", "use tune.model=m")):  # a trial trains tune.model
+        with pytest.raises(UsageError, match=f"^{item} is not a config key: {instead}$"):
+            parse(["tune", "c.yaml", item])

@@ -439,7 +439,7 @@ class Config:
         for m in self.models:
             if m.name == name:
                 return m
-        raise ConfigError(f"model={name!r} is not in this config; models: {[m.name for m in self.models]}")
+        raise ConfigError(f"--model {name!r} is not in this config; models: {[m.name for m in self.models]}")
 
     def phases(self, m: ModelConfig) -> list[Phase]:
         """A model's own phases, else train.phases."""

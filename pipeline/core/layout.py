@@ -12,7 +12,7 @@ and submissions/ (relative to the working folder, as the CLI is run) and of the 
     runs/<experiment>/tune/                   trials.csv, best.yaml, Ray Tune's state
     submissions/<experiment>-<stamp>.csv      never overwritten
     submissions/ledger.csv                    every Kaggle submission: CV, digest, commit, ref, scores (append-only)
-    runs/<experiment>/kaggle/                 export format=kaggle: a Kaggle dataset that predicts offline
+    runs/<experiment>/kaggle/                 export --format kaggle: a Kaggle dataset that predicts offline
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError
+from .choices import FITS
+from .errors import BundleError, PipelineError
 from .files import write_text
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout this package runs from (git commit, Ray workers' path)
@@ -38,6 +39,7 @@ CONFIG_YAML = "config.yaml"  # the same config, readable and runnable
 DATA_REPORT = "data_report.json"
 OOF_BLEND = "oof_blend.csv"
 BLEND = "blend.json"  # BlendFile
+BUNDLE_FILE = "bundle.json"  # BundleInfo: in runs/<experiment>/bundle[-onnx]/ and its archive
 REPORT = "report.html"
 LOCK = ".lock"  # held by the stages that write outside one fold (folds, blend, run)
 
@@ -302,3 +304,175 @@ class BlendFile:
     def blend_scores(self) -> dict[str, float]:
         """The blend's OOF metrics: cross-fitted, or in-sample for a blend.json of earlier versions."""
         return self.cross_fitted or self.table["blend"]
+
+
+BUNDLE_FORMAT, BUNDLE_VERSION = "age-gender-bundle", 1
+RUNTIMES = ("torch", "onnx")
+
+
+@dataclass
+class BundleFold:
+    fold: int
+    age_mean: float  # the age scale the fold's outputs are on
+    age_std: float
+    epoch: int | None = None  # the kept epoch
+    file: str = ""  # its weights in the bundle (bundle_weights), set when they are written
+
+
+@dataclass
+class BundleModel:
+    """One backbone of the blend: what builds its network (spec), its input normalisation, blend weights, folds."""
+
+    spec: dict[str, Any]  # ModelConfig.inference_spec: name, arch, img_size, drop_rate, age_head
+    mean: list[float]  # per channel, on 0..1 pixels
+    std: list[float]
+    age_weight: float
+    gender_weight: float
+    folds: list[BundleFold]
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def img_size(self) -> int:
+        return int(self.spec["img_size"])
+
+
+@dataclass
+class GenderCoding:
+    threshold: float  # gender_prob (of code 1) at or above it: code 1
+    labels: dict[str, str]  # "0" / "1" -> what the code means
+    labels_from: str = ""
+    labels_known: bool | None = None  # None in bundles of earlier versions: guessed from the labels
+
+
+@dataclass
+class BundleInfo:
+    """bundle.json: everything but the weights an exported ensemble needs to predict, and its model card's facts."""
+
+    runtime: str  # torch (safetensors) or onnx
+    experiment: str
+    fit: str  # data.fit
+    zoom: float  # data.zoom (1.0 in bundles made before it)
+    tta: list[str]
+    max_age: float
+    face_crop: str  # none | detect: whether photos are cropped to their faces first
+    gender: GenderCoding
+    models: list[BundleModel]
+    created: str = ""
+    git_commit: str = ""
+    versions: dict[str, str] | None = None
+    input: str = ""
+    oof: dict[str, Any] | None = None  # blend.json's headline figures
+    holdout: dict[str, float] | None = None
+    data: dict[str, Any] | None = None  # the data report, without file names
+
+    def to_json(self) -> dict[str, Any]:
+        models = [
+            {
+                **m.spec,
+                "mean": m.mean,
+                "std": m.std,
+                "age_weight": m.age_weight,
+                "gender_weight": m.gender_weight,
+                "folds": [vars(f) if f.file else {k: v for k, v in vars(f).items() if k != "file"} for f in m.folds],
+            }
+            for m in self.models
+        ]
+        g = self.gender
+        return {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "runtime": self.runtime,
+            "experiment": self.experiment,
+            "created": self.created,
+            "git_commit": self.git_commit,
+            "versions": self.versions,
+            "face_crop": self.face_crop,
+            "fit": self.fit,
+            "zoom": self.zoom,
+            "tta": self.tta,
+            "max_age": self.max_age,
+            "input": self.input,
+            "gender": {"threshold": g.threshold, "labels": g.labels, "labels_from": g.labels_from, **(
+                {"labels_known": g.labels_known} if g.labels_known is not None else {}
+            )},
+            "models": models,
+            "oof": self.oof,
+            "holdout": self.holdout,
+            "data": self.data,
+        }  # fmt: skip
+
+    def write(self, folder: Path) -> None:
+        (folder / BUNDLE_FILE).write_text(json.dumps(self.to_json(), indent=1))
+
+    @staticmethod
+    def from_json(raw: bytes, where: Path) -> BundleInfo:
+        """bundle.json's bytes -> BundleInfo; a foreign, damaged or other-version file is refused in one line."""
+        try:
+            info = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BundleError(f"{where}: {BUNDLE_FILE} is not valid JSON (damaged bundle)") from None
+        if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"{where}: {BUNDLE_FILE} does not describe an age-gender bundle")
+        if info.get("version") != BUNDLE_VERSION:
+            raise BundleError(
+                f"{where}: bundle version {info.get('version')!r}; this pipeline reads version {BUNDLE_VERSION}"
+            )
+        missing = [k for k in ("runtime", "models", "gender", "fit", "tta", "max_age") if k not in info]
+        if missing:
+            raise BundleError(f"{where}: {BUNDLE_FILE} lacks {', '.join(missing)} (damaged or foreign bundle)")
+        try:
+            bundle = _bundle_info(info)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BundleError(f"{where}: {BUNDLE_FILE} has no valid {e} (damaged or foreign bundle)") from None
+        if bundle.runtime not in RUNTIMES:
+            raise BundleError(f"{where}: unknown runtime {bundle.runtime!r}")
+        if bundle.fit not in FITS:
+            raise BundleError(f"{where}: unknown fit {bundle.fit!r}; this pipeline knows {', '.join(FITS)}")
+        if not 1 <= bundle.zoom <= 4:
+            raise BundleError(f"{where}: zoom {bundle.zoom!r} is no number from 1 to 4 (damaged bundle)")
+        return bundle
+
+
+MODEL_KEYS = ("mean", "std", "age_weight", "gender_weight", "folds")
+
+
+def _bundle_info(info: dict[str, Any]) -> BundleInfo:
+    g = info["gender"]
+    zoom = info.get("zoom", 1.0)
+    if isinstance(zoom, bool) or not isinstance(zoom, (int, float)):
+        raise ValueError("zoom")
+    models = [
+        BundleModel(
+            spec={k: v for k, v in m.items() if k not in MODEL_KEYS},
+            mean=list(m.get("mean") or []),
+            std=list(m.get("std") or []),
+            age_weight=float(m.get("age_weight") or 0.0),
+            gender_weight=float(m.get("gender_weight") or 0.0),
+            folds=[
+                BundleFold(int(f["fold"]), float(f["age_mean"]), float(f["age_std"]), f.get("epoch"), str(f["file"]))
+                for f in m["folds"]
+            ],
+        )
+        for m in info["models"]
+    ]
+    return BundleInfo(
+        runtime=info["runtime"],
+        experiment=info.get("experiment", ""),
+        fit=info["fit"],
+        zoom=float(zoom),
+        tta=list(info["tta"]),
+        max_age=float(info["max_age"]),
+        face_crop=info.get("face_crop", "none"),
+        gender=GenderCoding(float(g["threshold"]), dict(g["labels"]), g.get("labels_from", ""), g.get("labels_known")),
+        models=models,
+        created=info.get("created", ""),
+        git_commit=info.get("git_commit", ""),
+        versions=info.get("versions"),
+        input=info.get("input", ""),
+        oof=info.get("oof"),
+        holdout=info.get("holdout"),
+        data=info.get("data"),
+    )

@@ -24,6 +24,11 @@ from ..core.layout import (
     BLEND,
     CONFIG_YAML,
     DATA_REPORT,
+    BlendFile,
+    BundleFold,
+    BundleInfo,
+    BundleModel,
+    GenderCoding,
     bundle_name,
     bundle_weights,
     experiment_dir,
@@ -35,7 +40,7 @@ from ..data.cache import find_faces
 from ..data.competition import detect_layout, load_competition
 from ..models.backbones import create_model
 from ..models.tta import TTAFold
-from ..serving.bundle import BUNDLE_FILE, FORMAT, NAME_THEM, UNNAMED, VERSION, Bundle
+from ..serving.bundle import NAME_THEM, UNNAMED, Bundle
 from ..serving.kaggle_predict import predict_paths
 from .kaggle_export import KAGGLE_PYTHON, export_kaggle, folder_size
 from .torch_runtime import load_bundle
@@ -43,10 +48,6 @@ from .torch_runtime import load_bundle
 FORMATS = ("torch", "onnx")
 LOADERS = {"torch": "pipeline.exporting.torch_runtime", "onnx": "pipeline.serving.bundle"}  # for the model card
 UTKFACE_LABELS = {"0": "male", "1": "female"}  # UTKFace file names: age_gender_race, gender 0 = male
-USAGE = (
-    "usage: python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [gender_labels=NAME0,NAME1]"
-    f" [python={KAGGLE_PYTHON}] [wheels=DIR]"
-)
 
 
 @dataclass
@@ -82,26 +83,23 @@ def run_config(config_path: str, overrides: list[str], runs: Path | None = None)
     return load_config(saved), exp_dir
 
 
-def read_blend(exp_dir: Path) -> dict:
+def read_blend(exp_dir: Path) -> BlendFile:
     path = exp_dir / BLEND
     if not path.is_file():
         raise PipelineError(f"{path} not found: export needs a blended run; run the blend stage first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise PipelineError(f"{path}: not valid JSON; run the blend stage again") from None
+    return BlendFile.read(exp_dir)
 
 
-def collect_members(cfg: Config, exp_dir: Path, blend: dict) -> list[ModelFolds]:
+def collect_members(cfg: Config, exp_dir: Path, blend: BlendFile) -> list[ModelFolds]:
     """Every fold's best checkpoint of every model in the blend."""
     members = []
-    for name in blend["age_weights"]:
+    for name in blend.age_weights:
         m = cfg.model(name)
         folds = []
         for k in range(cfg.folds.n_splits):
             path = fold_dir(exp_dir, name, k) / BEST
             if not path.is_file():
-                raise PipelineError(f"{path}: missing; train model={name} fold={k} before exporting")
+                raise PipelineError(f"{path}: missing; train --model {name} --fold {k} before exporting")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own checkpoint, tensors only
             state = {key: v.contiguous() for key, v in ckpt["model"].items()}
             folds.append(FoldState(k, state, float(ckpt["age_mean"]), float(ckpt["age_std"]), ckpt.get("epoch")))
@@ -109,10 +107,8 @@ def collect_members(cfg: Config, exp_dir: Path, blend: dict) -> list[ModelFolds]
     return members
 
 
-def gender_labels(cfg: Config, given: list[str] | None) -> tuple[dict[str, str], str, bool]:
+def gender_labels(cfg: Config) -> tuple[dict[str, str], str, bool]:
     """What the submission's gender 0/1 mean, where that comes from, and whether it is known at all."""
-    if given:
-        return {"0": given[0], "1": given[1]}, "given at export (gender_labels=)", True
     if cfg.data.gender_labels:
         return dict(zip("01", cfg.data.gender_labels)), "the config's data.gender_labels", True
     try:
@@ -138,72 +134,65 @@ def versions(fmt: str) -> dict[str, str]:
     return out
 
 
-def bundle_info(
-    cfg: Config, exp_dir: Path, blend: dict, members: list[ModelFolds], fmt: str, labels: list[str] | None = None
-) -> dict:
+def bundle_info(cfg: Config, exp_dir: Path, blend: BlendFile, members: list[ModelFolds], fmt: str) -> BundleInfo:
     """bundle.json without the weight files (write_bundle adds them)."""
-    coding, source, known = gender_labels(cfg, labels)
+    coding, source, known = gender_labels(cfg)
     report = exp_dir / DATA_REPORT
     data = json.loads(report.read_text()) if report.is_file() else {}
     data.pop("skipped_files", None)  # names of the training files stay with the run
-    models = []
-    for m in members:
-        state = m.folds[0].state
-        models.append(
-            {
-                **m.cfg.inference_spec(m.cfg.img_size),
-                "mean": (state["mean"].flatten() / 255).tolist(),  # AgeGenderNet normalises 0..255 pixels
-                "std": (state["std"].flatten() / 255).tolist(),
-                "age_weight": blend["age_weights"][m.cfg.name],
-                "gender_weight": blend["gender_weights"][m.cfg.name],
-                "folds": [
-                    {"fold": f.fold, "age_mean": f.age_mean, "age_std": f.age_std, "epoch": f.epoch} for f in m.folds
-                ],
-            }
+    models = [
+        BundleModel(
+            spec=m.cfg.inference_spec(m.cfg.img_size),
+            mean=(m.folds[0].state["mean"].flatten() / 255).tolist(),  # AgeGenderNet normalises 0..255 pixels
+            std=(m.folds[0].state["std"].flatten() / 255).tolist(),
+            age_weight=blend.age_weights[m.cfg.name],
+            gender_weight=blend.gender_weights[m.cfg.name],
+            folds=[BundleFold(f.fold, f.age_mean, f.age_std, f.epoch) for f in m.folds],
         )
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "runtime": fmt,
-        "experiment": cfg.experiment,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": git_commit(),
-        "versions": versions(fmt),
-        "face_crop": getattr(cfg.data, "face_crop", "none"),
-        "fit": cfg.data.fit,
-        "zoom": cfg.data.zoom,
-        "tta": list(cfg.tta),
-        "max_age": cfg.data.max_age,
-        "input": "RGB uint8 face crops of any size; each model fits them square (fit), keeps the centred 1/zoom and "
+        for m in members
+    ]
+    headline = blend.to_json()
+    return BundleInfo(
+        runtime=fmt,
+        experiment=cfg.experiment,
+        fit=cfg.data.fit,
+        zoom=cfg.data.zoom,
+        tta=list(cfg.tta),
+        max_age=cfg.data.max_age,
+        face_crop=cfg.data.face_crop,
+        gender=GenderCoding(blend.threshold, coding, source, known),
+        models=models,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        git_commit=git_commit(),
+        versions=versions(fmt),
+        input="RGB uint8 face crops of any size; each model fits them square (fit), keeps the centred 1/zoom and "
         "resizes to its img_size",
-        "gender": {"threshold": blend["threshold"], "labels": coding, "labels_from": source, "labels_known": known},
-        "models": models,
-        "oof": {k: blend.get(k) for k in ("metric", "cv", "cv_in_sample", "oof_rows", "table", "table_at_0.5")},
-        "holdout": blend.get("holdout"),
-        "data": data,
-    }
+        oof={k: headline[k] for k in ("metric", "cv", "cv_in_sample", "oof_rows", "table", "table_at_0.5")},
+        holdout=blend.holdout,
+        data=data,
+    )
 
 
-def write_torch_files(members: list[ModelFolds], out: Path, info: dict) -> None:
+def write_torch_files(members: list[ModelFolds], out: Path, info: BundleInfo) -> None:
     from safetensors.torch import save_file
 
-    for m, entry in zip(members, info["models"]):
-        for f, fe in zip(m.folds, entry["folds"]):
-            fe["file"] = bundle_weights(m.cfg.name, f.fold, "torch")
-            (out / fe["file"]).parent.mkdir(parents=True, exist_ok=True)
+    for m, entry in zip(members, info.models):
+        for f, fe in zip(m.folds, entry.folds):
+            fe.file = bundle_weights(m.cfg.name, f.fold, "torch")
+            (out / fe.file).parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.contiguous() for k, v in f.state.items()}  # safetensors stores dense tensors only
-            save_file(state, str(out / fe["file"]), metadata={"fold": str(f.fold), "model": m.cfg.name})
+            save_file(state, str(out / fe.file), metadata={"fold": str(f.fold), "model": m.cfg.name})
 
 
-def write_onnx_files(members: list[ModelFolds], out: Path, info: dict) -> None:
+def write_onnx_files(members: list[ModelFolds], out: Path, info: BundleInfo) -> None:
     """One ONNX graph per fold. The graph is traced once per model (tracing is slow) and each fold's weights
     replace its named initializers; every fold is then checked against torch on random pixels."""
     import onnxscript
 
-    for m, entry in zip(members, info["models"]):
+    for m, entry in zip(members, info.models):
         size = m.cfg.img_size
         example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
-        first = m.fold_module(m.folds[0], info["tta"])
+        first = m.fold_module(m.folds[0], info.tta)
         with redirect_stdout(StringIO()):  # the exporter prints its progress
             program = torch.onnx.export(
                 first,
@@ -215,14 +204,14 @@ def write_onnx_files(members: list[ModelFolds], out: Path, info: dict) -> None:
                 optimize=False,
                 verbose=False,
             )
-        for f, fe in zip(m.folds, entry["folds"]):
-            fold = m.fold_module(f, info["tta"])
+        for f, fe in zip(m.folds, entry.folds):
+            fold = m.fold_module(f, info.tta)
             program.apply_weights({k: v for k, v in fold.state_dict().items() if k in program.model.graph.initializers})
             proto = onnxscript.optimizer.optimize(program.model_proto)
-            fe["file"] = bundle_weights(m.cfg.name, f.fold, "onnx")
-            (out / fe["file"]).parent.mkdir(parents=True, exist_ok=True)
-            (out / fe["file"]).write_bytes(proto.SerializeToString())
-            check_onnx_fold(fold, out / fe["file"], size, f"{m.cfg.name} fold {f.fold}")
+            fe.file = bundle_weights(m.cfg.name, f.fold, "onnx")
+            (out / fe.file).parent.mkdir(parents=True, exist_ok=True)
+            (out / fe.file).write_bytes(proto.SerializeToString())
+            check_onnx_fold(fold, out / fe.file, size, f"{m.cfg.name} fold {f.fold}")
 
 
 def check_onnx_fold(fold: TTAFold, path: Path, size: int, what: str) -> None:
@@ -238,33 +227,33 @@ def check_onnx_fold(fold: TTAFold, path: Path, size: int, what: str) -> None:
         raise PipelineError(f"ONNX export of {what} disagrees with torch (age {err_age:.2g}, prob {err_prob:.2g})")
 
 
-def model_card(info: dict) -> str:
+def model_card(info: BundleInfo) -> str:
     """README.md of the bundle: what it is, how well it did, what it was trained on, where it breaks."""
-    oof, data = info["oof"], info["data"]
+    oof, data, g = info.oof or {}, info.data or {}, info.gender
     metrics = list(next(iter(oof["table"].values())).keys()) if oof.get("table") else []
     lines = [
-        f"# Age and gender model: {info['experiment']} ({info['runtime']} bundle)",
+        f"# Age and gender model: {info.experiment} ({info.runtime} bundle)",
         "",
-        f"Created {info['created']} from pipeline commit `{info['git_commit']}`.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
+        f"Created {info.created} from pipeline commit `{info.git_commit}`.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in (info.versions or {}).items()) + ".",
         "",
         "## What it does",
         "",
         "Predicts age in years and gender from a face crop (RGB). An ensemble of "
-        + ", ".join(f"{m['name']} ({m['arch']}, {m['img_size']} px, {len(m['folds'])} folds)" for m in info["models"])
-        + f"; test-time augmentation {info['tta']}; images made square by `{info['fit']}` and resized per model; "
-        f"face crop setting `{info['face_crop']}`. Ages are clipped to [0, {info['max_age']:g}].",
+        + ", ".join(f"{m.name} ({m.spec['arch']}, {m.img_size} px, {len(m.folds)} folds)" for m in info.models)
+        + f"; test-time augmentation {info.tta}; images made square by `{info.fit}` and resized per model; "
+        f"face crop setting `{info.face_crop}`. Ages are clipped to [0, {info.max_age:g}].",
         "",
-        f"Gender: probability of code 1, decided at threshold {info['gender']['threshold']:.2f}; codes "
-        + ", ".join(f"{k} = {v}" for k, v in info["gender"]["labels"].items())
-        + f" ({info['gender']['labels_from']}).",
+        f"Gender: probability of code 1, decided at threshold {g.threshold:.2f}; codes "
+        + ", ".join(f"{k} = {v}" for k, v in g.labels.items())
+        + f" ({g.labels_from}).",
         "",
         "Blend weights (chosen on out-of-fold predictions): "
-        + "; ".join(f"{m['name']}: age {m['age_weight']:.3f}, gender {m['gender_weight']:.3f}" for m in info["models"]),
+        + "; ".join(f"{m.name}: age {m.age_weight:.3f}, gender {m.gender_weight:.3f}" for m in info.models),
         "",
         "## How well (out of fold)",
         "",
-        f"{oof.get('oof_rows')} training images, {len(info['models'][0]['folds'])}-fold cross-validation; "
+        f"{oof.get('oof_rows')} training images, {len(info.models[0].folds)}-fold cross-validation; "
         f"CV {oof.get('metric')} {_figure(oof.get('cv'))} (cross-fitted: each fold blended with weights and a "
         f"threshold fitted on the other folds; the blend fitted on all rows scores {_figure(oof.get('cv_in_sample'))} "
         "on them). Each row at its own OOF-tuned threshold (in-sample):",
@@ -274,8 +263,8 @@ def model_card(info: dict) -> str:
     ]
     for name, row in (oof.get("table") or {}).items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in metrics) + " |")
-    if info.get("holdout"):
-        lines += ["", "Held-out test split: " + ", ".join(f"{k} {v:.4f}" for k, v in info["holdout"].items())]
+    if info.holdout:
+        lines += ["", "Held-out test split: " + ", ".join(f"{k} {v:.4f}" for k, v in info.holdout.items())]
     lines += [
         "",
         "## Training data",
@@ -297,7 +286,7 @@ def model_card(info: dict) -> str:
         "## Use",
         "",
         "```python",
-        f"from {LOADERS[info['runtime']]} import load_bundle",
+        f"from {LOADERS[info.runtime]} import load_bundle",
         "bundle = load_bundle('this folder or its archive')",
         "bundle.predict([rgb_face_uint8, ...])  # DataFrame: age, gender_prob, gender, gender_label",
         "```",
@@ -311,12 +300,12 @@ def _figure(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
 
-def write_bundle(members: list[ModelFolds], info: dict, out: Path, archive_root: str) -> Path:
+def write_bundle(members: list[ModelFolds], info: BundleInfo, out: Path, archive_root: str) -> Path:
     """Write the bundle folder `out` (replacing an older one only once the new one is complete) and its
     .tar.gz beside it. Returns the archive's path."""
     with atomic_folder(out) as tmp:
-        (write_onnx_files if info["runtime"] == "onnx" else write_torch_files)(members, tmp, info)
-        (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=1))
+        (write_onnx_files if info.runtime == "onnx" else write_torch_files)(members, tmp, info)
+        info.write(tmp)
         (tmp / "README.md").write_text(model_card(info))
     archive = out.parent / f"{archive_root}.tar.gz"
     with atomic_path(archive) as part, tarfile.open(part, "w:gz", compresslevel=6) as tar:
@@ -324,13 +313,13 @@ def write_bundle(members: list[ModelFolds], info: dict, out: Path, archive_root:
     return archive
 
 
-def export(cfg: Config, exp_dir: Path, fmt: str = "torch", labels: list[str] | None = None) -> tuple[Path, Path]:
+def export(cfg: Config, exp_dir: Path, fmt: str = "torch") -> tuple[Path, Path]:
     """Bundle a blended run: runs/<exp>/bundle (or bundle-onnx) and its archive. Returns (folder, archive)."""
     if fmt not in FORMATS:
         raise PipelineError(f"format={fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
     blend = read_blend(exp_dir)
     members = collect_members(cfg, exp_dir, blend)
-    info = bundle_info(cfg, exp_dir, blend, members, fmt, labels)
+    info = bundle_info(cfg, exp_dir, blend, members, fmt)
     name = bundle_name(fmt)
     archive = write_bundle(members, info, exp_dir / name, f"{cfg.experiment}-{name}")
     load_bundle(exp_dir / name)  # the bundle must load before we call it done
@@ -351,53 +340,26 @@ def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[s
     )
 
 
-def export_cli(config_path: str, args: list[str]) -> int:
-    """`python -m pipeline export CONFIG [experiment=NAME] [format=torch|onnx|kaggle] [gender_labels=A,B]
-    [python=3.12] [wheels=DIR] [key=value]`; python (the wheels' Python, default Kaggle's) and wheels (a local
-    wheelhouse instead of the package index) are for format=kaggle."""
-    fmt, labels, python, wheels, overrides = "torch", None, KAGGLE_PYTHON, "", []
-    for item in args:
-        key, _, value = item.partition("=")
-        if key == "format":
-            fmt = value
-        elif key == "python":
-            python = value
-        elif key == "wheels":
-            wheels = value
-        elif key == "gender_labels":
-            labels = [v.strip() for v in value.split(",")]
-            if len(labels) != 2 or not all(labels):
-                raise PipelineError(f"gender_labels={value!r}: give the names of codes 0 and 1, e.g. male,female")
-        else:
-            overrides.append(item)
-    if fmt not in (*FORMATS, "kaggle"):
-        raise PipelineError(f"format={fmt!r} is not valid; choose one of: {', '.join(FORMATS)}, kaggle")
+def export_cli(
+    config_path: str, overrides: list[str], fmt: str = "torch", python: str | None = None, wheels: str = ""
+) -> int:
+    """`agegender export CONFIG [--format torch|onnx|kaggle] [--python 3.12] [--wheels DIR] [key=value ...]`
+    (orchestration/cli.py parses it): python (the wheels' Python, default Kaggle's) and wheels (a local wheelhouse
+    instead of the package index) are for kaggle. A data.gender_labels override names the gender codes."""
     cfg, exp_dir = run_config(config_path, overrides)
+    named = [item for item in overrides if item.partition("=")[0] == "data.gender_labels"]
+    if named:  # the run's own config, with the codes' names given now (checked by the config)
+        cfg = load_config(exp_dir / CONFIG_YAML, named)
     t0 = time.perf_counter()
-    folder, archive = export(cfg, exp_dir, "onnx" if fmt == "kaggle" else fmt, labels)
+    folder, archive = export(cfg, exp_dir, "onnx" if fmt == "kaggle" else fmt)
     if fmt == "kaggle":
-        out = export_kaggle(cfg, exp_dir, folder, python, wheels)
+        out = export_kaggle(cfg, exp_dir, folder, python or KAGGLE_PYTHON, wheels)
         size = folder_size(out) / 2**20
         print(
             f"exported the Kaggle dataset in {time.perf_counter() - t0:.0f}s: {out} ({size:.0f} MiB); see its README.md"
         )
     else:
         print(f"exported {fmt} bundle in {time.perf_counter() - t0:.0f}s: {folder} and {archive}")
-    if not gender_labels(cfg, labels)[2]:
+    if not gender_labels(cfg)[2]:
         print(f"note: {NAME_THEM}")
     return 0
-
-
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    try:
-        return export_cli(argv[0], argv[1:])
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""export format=kaggle: runs/<experiment>/kaggle/, a folder to upload as a Kaggle dataset that writes the
+"""export --format kaggle: runs/<experiment>/kaggle/, a folder to upload as a Kaggle dataset that writes the
 competition's submission in a notebook with the internet off. It holds the ONNX bundle, the torch-free part of
 this package that runs it (SOURCES, and DATA_FILES: the face detector), the wheels of what that needs for Linux x86-64
 and the Python named (fetched by pip at export time), predict_submission.py (and a notebook that runs it),
@@ -32,6 +32,7 @@ SOURCES = (  # what pipeline.serving.kaggle_predict imports, and nothing that ne
     "core/cores.py",
     "core/errors.py",
     "core/files.py",
+    "core/layout.py",
     "data/__init__.py",
     "data/faces.py",
     "data/imaging.py",
@@ -49,7 +50,7 @@ def fetch_wheels(dest: Path, python: str, find_links: str = "") -> list[str]:
     """pip download of kaggle-requirements.txt for Linux x86-64 and `python` into `dest`: from the package index,
     or only from the folder `find_links` (a wheelhouse fetched earlier; no network)."""
     if not re.fullmatch(r"3\.\d{1,2}", python):
-        raise PipelineError(f"python={python!r}: give the Python version of the notebook image, e.g. {KAGGLE_PYTHON}")
+        raise PipelineError(f"--python {python!r}: give the Python version of the notebook image, e.g. {KAGGLE_PYTHON}")
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", python]
     cmd += ["--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS), "-d", str(dest), "-r", str(REQUIREMENTS)]
     if find_links:
@@ -65,8 +66,8 @@ def fetch_wheels(dest: Path, python: str, find_links: str = "") -> list[str]:
 def wheels_line(python: str) -> str:
     """The one line export prints: which Python and platform the dataset's wheels are for."""
     if python == KAGGLE_PYTHON:
-        return f"wheels for CPython {python}, Linux x86-64 (Kaggle's notebook image; python=3.X for another)"
-    return f"wheels for CPython {python}, Linux x86-64 (python={python}; Kaggle's notebook image runs {KAGGLE_PYTHON})"
+        return f"wheels for CPython {python}, Linux x86-64 (Kaggle's notebook image; --python 3.X for another)"
+    return f"wheels for CPython {python}, Linux x86-64 (--python {python}; Kaggle's image runs {KAGGLE_PYTHON})"
 
 
 def kaggle_username() -> str:
@@ -116,7 +117,7 @@ and the internet off, run `predict_submission.ipynb`, or:
 
 COMPETITION_DIR defaults to `/kaggle/input/{cfg.data.competition or "<competition>"}`. Missing packages are installed
 from `wheels/` with `pip --no-index`; on a Python other than {python} that is refused (export again with
-`python=3.X`), while a notebook that already holds them all runs on any Python from 3.10 to 3.13.
+`--python 3.X`), while a notebook that already holds them all runs on any Python from 3.10 to 3.13.
 """
 
 
@@ -163,7 +164,7 @@ def folder_size(path: Path) -> int:
 
 def main(argv: list[str]) -> int:
     """python -m pipeline.exporting.kaggle_export wheels DIR [PYTHON]: fetch the wheels once into DIR (run.sh does, so
-    that the tests export offline with wheels=DIR)."""
+    that the tests export offline with --wheels DIR)."""
     if len(argv) not in (2, 3) or argv[0] != "wheels":
         print("usage: python -m pipeline.exporting.kaggle_export wheels DIR [PYTHON]", file=sys.stderr)
         return 2

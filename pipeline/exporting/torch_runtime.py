@@ -12,28 +12,31 @@ from safetensors.torch import load as load_safetensors
 
 from ..core.config import ModelConfig
 from ..core.errors import BundleError
+from ..core.layout import BundleInfo, BundleModel
 from ..models.backbones import create_model
 from ..models.gpu import check_gpu
 from ..models.tta import TTAFold
 from ..serving import bundle
 
 
-def torch_runners(model: dict, info: dict, files: dict[str, bytes], path: Path, device: str) -> list[bundle.FoldRunner]:
+def torch_runners(
+    model: BundleModel, info: BundleInfo, files: dict[str, bytes], path: Path, device: str
+) -> list[bundle.FoldRunner]:
     """One bundle.FoldRunner per fold of a bundle.json model entry, on `device` (auto: CUDA when there is one)."""
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
     check_gpu(dev, cpu_instead="--device cpu")  # a GPU this torch has no kernels for: one line
-    mcfg = ModelConfig.from_inference_spec(model)
+    mcfg = ModelConfig.from_inference_spec(model.spec)
     runners = []
-    for f in model["folds"]:
+    for f in model.folds:
         try:
-            state = load_safetensors(files[f["file"]])
+            state = load_safetensors(files[f.file])
             net = create_model(mcfg, load_weights=False)
             net.load_state_dict(state)
         except (SafetensorError, RuntimeError, ValueError) as e:
-            raise BundleError(f"{path}: {f['file']} does not hold {model['name']}'s weights ({str(e)[:200]})") from None
-        fold = TTAFold(net, info["tta"], f["age_mean"], f["age_std"]).eval().to(dev)
+            raise BundleError(f"{path}: {f.file} does not hold {model.name}'s weights ({str(e)[:200]})") from None
+        fold = TTAFold(net, info.tta, f.age_mean, f.age_std).eval().to(dev)
         fold = fold.to(memory_format=torch.channels_last)
 
         @torch.inference_mode()

@@ -78,13 +78,13 @@ def load_model_predictions(exp_dir: Path, model: str, n_splits: int) -> tuple[pd
     for k in range(n_splits):
         d = fold_dir(exp_dir, model, k)
         if not (d / PREDICT_DONE).is_file():
-            raise PipelineError(f"{d}: no predictions yet; run train and predict for model={model} fold={k}")
+            raise PipelineError(f"{d}: no predictions yet; run train and predict for --model {model} --fold {k}")
         oofs.append(pd.read_csv(d / OOF, dtype={"id": str}, keep_default_na=False).assign(fold=k))
         tests.append(pd.read_csv(d / TEST, dtype={"id": str}, keep_default_na=False))
         if set(tests[-1].id) != set(tests[0].id):
             raise PipelineError(
                 f"{d / TEST} predicts other test ids than fold 0; delete {d} and run train and predict "
-                f"for model={model} fold={k} again"
+                f"for --model {model} --fold {k} again"
             )
     oof = pd.concat(oofs, ignore_index=True)
     test = pd.concat(tests).groupby("id", sort=False)[["age", "gender_prob"]].mean().reset_index()
@@ -107,7 +107,7 @@ def join_oof(oofs: dict[str, pd.DataFrame], exp_dir: Path) -> pd.DataFrame:
                 raise PipelineError(
                     f"model {name} {what} {len(rows)} ids (e.g. {rows.id.iat[0]!r}, "
                     f"fold {k}); delete {fold_dir(exp_dir, name, k)} and run train and predict for "
-                    f"model={name} fold={k} again"
+                    f"--model {name} --fold {k} again"
                 )
     names = list(oofs)
     oof = oofs[names[0]][["id", "fold", "age_true", "gender_true"]]

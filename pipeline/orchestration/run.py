@@ -115,7 +115,7 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
         cfg = replace(cfg, data=replace(cfg.data, root=str(make_demo(DEMO_ROOT)), name=cfg.data.name or "demo"))
     models = [cfg.model(model)] if model else cfg.models
     if fold is not None and not 0 <= fold < cfg.folds.n_splits:
-        raise PipelineError(f"fold={fold}: folds are 0..{cfg.folds.n_splits - 1}")
+        raise PipelineError(f"--fold {fold}: folds are 0..{cfg.folds.n_splits - 1}")
     folds_to_run = [fold] if fold is not None else list(range(cfg.folds.n_splits))
     t0 = time.perf_counter()
     exp_dir = experiment_dir(cfg.experiment)

@@ -149,7 +149,7 @@ def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
 
     intro = (
         "## Age and gender from faces\nDrop or upload photos: each face gets its age and gender.  \n"
-        f"Model: {bundle.info.get('experiment', 'bundle')} ({bundle.runtime} bundle: "
+        f"Model: {bundle.info.experiment or 'bundle'} ({bundle.runtime} bundle: "
         f"{', '.join(m.name for m in bundle.members)})"
     )
     if not bundle.labels_known:
@@ -175,15 +175,14 @@ def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
     return page
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline app", description="A web page for predict-images.")
-    p.add_argument("bundle", help="an exported bundle (python -m pipeline export)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """agegender app's arguments (orchestration/cli.py adds them to its subcommand)."""
+    p.add_argument("bundle", metavar="BUNDLE", help="an exported bundle, its folder or archive (agegender export)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, help="default: 7860, or the next free port")
+    p.add_argument("--port", type=int, help="port to serve on (default: 7860, or the next free port)")
     p.add_argument("--max-file-size", type=float, default=20, metavar="MB", help="upload limit per file (default 20)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when there is one")
     photos.add_detect_size(p)
-    return p
 
 
 def _offline_env() -> None:
@@ -192,12 +191,9 @@ def _offline_env() -> None:
         os.environ[key] = ",".join(v for v in (os.environ.get(key), LOOPBACK) if v)
 
 
-def app_cli(argv: list[str], torch_runners: RunnersFactory | None = None) -> int:
-    """agegender app; torch_runners (the command passes it) lets a torch bundle load."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # argparse printed the usage and the problem
-        return int(e.code or 0)
+def run_cli(args: argparse.Namespace, torch_runners: RunnersFactory | None = None) -> int:
+    """agegender app with its parsed arguments (add_arguments); torch_runners (the command passes it) lets a torch
+    bundle load."""
     if args.max_file_size <= 0:
         print("error: --max-file-size must be above 0", file=sys.stderr)
         return 2

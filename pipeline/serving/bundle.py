@@ -6,7 +6,6 @@ torch: a torch bundle loads when the caller passes `torch_runners` (exporting.to
 
 from __future__ import annotations
 
-import json
 import sys
 import tarfile
 import zipfile
@@ -19,26 +18,23 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ..core.choices import FITS
 from ..core.cores import usable_cores
 from ..core.errors import BundleError, PipelineError
+from ..core.layout import BUNDLE_FILE, BundleInfo, BundleModel
 from ..data.imaging import square_resize
 
-FORMAT = "age-gender-bundle"
-VERSION = 1
-BUNDLE_FILE = "bundle.json"
 COLUMNS = ["age", "gender_prob", "gender", "gender_label"]
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 UNNAMED = {"0": "gender code 0", "1": "gender code 1"}  # what a bundle shows when the codes' names are unknown
 NAME_THEM = (
     "the gender codes' names are unknown: set data.gender_labels: [name of 0, name of 1] as the competition's "
-    "page says (or export gender_labels=NAME0,NAME1) and export again"
+    "page says (an override at export: data.gender_labels=[NAME0,NAME1]) and export again"
 )
 MAX_BUNDLE_BYTES = 8 << 30  # a bundle of a few dozen fold models is far smaller; refuse an archive bomb
 
 FoldRunner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 N x S x S x 3 -> (age, gender_prob)
-# (bundle.json's model entry, bundle.json, the bundle's files, its path, device) -> one FoldRunner per fold
-RunnersFactory = Callable[[dict, dict, dict[str, bytes], Path, str], list[FoldRunner]]
+# (a model of bundle.json, bundle.json, the bundle's files, its path, device) -> one FoldRunner per fold
+RunnersFactory = Callable[[BundleModel, BundleInfo, dict[str, bytes], Path, str], list[FoldRunner]]
 
 
 def read_bundle_files(path: Path) -> dict[str, bytes]:
@@ -86,36 +82,7 @@ def _zip_members(path: Path) -> dict[str, bytes]:
         return {i.filename: z.read(i) for i in infos}
 
 
-def _parse_info(files: dict[str, bytes], path: Path) -> dict:
-    try:
-        info = json.loads(files[BUNDLE_FILE])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BundleError(f"{path}: {BUNDLE_FILE} is not valid JSON (damaged bundle)") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise BundleError(f"{path}: {BUNDLE_FILE} does not describe an age-gender bundle")
-    if info.get("version") != VERSION:
-        raise BundleError(f"{path}: bundle version {info.get('version')!r}; this pipeline reads version {VERSION}")
-    missing = [k for k in ("runtime", "models", "gender", "fit", "tta", "max_age") if k not in info]
-    if missing:
-        raise BundleError(f"{path}: {BUNDLE_FILE} lacks {', '.join(missing)} (damaged or foreign bundle)")
-    try:
-        float(info["gender"]["threshold"])
-        for m in info["models"]:
-            for f in m["folds"]:
-                if f["file"] not in files:
-                    raise BundleError(f"{path}: {f['file']} is missing from the bundle")
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{path}: {BUNDLE_FILE} has no valid {e} (damaged or foreign bundle)") from None
-    if info["runtime"] not in ("torch", "onnx"):
-        raise BundleError(f"{path}: unknown runtime {info['runtime']!r}")
-    if info["fit"] not in FITS:
-        raise BundleError(f"{path}: unknown fit {info['fit']!r}; this pipeline knows {', '.join(FITS)}")
-    if not isinstance(info.get("zoom", 1.0), (int, float)) or not 1 <= info.get("zoom", 1.0) <= 4:
-        raise BundleError(f"{path}: zoom {info.get('zoom')!r} is no number from 1 to 4 (damaged bundle)")
-    return info
-
-
-def _onnx_runners(model: dict, files: dict[str, bytes], path: Path, threads: int) -> list[FoldRunner]:
+def _onnx_runners(model: BundleModel, files: dict[str, bytes], path: Path, threads: int) -> list[FoldRunner]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -126,11 +93,11 @@ def _onnx_runners(model: dict, files: dict[str, bytes], path: Path, threads: int
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     runners = []
-    for f in model["folds"]:
+    for f in model.folds:
         try:
-            session = ort.InferenceSession(files[f["file"]], options, providers=providers)
+            session = ort.InferenceSession(files[f.file], options, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors on a damaged graph
-            raise BundleError(f"{path}: {f['file']} is not a readable ONNX model ({str(e).splitlines()[0]})") from None
+            raise BundleError(f"{path}: {f.file} is not a readable ONNX model ({str(e).splitlines()[0]})") from None
         runners.append(lambda x, s=session: tuple(s.run(["age", "gender_prob"], {"pixels": x})))
     return runners
 
@@ -148,7 +115,7 @@ class Member:
 
 @dataclass
 class Bundle:
-    info: dict  # bundle.json contents
+    info: BundleInfo
     face_crop: str  # "none" | "detect": whether faces should be detected and cropped before predict
     path: Path
     members: list[Member] = field(repr=False)
@@ -157,25 +124,29 @@ class Bundle:
 
     @property
     def runtime(self) -> str:
-        return self.info["runtime"]
+        return self.info.runtime
 
     @property
     def zoom(self) -> float:
-        return float(self.info.get("zoom", 1.0))  # bundles made before data.zoom: the whole crop
+        return self.info.zoom
 
     @property
     def threshold(self) -> float:
-        return float(self.info["gender"]["threshold"])
+        return self.info.gender.threshold
 
     @property
     def labels_known(self) -> bool:
-        """Whether the bundle knows what gender codes 0 and 1 mean (data.gender_labels, export gender_labels=)."""
-        g = self.info["gender"]
-        return g.get("labels_known", (g.get("labels") or UNNAMED) not in (UNNAMED, {"0": "0", "1": "1"}))
+        """Whether the bundle knows what gender codes 0 and 1 mean (data.gender_labels)."""
+        g = self.info.gender
+        return (
+            g.labels_known
+            if g.labels_known is not None
+            else (g.labels or UNNAMED) not in (UNNAMED, {"0": "0", "1": "1"})
+        )
 
     @property
     def gender_labels(self) -> dict[str, str]:
-        return self.info["gender"]["labels"] if self.labels_known else dict(UNNAMED)
+        return self.info.gender.labels if self.labels_known else dict(UNNAMED)
 
     def predict(self, faces: list[np.ndarray], batch_size: int = 64) -> pd.DataFrame:
         """Age, gender probability, gender (0/1 as in the training labels) and its label for RGB uint8 face crops
@@ -186,7 +157,7 @@ class Bundle:
         for start in range(0, n, max(1, batch_size)):
             chunk = faces[start : start + batch_size]
             resized = {
-                size: np.stack([square_resize(f, size, self.info["fit"], self.zoom) for f in chunk])
+                size: np.stack([square_resize(f, size, self.info.fit, self.zoom) for f in chunk])
                 for size in dict.fromkeys(m.img_size for m in self.members)
             }
             jobs = [(fold, resized[m.img_size]) for m in self.members for fold in m.folds]
@@ -199,7 +170,7 @@ class Bundle:
         labels = self.gender_labels
         return pd.DataFrame(
             {
-                "age": np.clip(age, 0, float(self.info["max_age"])),
+                "age": np.clip(age, 0, self.info.max_age),
                 "gender_prob": prob,
                 "gender": gender,
                 "gender_label": [labels.get(str(g), str(g)) for g in gender],
@@ -245,27 +216,27 @@ def load_bundle(
     torch_runners builds a torch bundle's fold models; without it a torch bundle is refused in one line."""
     path = Path(path)
     files = read_bundle_files(path)
-    info = _parse_info(files, path)
-    if info["runtime"] != "onnx" and torch_runners is None:
+    info = BundleInfo.from_json(files[BUNDLE_FILE], path)
+    for f in (f for m in info.models for f in m.folds):
+        if f.file not in files:
+            raise BundleError(f"{path}: {f.file} is missing from the bundle")
+    if info.runtime != "onnx" and torch_runners is None:
         raise BundleError(
             f"{path} holds torch weights: load it with pipeline.exporting.torch_runtime.load_bundle "
-            "(pip install 'agegender[train]'), or export format=onnx for a torch-free bundle"
+            "(pip install 'agegender[train]'), or export --format onnx for a torch-free bundle"
         )
     threads = threads or usable_cores()
-    workers = threads if info["runtime"] == "onnx" and parallel_folds else 1
+    workers = threads if info.runtime == "onnx" and parallel_folds else 1
     members = []
-    for m in info["models"]:
-        if not m.get("age_weight") and not m.get("gender_weight"):
+    for m in info.models:
+        if not m.age_weight and not m.gender_weight:
             continue  # weight 0 in both blends: it cannot change a prediction
-        if info["runtime"] == "onnx":
+        if info.runtime == "onnx":
             runners = _onnx_runners(m, files, path, max(1, threads // workers))
         else:
             runners = torch_runners(m, info, files, path, device)
-        members.append(
-            Member(m["name"], int(m["img_size"]), float(m["age_weight"]), float(m["gender_weight"]), runners)
-        )
-    face_crop = info.get("face_crop", "none")
-    return Bundle(info=info, face_crop=face_crop, path=path, members=members, workers=workers)
+        members.append(Member(m.name, m.img_size, m.age_weight, m.gender_weight, runners))
+    return Bundle(info=info, face_crop=info.face_crop, path=path, members=members, workers=workers)
 
 
 def main(argv: list[str]) -> int:
@@ -276,10 +247,8 @@ def main(argv: list[str]) -> int:
     try:
         bundle = load_bundle(argv[0])
         info = bundle.info
-        models = ", ".join(f"{m['name']} {m['img_size']}px x{len(m['folds'])}" for m in info["models"])
-        print(
-            f"{bundle.path}: {info['runtime']} bundle of {info['experiment']} ({models}); face_crop {bundle.face_crop}"
-        )
+        models = ", ".join(f"{m.name} {m.img_size}px x{len(m.folds)}" for m in info.models)
+        print(f"{bundle.path}: {info.runtime} bundle of {info.experiment} ({models}); face_crop {bundle.face_crop}")
         faces = [_read_rgb(p) for p in argv[1:]]
         if faces:
             print(bundle.predict(faces).assign(file=argv[1:]).to_string(index=False))

@@ -5,7 +5,7 @@
 COMPETITION_DIR defaults to /kaggle/input/<competition>; --out to /kaggle/working/submission.csv on Kaggle. A
 package it needs that is not installed is installed from the wheels beside this script (pip --no-index), which are
 for one Python (competition.json's wheels_python): on another it stops instead.
-(export format=kaggle copies this file into the dataset as predict_submission.py.)"""
+(export --format kaggle copies this file into the dataset as predict_submission.py.)"""
 
 import importlib
 import importlib.util
@@ -48,7 +48,7 @@ def install_missing() -> None:
     if wheels and wheels != running:
         fail(
             f"this dataset's wheels are for CPython {wheels}, but this notebook runs Python {running}: export again "
-            f"with python={running} (agegender export CONFIG format=kaggle python={running})"
+            f"with --python {running} (agegender export CONFIG --format kaggle --python {running})"
         )
     print(f"installing {', '.join(missing)} from {HERE / 'wheels'} (offline)", flush=True)
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(HERE / "wheels")]

@@ -1,5 +1,5 @@
 """The submission of a competition folder from an ONNX bundle, offline and without torch: what the Kaggle dataset
-of `export format=kaggle` runs (its predict_submission.py calls `main`) and what export checks a bundle with.
+of `export --format kaggle` runs (its predict_submission.py calls `main`) and what export checks a bundle with.
 
 The hidden test set is read as the pipeline read the public one (data/test_set.py): the sample submission's ids,
 order and column names; each image decoded, face-cropped (face_crop=detect) and squared at its own resolution,
@@ -49,7 +49,7 @@ def submission(bundle, root: Path, names: dict) -> pd.DataFrame:
     if not t.ids:
         raise PipelineError(f"{root}: no test set here (no {names['sample_submission']} or {names['test_csv']})")
     found = detect_all(t.paths, "faces") if bundle.face_crop == "detect" else None
-    pred = predict_paths(bundle, t.paths, bundle.info["fit"], found)
+    pred = predict_paths(bundle, t.paths, bundle.info.fit, found)
     return shape_submission(t, pred.age.to_numpy(), pred.gender.to_numpy())
 
 

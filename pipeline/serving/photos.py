@@ -228,28 +228,39 @@ def add_detect_size(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """agegender predict-images' arguments (orchestration/cli.py adds them to its subcommand)."""
+    p.add_argument("bundle", metavar="BUNDLE", help="an exported bundle, its folder or archive (agegender export)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--out", metavar="CSV", help="write the table to this CSV (default: print it)")
+    p.add_argument("--whole-image", action="store_true", help="predict on the whole photo when it has no face")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="faces per batch of the bundle (default 32)")
+    add_detect_size(p)
+    workers = f"processes that decode and detect (default {WORKERS})"
+    p.add_argument("--workers", type=int, default=WORKERS, metavar="N", help=workers)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when there is one")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline predict-images",
+        prog="agegender predict-images",
         description="Age and gender for every face in photos (files, folders searched recursively, globs).",
     )
-    p.add_argument("bundle", help="an exported bundle (python -m pipeline export)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    p.add_argument("--out", help="write the table to this CSV (default: print it)")
-    p.add_argument("--whole-image", action="store_true", help="predict on the whole photo when it has no face")
-    p.add_argument("--batch-size", type=int, default=32)
-    add_detect_size(p)
-    p.add_argument("--workers", type=int, default=WORKERS, help=f"processes that decode and detect (default {WORKERS})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when there is one")
+    add_arguments(p)
     return p
 
 
 def predict_images_cli(argv: list[str], torch_runners: RunnersFactory | None = None) -> int:
-    """agegender predict-images; torch_runners (the command passes it) lets a torch bundle load."""
+    """agegender predict-images ARGS; torch_runners (the command passes it) lets a torch bundle load."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the usage and the problem
         return int(e.code or 0)
+    return run_cli(args, torch_runners)
+
+
+def run_cli(args: argparse.Namespace, torch_runners: RunnersFactory | None = None) -> int:
+    """agegender predict-images with its parsed arguments (add_arguments)."""
     for flag, value, least in (("batch-size", args.batch_size, 1), ("workers", args.workers, 1)):
         if value < least:
             print(f"error: --{flag} must be at least {least}", file=sys.stderr)

@@ -83,7 +83,7 @@ def _image_predictions(model: AgeGenderNet, batches, how: Inference, units: AgeU
 
     def views(batch: torch.Tensor):
         x = to_model_input(batch, how.device)
-        with autocast(how.device, how.amp):
+        with autocast(how.device, how.precision):
             for name in how.tta:
                 out = model(apply_tta(x, name), raw=take is not None)
                 yield out if take is None else take(model, *out)
@@ -114,7 +114,7 @@ def _cached_predictions(model: AgeGenderNet, trunk: CachedTrunk, how: Inference,
     ages, probs = [], []
     with evaluating(model):
         for i in range(0, len(trunk.val), how.batch_size):
-            with autocast(how.device, how.amp):
+            with autocast(how.device, how.precision):
                 out = trunk.forward(model, trunk.val[i : i + how.batch_size], raw=take is not None)
                 a, g = out if take is None else take(model, *out)
             ages.append(a.float().cpu().numpy() * units.std + units.mean)
@@ -132,7 +132,7 @@ def predict_stored(
 
     def views(idx: np.ndarray):
         for view in stored.views:
-            with autocast(how.device, how.amp):
+            with autocast(how.device, how.precision):
                 out = stored.forward(model, torch.from_numpy(view[idx]), raw=False)
             yield out
 

@@ -79,9 +79,9 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
-def autocast(device: torch.device, amp: torch.dtype | None):
-    """The autocast context of precision `amp` (amp_dtype) on `device`; None: plain fp32."""
-    return nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)
+def autocast(device: torch.device, precision: torch.dtype | None):
+    """The autocast context of `precision` (amp_dtype) on `device`; None: plain fp32."""
+    return nullcontext() if precision is None else torch.autocast(device.type, dtype=precision)
 
 
 @dataclass
@@ -98,7 +98,8 @@ class FoldJob:
     amp: str | None = None  # instead of train.amp ("bf16" / "fp16" on CPU exercise the CUDA path's precision)
 
     @property
-    def autocast(self) -> torch.dtype | None:
+    def precision(self) -> torch.dtype | None:
+        """The autocast dtype this job trains and predicts in (None: fp32)."""
         return amp_dtype(self.amp or self.cfg.train.amp, self.device)
 
     @property
@@ -115,7 +116,7 @@ class Inference:
 
     device: torch.device
     batch_size: int
-    amp: torch.dtype | None  # the autocast precision (FoldJob.autocast); None: fp32
+    precision: torch.dtype | None  # the autocast dtype (FoldJob.precision); None: fp32
     workers: int
     tta: tuple[str, ...] = ("none",)
 
@@ -124,7 +125,7 @@ class Inference:
         return cls(
             device=job.device,
             batch_size=job.cfg.batch_size(job.model) * 2,  # no gradients: twice the training batch fits
-            amp=job.autocast,
+            precision=job.precision,
             workers=auto_workers(job.cfg.train.num_workers),
             tta=tuple(tta or ["none"]),
         )

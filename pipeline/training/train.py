@@ -109,7 +109,7 @@ class EpochStep:
 
     forward: Callable
     objective: Objective
-    amp: torch.dtype | None = None
+    precision: torch.dtype | None = None
     mixup: float = 0.0
 
 
@@ -130,7 +130,7 @@ def train_one_epoch(step: EpochStep, batches, optim: Optimiser, desc: str, seed:
         if mixup > 0:
             lam, perm = float(rng.beta(mixup, mixup)), torch.from_numpy(rng.permutation(len(x))).to(device)
             x = x.float() * lam + x.float()[perm] * (1 - lam)
-        with autocast(device, step.amp):
+        with autocast(device, step.precision):
             pred_age, logit = step.forward(x)
         loss = step.objective(pred_age, logit, y_age, y_gender)
         if mixup > 0:
@@ -325,7 +325,7 @@ class FoldTrainer:
             model = model.to(memory_format=torch.channels_last)
         ema = ModelEmaV3(model, decay=t.ema, use_warmup=True) if t.ema > 0 else None
         train_ds = self.data.dataset(t, self.seed)
-        scaler = torch.amp.GradScaler(job.device.type) if job.autocast == torch.float16 else None
+        scaler = torch.amp.GradScaler(job.device.type) if job.precision == torch.float16 else None
         self.net = FoldModel(model, ema, scaler)
         self.progress = self.net.resume(job.out)
         if self.progress.epoch:
@@ -334,7 +334,7 @@ class FoldTrainer:
         self.loaders = FoldLoaders.of(job, self.data, train_ds)
         self.phases = [p for p in job.cfg.phases(job.model) if p.epochs > 0]
         d = self.data
-        store = TrunkStore(job.cfg.data.cache_dir, d.images, t, job.autocast)
+        store = TrunkStore(job.cfg.data.cache_dir, d.images, t, job.precision)
         self.cache = TrunkCache(model, store, rows=(d.tr_rows, d.va_rows), device=job.device)
 
     def fit(self) -> None:
@@ -348,7 +348,7 @@ class FoldTrainer:
             optim = start_phase(self.job, self.net, pi, phase, self.n_train, self.progress)
             trunk = phase_trunk(self.cache, model, self.phases, pi) if self.job.cfg.train.cache_frozen else None
             forward = phase_forward(self.job, model, trunk)
-            step = EpochStep(forward, self.data.objective, self.job.autocast, self.job.cfg.train.mixup)
+            step = EpochStep(forward, self.data.objective, self.job.precision, self.job.cfg.train.mixup)
             for _ in range(phase.epochs):
                 if epoch >= self.progress.epoch:
                     end = self.run_epoch(step, optim, trunk, pi, self.seed * 100 + epoch)

@@ -124,10 +124,10 @@ def view_ids(t: TrainConfig) -> list[int]:
 
 class TrunkStore:
     """The stored trunk outputs of all `images` in `folder`, their views made by train config `t` and computed
-    under autocast precision `amp` (None: fp32); one file per cut, view and prefix weights."""
+    under autocast `precision` (None: fp32); one file per cut, view and prefix weights."""
 
-    def __init__(self, folder: str | Path, images: np.ndarray, t: TrainConfig, amp: torch.dtype | None = None):
-        self.folder, self.images, self.t, self.amp = Path(folder), images, t, amp
+    def __init__(self, folder: str | Path, images: np.ndarray, t: TrainConfig, precision: torch.dtype | None = None):
+        self.folder, self.images, self.t, self.precision = Path(folder), images, t, precision
 
     @cached_property
     def images_key(self) -> str:
@@ -142,7 +142,7 @@ class TrunkStore:
         weights, the view, the autocast precision and the torch thread count (CPU results depend on it)."""
         prefix = [p.detach().cpu().numpy() for s in stages[:k] for p in [*s.parameters(), *s.buffers()]]
         spec = f"v{STORE_VERSION}|{k}|{view}|{view_transform(self.t, view)!r}|{torch.get_num_threads()}"
-        spec += f"|{self.amp}" if self.amp is not None else ""  # fp32 keys are those of earlier versions
+        spec += f"|{self.precision}" if self.precision is not None else ""  # fp32 keys are those of earlier versions
         key = _digest([*prefix, np.frombuffer(f"{spec}|{self.images_key}".encode(), np.uint8)])
         return self.folder / f"trunk-{self.images.shape[1]}px-k{k}-view{view}-{key}.npy"
 
@@ -171,7 +171,7 @@ class TrunkCache:
         self, model: AgeGenderNet, store: TrunkStore, rows: tuple[np.ndarray, np.ndarray], device: torch.device
     ):
         self.model, self.store, self.rows, self.device = model, store, rows, device
-        self.images, self.t, self.amp = store.images, store.t, store.amp
+        self.images, self.t, self.precision = store.images, store.t, store.precision
         self.stages = trunk_stages(model)
         self.base: CachedTrunk | None = None
         self.trained_from: int | None = None  # lowest stage index trained since `base` was computed
@@ -246,7 +246,7 @@ class TrunkCache:
         ds = FaceDataset(self.images, rows, transform=view_transform(self.t, view))
         settings = LoaderSettings(auto_workers(self.t.num_workers), pin_memory=self.device.type == "cuda")
         loader = make_loader(ds, STORE_BATCH, train=False, seed=view, settings=settings)
-        with evaluating(self.model), autocast(self.device, self.amp):
+        with evaluating(self.model), autocast(self.device, self.precision):
             for x, _, _ in tqdm(loader, desc=f"frozen trunk view {view}", unit="batch", leave=False, disable=None):
                 h = (to_model_input(x, self.device).float() - self.model.mean) / self.model.std
                 for stage in self.stages[:k]:
@@ -259,7 +259,7 @@ class TrunkCache:
         if len(base) == 0:
             return base
         out = []
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.precision):
             for i in range(0, len(base), STORE_BATCH):
                 h = base[i : i + STORE_BATCH].to(self.device).float()
                 for stage in self.stages[(self.base.k if base_k is None else base_k) : k]:

@@ -18,7 +18,7 @@ from pipeline.data.demo import make_demo
 
 BIN = Path(sys.executable).parent
 WHEEL = Path(os.environ.get("AGEGENDER_WHEEL", ""))  # the wheel the lane built and installed
-KAGGLE_WHEELS = Path(os.environ.get("AGEGENDER_KAGGLE_WHEELS", ""))  # export format=kaggle's wheels, fetched once
+KAGGLE_WHEELS = Path(os.environ.get("AGEGENDER_KAGGLE_WHEELS", ""))  # export --format kaggle's wheels, fetched once
 SLUG = "age-gender-demo"
 
 

@@ -53,7 +53,7 @@ if [ "$lane" = colab ]; then
   grep -E "^(CV score|submission|run finished)" "$work/run.log"
   rm -rf "$work"
 else
-  wheels=$venv/kaggle-wheels  # export format=kaggle's wheels for Kaggle's Python, fetched once
+  wheels=$venv/kaggle-wheels  # export --format kaggle's wheels for Kaggle's Python, fetched once
   if ! cmp -s pipeline/exporting/kaggle-requirements.txt "$wheels/kaggle-requirements.txt"; then
     rm -rf "$wheels" && mkdir -p "$wheels"
     "$venv/bin/python" -m pipeline.exporting.kaggle_export wheels "$wheels" "$version"

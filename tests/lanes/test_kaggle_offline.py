@@ -1,4 +1,4 @@
-"""The offline Kaggle predictor on Kaggle's Python and stack: `export format=kaggle` from the installed package
+"""The offline Kaggle predictor on Kaggle's Python and stack: `export --format kaggle` from the installed package
 (wheels for Kaggle's Python by default), then, in a fresh venv holding only the image's numpy, pandas and OpenCV,
 predict_submission.py installs from the dataset's wheels only what is missing, changes none of those, brings no torch,
 and writes the pipeline's own submission from the read-only competition."""
@@ -38,9 +38,9 @@ def freeze(python: Path) -> set[str]:
 def dataset(demo_run) -> Path:
     if not any(KAGGLE_WHEELS.glob("*.whl")):
         pytest.fail(f"no wheels in {KAGGLE_WHEELS} (AGEGENDER_KAGGLE_WHEELS): tests/lanes/run.sh fetches them")
-    r = agegender("export", "demo", "format=kaggle", f"wheels={KAGGLE_WHEELS}", cwd=demo_run)
+    r = agegender("export", "demo", "--format", "kaggle", "--wheels", KAGGLE_WHEELS, cwd=demo_run)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "wheels for CPython 3.12, Linux x86-64 (Kaggle's notebook image; python=3.X for another)" in r.stdout
+    assert "wheels for CPython 3.12, Linux x86-64 (Kaggle's notebook image; --python 3.X for another)" in r.stdout
     return demo_run / "runs" / "demo" / "kaggle"
 
 

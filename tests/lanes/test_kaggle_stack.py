@@ -23,7 +23,7 @@ def test_the_demo_ran_with_faces_detected_into_a_valid_submission(demo_run, kagg
 
 
 def test_export_then_predict_images_on_a_photo(demo_run, tmp_path):
-    r = agegender("export", "demo", "format=onnx", cwd=demo_run)
+    r = agegender("export", "demo", "--format", "onnx", cwd=demo_run)
     assert r.returncode == 0, r.stdout + r.stderr
     archive = demo_run / "runs" / "demo" / "demo-bundle-onnx.tar.gz"
     photo = tmp_path / "astronaut.jpg"
