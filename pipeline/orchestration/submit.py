@@ -20,7 +20,8 @@ from ..core.kaggle_api import KaggleError, call, kaggle_api
 from ..core.layout import BLEND, LEDGER, SUBMISSIONS, BlendFile, experiment_dir
 from ..core.provenance import config_digest, git_commit
 from ..data.competition import load_competition
-from ..inference.blend import newest_submission, validate_submission
+from ..data.test_set import validate_submission
+from ..inference.blend import newest_submission
 from ..inference.report import leaderboard_plot, write_report
 
 COLUMNS = [
