@@ -134,7 +134,7 @@ def export_kaggle(cfg: Config, exp_dir: Path, bundle_dir: Path, python: str = KA
         for name in SOURCES + DATA_FILES:
             (tmp / "pipeline" / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PACKAGE / name, tmp / "pipeline" / name)
-        shutil.copy2(Path(__file__).with_name("kaggle_entry.py"), tmp / SCRIPT)
+        shutil.copy2(PACKAGE / "serving" / "kaggle_entry.py", tmp / SCRIPT)
         d = cfg.data
         competition = {
             "competition": d.competition,

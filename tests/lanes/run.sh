@@ -5,6 +5,8 @@
 #                               face_crop=detect, export, predict-images, the offline Kaggle predictor, the notebook
 #   tests/lanes/run.sh colab    Python 3.13 smoke: install, then the demo with face_crop=detect
 set -euo pipefail
+# pip's lines about this machine's missing extra index, dropped; a pip failure still fails the lane (pipefail)
+drop_index_warnings() { grep -v "^WARNING: Location" || true; }
 cd "$(dirname "$0")/../.."
 lane=${1:?usage: tests/lanes/run.sh kaggle|colab}
 case $lane in
@@ -22,19 +24,19 @@ start=$SECONDS
 if ! cmp -s "$image" "$venv/.image"; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  "$venv/bin/python" -m pip install -q -r "$image" 2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | drop_index_warnings
+  "$venv/bin/python" -m pip install -q -r "$image" 2>&1 | drop_index_warnings
   "$venv/bin/python" -m pip freeze --all | sort > "$venv/freeze-image.txt"  # what the notebook holds
   cp "$image" "$venv/.image"
 fi
 echo "lane $lane: $("$venv/bin/python" -V), the notebook's stack ready after $((SECONDS - start)) s"
 
 # the wheel, built from this checkout, installed as a notebook would: nothing it already holds may change
-rm -rf dist build && "$venv/bin/python" -m pip wheel -q --no-deps -w dist . 2>&1 | grep -v "^WARNING: Location" || true
+rm -rf dist build && "$venv/bin/python" -m pip wheel -q --no-deps -w dist . 2>&1 | drop_index_warnings
 wheel=$(ls dist/agegender-*.whl)
 "$venv/bin/python" -m pip uninstall -q -y agegender 2>/dev/null || true
 t=$SECONDS
-"$venv/bin/python" -m pip install -q "$wheel[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -m pip install -q "$wheel[$extras]" 2>&1 | drop_index_warnings
 echo "lane $lane: pip install $(basename "$wheel")[$extras] took $((SECONDS - t)) s"
 "$venv/bin/python" -m pip freeze --all | grep -v "^agegender" | sort > "$venv/freeze-after.txt"
 changed=$(comm -23 "$venv/freeze-image.txt" "$venv/freeze-after.txt")
