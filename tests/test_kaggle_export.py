@@ -39,7 +39,7 @@ def exported(demo_root, tmp_path_factory):
             env={"KAGGLE_USERNAME": "tester"})  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "exported the Kaggle dataset" in r.stdout and "note:" not in r.stdout
-    assert f"wheels for CPython {PYTHON}, Linux x86-64 (python={PYTHON}; " in r.stdout
+    assert f"wheels for CPython {PYTHON}, Linux x86-64 (--python {PYTHON}; " in r.stdout
     blend = json.loads((root / "runs" / "exp" / "blend.json").read_text())
     return root, root / "runs" / "exp" / "kaggle", root / blend["submission"]
 

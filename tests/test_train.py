@@ -26,7 +26,7 @@ from pipeline.training.evaluation import AgeUnits, predict_arrays, predict_cache
 from pipeline.training.job import FoldJob, Inference, fold_rows
 from pipeline.training.loader import FaceDataset, LoaderSettings, make_loader, train_transform
 from pipeline.training.losses import AgeScale, LossSum, Objective
-from pipeline.training.train import EpochStep, FoldModel, phase_trunk, start_phase, train_fold, warmup_cosine
+from pipeline.training.train import EpochStep, FoldModel, train_fold, warmup_cosine
 from pipeline.training.trunk import CachedTrunk, TrunkCache, TrunkStore
 
 N, SIZE = 48, 32
@@ -101,7 +101,7 @@ def test_warmup_then_cosine_lr_values():
 def test_the_optimiser_holds_exactly_the_trainable_parameters(tmp_path, what):
     job = _job(tmp_path, [Phase(1, what, 1e-3)])
     model = create_model(job.model)
-    optim = start_phase(job, FoldModel(model), 0, job.cfg.phases(job.model)[0], 32, Progress())
+    optim = FoldModel(model).start_phase(job, 0, job.cfg.phases(job.model)[0], 32, Progress())
     in_opt = {id(p) for g in optim.opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
     n_backbone = sum(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
@@ -111,7 +111,7 @@ def test_the_optimiser_holds_exactly_the_trainable_parameters(tmp_path, what):
 def test_frozen_batchnorm_statistics_and_weights_stay_put_through_an_epoch(tmp_path):
     job = _job(tmp_path, [Phase(1, "last:1", 1e-2)])
     model = create_model(job.model)
-    optim = start_phase(job, FoldModel(model), 0, Phase(1, "last:1", 1e-2), N, Progress())
+    optim = FoldModel(model).start_phase(job, 0, Phase(1, "last:1", 1e-2), N, Progress())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = FaceDataset(job.images.train, np.arange(N), np.zeros(N), np.zeros(N), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
@@ -186,14 +186,14 @@ def test_cached_and_uncached_validation_agree_after_training_below_the_cut(tmp_p
     job = _job(tmp_path, phases, ema=ema)
     model = create_model(job.model)
     ema_model = train_mod.ModelEmaV3(model, decay=ema, use_warmup=True) if ema else None
-    optim = start_phase(job, FoldModel(model, ema_model), 0, phases[0], N, Progress())
+    optim = FoldModel(model, ema_model).start_phase(job, 0, phases[0], N, Progress())
     tr, va = job.rows()
     ds = FaceDataset(job.images.train, tr, np.zeros(len(tr)), np.zeros(len(tr)), train_transform(job.cfg.train, 0))
     forward = lambda x: model(x.permute(0, 3, 1, 2))  # noqa: E731
     objective = Objective.of(job.cfg.train, AgeScale(0.0, 1.0, 0.25))
     train_mod.train_one_epoch(EpochStep(forward, objective), make_loader(ds, 8, train=True, seed=1), optim, "")
-    start_phase(job, FoldModel(model, ema_model), 1, phases[1], N, Progress())
-    trunk = phase_trunk(_cache(job, model), model, phases, 1)
+    FoldModel(model, ema_model).start_phase(job, 1, phases[1], N, Progress())
+    trunk = _cache(job, model).for_phases(model, phases, 1)
     eval_model = ema_model.module if ema else model
     how = Inference.for_job(job)
     cached = predict_cached(eval_model, trunk, how)
@@ -230,9 +230,9 @@ def test_cached_views_are_the_trunk_outputs_of_the_image_and_of_its_mirror_image
     phases = [Phase(1, "head", 1e-3), Phase(1, "last:1", 1e-3)]
     job = _job(tmp_path, phases, hflip=hflip)
     model = create_model(job.model)
-    start_phase(job, FoldModel(model), 0, phases[0], N, Progress())
+    FoldModel(model).start_phase(job, 0, phases[0], N, Progress())
     cache = _cache(job, model)
-    phase_trunk(cache, model, phases, 0)
+    cache.for_phases(model, phases, 0)
     trunk, tr, va = cache.base, *job.rows()  # computed at the cut of the last:1 phase
     k = len(backbone_groups(model)) - 1
     assert trunk.k == k and len(trunk.views) == (2 if hflip else 1)
@@ -264,9 +264,9 @@ def test_the_trunk_store_is_computed_once_and_shared_by_the_folds(tmp_path, monk
     for fold in (0, 1):
         torch.manual_seed(0)  # the same starting weights, as a pretrained backbone has in every fold
         model = create_model(job.model)
-        start_phase(job, FoldModel(model), 0, phases[0], N, Progress())
+        FoldModel(model).start_phase(job, 0, phases[0], N, Progress())
         cache = _cache(replace(job, fold=fold), model)
-        phase_trunk(cache, model, phases, 0)
+        cache.for_phases(model, phases, 0)
         trunks.append(cache.base)
     assert calls == [N, N, N]  # 3 views of every image, once
     k0, k_head = trunks[1].k, len(backbone_groups(model))
@@ -283,8 +283,8 @@ def test_a_trunk_below_trained_stages_is_computed_for_the_fold_only(tmp_path):
     job = _job(tmp_path, phases)
     model = create_model(job.model)
     cache = _cache(job, model)
-    assert phase_trunk(cache, model, phases, 0) is None
-    trunk = phase_trunk(cache, model, phases, 1)
+    assert cache.for_phases(model, phases, 0) is None
+    trunk = cache.for_phases(model, phases, 1)
     assert trunk is not None and not (tmp_path / "cache").exists()
 
 

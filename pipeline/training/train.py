@@ -176,37 +176,29 @@ class FoldModel:
                 self.scaler.load_state_dict(state["scaler"])
         return progress
 
+    def start_phase(self, job: FoldJob, pi: int, phase: Phase, n_train: int, resume: Progress) -> Optimiser:
+        """Freeze what the phase keeps frozen, a fresh optimiser and schedule (or the saved ones mid-phase)."""
+        t, model = job.cfg.train, self.model
+        n_trainable = set_trainable(model, phase.unfreeze)
+        self.sync_frozen_ema()
+        opt = create_optimizer_v2(model, "adamw", lr=phase.lr, weight_decay=t.weight_decay)
+        steps_per_epoch = training_batches(n_train, job.cfg.batch_size(job.model))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(phase.epochs * steps_per_epoch, t.warmup_frac))
+        if resume.phase == pi and resume.optimizer is not None:
+            opt.load_state_dict(resume.optimizer)
+            sched.load_state_dict(resume.scheduler)
+        phases = [p for p in job.cfg.phases(job.model) if p.epochs > 0]
+        print(
+            f"{job.name}: phase {pi + 1}/{len(phases)} train={phase.train} lr={phase.lr:g} "
+            f"epochs={phase.epochs} trainable params={n_trainable:,}"
+        )
+        first_step = sum(training_batches(n_train, job.cfg.batch_size(job.model)) * p.epochs for p in phases[:pi])
+        return Optimiser(model, opt, sched, self.ema, first_step + sched.last_epoch, t.grad_clip, self.scaler)
+
     @property
     def for_eval(self) -> AgeGenderNet:
         """What is validated and saved as best.pt: the EMA model when there is one."""
         return self.ema.module if self.ema is not None else self.model
-
-
-def start_phase(job: FoldJob, net: FoldModel, pi: int, phase: Phase, n_train: int, resume: Progress) -> Optimiser:
-    """Freeze what the phase keeps frozen, a fresh optimiser and schedule (or the saved ones mid-phase)."""
-    t, model = job.cfg.train, net.model
-    n_trainable = set_trainable(model, phase.unfreeze)
-    net.sync_frozen_ema()
-    opt = create_optimizer_v2(model, "adamw", lr=phase.lr, weight_decay=t.weight_decay)
-    steps_per_epoch = training_batches(n_train, job.cfg.batch_size(job.model))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(phase.epochs * steps_per_epoch, t.warmup_frac))
-    if resume.phase == pi and resume.optimizer is not None:
-        opt.load_state_dict(resume.optimizer)
-        sched.load_state_dict(resume.scheduler)
-    phases = [p for p in job.cfg.phases(job.model) if p.epochs > 0]
-    print(
-        f"{job.name}: phase {pi + 1}/{len(phases)} train={phase.train} lr={phase.lr:g} "
-        f"epochs={phase.epochs} trainable params={n_trainable:,}"
-    )
-    first_step = sum(training_batches(n_train, job.cfg.batch_size(job.model)) * p.epochs for p in phases[:pi])
-    return Optimiser(model, opt, sched, net.ema, first_step + sched.last_epoch, t.grad_clip, net.scaler)
-
-
-def phase_trunk(cache: TrunkCache, model, phases: list[Phase], pi: int) -> CachedTrunk | None:
-    """The phase's cached frozen trunk; computed at the deepest cut the following cached phases need."""
-    ahead = [frozen_prefix_length(model, q.unfreeze) for q in phases[pi:]]
-    ahead = ahead[: ahead.index(0)] if 0 in ahead else ahead
-    return cache.for_phase(frozen_prefix_length(model, phases[pi].unfreeze), min(ahead or [0]))
 
 
 def validate(job: FoldJob, eval_model, trunk: CachedTrunk | None, fs: FoldSet, loader=None) -> tuple:
@@ -345,8 +337,8 @@ class FoldTrainer:
                 epoch += phase.epochs
                 self.cache.note_trained(frozen_prefix_length(model, phase.unfreeze))
                 continue
-            optim = start_phase(self.job, self.net, pi, phase, self.n_train, self.progress)
-            trunk = phase_trunk(self.cache, model, self.phases, pi) if self.job.cfg.train.cache_frozen else None
+            optim = self.net.start_phase(self.job, pi, phase, self.n_train, self.progress)
+            trunk = self.cache.for_phases(model, self.phases, pi) if self.job.cfg.train.cache_frozen else None
             forward = phase_forward(self.job, model, trunk)
             step = EpochStep(forward, self.data.objective, self.job.precision, self.job.cfg.train.mixup)
             for _ in range(phase.epochs):

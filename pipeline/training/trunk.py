@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core.config import TrainConfig
+from ..core.config import Phase, TrainConfig
 from ..core.files import atomic_path, remove_stale_temporaries
 from ..models.network import AgeGenderNet
-from ..models.stages import evaluating, trunk_stages
+from ..models.stages import evaluating, frozen_prefix_length, trunk_stages
 from .job import autocast
 from .loader import (
     FaceDataset,
@@ -181,6 +181,12 @@ class TrunkCache:
         """A phase that kept the first k stages frozen has run (also one that finished before a resume)."""
         self.trained_from = k if self.trained_from is None else min(self.trained_from, k)
         self.lowest_trained = k if self.lowest_trained is None else min(self.lowest_trained, k)
+
+    def for_phases(self, model: AgeGenderNet, phases: list[Phase], pi: int) -> CachedTrunk | None:
+        """Phase pi's cached frozen trunk, computed at the deepest cut the following cached phases need."""
+        ahead = [frozen_prefix_length(model, q.unfreeze) for q in phases[pi:]]
+        ahead = ahead[: ahead.index(0)] if 0 in ahead else ahead
+        return self.for_phase(frozen_prefix_length(model, phases[pi].unfreeze), min(ahead or [0]))
 
     @torch.no_grad()
     def for_phase(self, k: int, k_min_ahead: int) -> CachedTrunk | None:
