@@ -21,7 +21,6 @@ from ..core.errors import DataError, PipelineError
 from ..core.files import atomic_folder, atomic_path
 from ..core.layout import (
     BEST,
-    BLEND,
     CONFIG_YAML,
     DATA_REPORT,
     BlendFile,
@@ -81,13 +80,6 @@ def run_config(config_path: str, overrides: list[str], runs: Path | None = None)
     if not saved.is_file():
         raise PipelineError(f"{exp_dir}: no such experiment; run it first (python -m pipeline run {config_path})")
     return load_config(saved), exp_dir
-
-
-def read_blend(exp_dir: Path) -> BlendFile:
-    path = exp_dir / BLEND
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: export needs a blended run; run the blend stage first")
-    return BlendFile.read(exp_dir)
 
 
 def collect_members(cfg: Config, exp_dir: Path, blend: BlendFile) -> list[ModelFolds]:
@@ -317,7 +309,7 @@ def export(cfg: Config, exp_dir: Path, fmt: str = "torch") -> tuple[Path, Path]:
     """Bundle a blended run: runs/<exp>/bundle (or bundle-onnx) and its archive. Returns (folder, archive)."""
     if fmt not in FORMATS:
         raise PipelineError(f"format={fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
-    blend = read_blend(exp_dir)
+    blend = BlendFile.read(exp_dir)  # refused in one line when the run is not blended
     members = collect_members(cfg, exp_dir, blend)
     info = bundle_info(cfg, exp_dir, blend, members, fmt)
     name = bundle_name(fmt)

@@ -28,7 +28,7 @@ from ..core.config import Config, ModelConfig
 from ..core.cores import usable_cores
 from ..core.errors import PipelineError
 from ..core.files import remove_stale_temporaries, write_bytes, write_text
-from ..core.layout import DONE_MARKERS, LAST, PREDICT_DONE, REPO, error_log, experiment_dir, fold_dir
+from ..core.layout import DONE_MARKERS, LAST, PREDICT_DONE, REPO, PredictDone, error_log, experiment_dir, fold_dir
 from ..data.competition import Competition
 from ..training.checkpoint import checkpoint_epoch
 from ..training.pseudo import stage_pseudo_labels
@@ -213,8 +213,7 @@ def fold_task(spec: JobSpec, comp: Competition, folds: pd.DataFrame) -> JobResul
     resumed = last_epoch(out)
     comp, images = model_images(comp, cfg, m)
     run_fold(spec.stage, cfg, m, k, comp, images, folds, out, exp_dir)
-    done = out / PREDICT_DONE
-    oof = json.loads(done.read_text())["oof"] if done.is_file() else None
+    oof = PredictDone.read(out).oof if (out / PREDICT_DONE).is_file() else None
     files = {} if cfg.ray.shared_fs else fold_files(out)
     if not cfg.ray.shared_fs:
         shutil.rmtree(out, ignore_errors=True)

@@ -66,13 +66,6 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _blend_summary(cfg: Config) -> BlendFile:
-    path = experiment_dir(cfg.experiment) / BLEND
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: submit sends a blended experiment's submission; run it first")
-    return BlendFile.read(path.parent)
-
-
 def _check_file(cfg: Config, path: Path) -> None:
     """The submission validation the blend stage applies: every test id once, in order, finite ages, 0/1 genders."""
     comp = load_competition(cfg)
@@ -108,7 +101,7 @@ def submit(cfg: Config, file: str = "", message: str = "", wait: bool = False, p
     slug = cfg.data.competition
     if not slug:
         raise PipelineError("data.competition: name the Kaggle competition (its slug) to submit to")
-    summary = _blend_summary(cfg)
+    summary = BlendFile.read(experiment_dir(cfg.experiment))  # one line when the experiment is not blended
     # the file whose CV blend.json holds; a blend stopped between the two leaves the newest file unclaimed
     latest_file = Path(summary.submission) if summary.submission else None
     path = Path(file) if file else latest_file or newest_submission(SUBMISSIONS, cfg.experiment)
