@@ -4,4 +4,5 @@ import sys
 
 from .orchestration.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when local.jobs' spawned processes import the main module again
+    sys.exit(main())

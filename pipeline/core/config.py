@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import functools
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -24,6 +24,7 @@ from .choices import AGE_HEADS, FITS, TTA_VIEWS
 from .errors import PipelineError
 from .extras import require
 from .metrics import HIGHER_IS_BETTER
+from .session import default_cache_dir, valid_budget
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # pipeline/configs: the recipes, package data
 
@@ -121,7 +122,12 @@ class DataConfig:
     )
     max_age: float = setting(120.0, "the oldest valid age label; predicted ages are clipped to [0, max_age]")
     limit: int = setting(0, "use only the first N training images (0 = all); for quick trials")
-    cache_dir: str = setting("runs/cache", "where decoded images are cached", changes_results=False)
+    cache_dir: str = setting(
+        "auto",
+        "where decoded images, face boxes, hashes and frozen-trunk outputs are cached (nothing a resume needs); "
+        "auto: a Kaggle notebook's scratch disk (/kaggle/temp), elsewhere runs/cache",
+        changes_results=False,
+    )
     competition: str = setting(
         "",
         "a Kaggle competition's slug (kaggle.com/competitions/SLUG): its files are downloaded into root when root is "
@@ -136,6 +142,11 @@ class DataConfig:
         hint="name codes 0 and 1 in that order, e.g. [female, male]",
         changes_results=False,
     )
+
+    @property
+    def cache_folder(self) -> str:
+        """data.cache_dir with auto resolved: where this run keeps its caches."""
+        return default_cache_dir() if self.cache_dir == "auto" else self.cache_dir
 
 
 @dataclass
@@ -365,6 +376,23 @@ class RayConfig:
     shared_fs: bool = setting(True, "false: jobs send their fold's files back to the driver, which writes them")
 
 
+def _jobs_value(jobs: str) -> bool:
+    return jobs == "auto" or (jobs.isdigit() and int(jobs) > 0)
+
+
+@dataclass
+class LocalConfig:
+    """launcher=local: how many (model, fold) jobs run at once on this machine."""
+
+    jobs: str = setting(
+        "auto",
+        "jobs at once, each in its own process pinned to one GPU; auto: one per visible GPU, 1 without a GPU (1 runs "
+        "them in this process). CPU cores are shared out among the jobs",
+        check=_jobs_value,
+        hint="use auto or a positive number of jobs, e.g. 2",
+    )
+
+
 SPACE_KINDS = ("loguniform", "uniform", "int", "choice")
 
 
@@ -432,7 +460,22 @@ class Config:
         choices=("local", "ray"),
         changes_results=False,
     )
+    local: LocalConfig = setting(LocalConfig, "how launcher=local runs its jobs", changes_results=False)
     ray: RayConfig = setting(RayConfig, "where launcher=ray runs its jobs", changes_results=False)
+    budget: str = setting(
+        "auto",
+        "the run's time budget, e.g. 11h30m: an epoch that would not fit is not started, the run stops cleanly and "
+        "resume_from continues it; auto: 11h30m in a Kaggle notebook, none elsewhere",
+        check=valid_budget,
+        hint="write a duration such as 11h30m, 90m or 45s, or none, or auto",
+        changes_results=False,
+    )
+    resume_from: str = setting(
+        "",
+        "a folder holding an earlier session's output (its runs/, folds/): its finished folds are taken over and its "
+        "unfinished ones continue; it is only read (e.g. /kaggle/input/<notebook-output>)",
+        changes_results=False,
+    )
     tune: TuneConfig = setting(TuneConfig, "the search of agegender tune", changes_results=False)
 
     def model(self, name: str) -> ModelConfig:
@@ -654,6 +697,36 @@ def upgrade_legacy(raw: dict, cls=Config) -> dict:
             if record and isinstance(entry, dict):
                 upgrade_legacy(entry, record)
     return raw
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Dotted keys to values, into dicts and lists of dicts (models.0.age_head)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out.update(_flatten({str(i): x for i, x in enumerate(v)}, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _defaults_like(cfg: Config) -> dict:
+    """Every key's default value, for a config with as many models and phases as `cfg`."""
+    models = [ModelConfig(phases=[Phase() for _ in m.phases]) for m in cfg.models]
+    train = TrainConfig(phases=[Phase() for _ in cfg.train.phases])
+    return _flatten(replace(Config(), models=models, train=train).to_dict())
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """The keys that change results on which a saved config (an experiment's config.json) and `cfg` differ. A key
+    the saved config does not have is a setting added to the code since: at its default it changes nothing; keys
+    declared changes_results=False (how and where jobs run, tracking, tuning) are not compared."""
+    old, new = _flatten(upgrade_legacy(saved)), _flatten(cfg.to_dict())
+    defaults = _defaults_like(cfg)
+    return [k for k in sorted(set(old) | set(new)) if old.get(k, defaults.get(k)) != new.get(k) and changes_results(k)]
 
 
 def reference() -> str:

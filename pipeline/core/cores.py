@@ -14,3 +14,9 @@ def usable_cores() -> int:
     if omp.isdigit() and int(omp) > 0:
         cores = min(cores, int(omp))
     return max(1, cores)
+
+
+def cores_per_job(jobs: int) -> int:
+    """The cores each of `jobs` jobs running at once on this machine gets: its torch threads, and (through
+    OMP_NUM_THREADS in its process) its loader workers and pools."""
+    return max(1, usable_cores() // jobs)

@@ -11,3 +11,9 @@ class DataError(PipelineError):
 
 class BundleError(PipelineError):
     """Not a bundle, or a damaged one."""
+
+
+class OutOfTime(PipelineError):
+    """The time budget ran out: the run stopped cleanly after an epoch; resume_from (or the same command) goes on."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later

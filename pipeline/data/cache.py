@@ -121,7 +121,7 @@ def prepare_images(comp: Competition, cfg: Config, size: int) -> tuple[Competiti
     d = cfg.data
     train_paths, test_paths = comp.train.path.tolist(), comp.test.path.tolist()
     train_tag, test_tag = f"{comp.name}-train", f"{comp.name}-test"
-    tr, ok, errors = cached_images(train_paths, size, d.cache_dir, train_tag, d.fit, d.face_crop, d.zoom)
+    tr, ok, errors = cached_images(train_paths, size, d.cache_folder, train_tag, d.fit, d.face_crop, d.zoom)
     if not ok.all():
         bad = np.flatnonzero(~ok)
         first = comp.train.path.iat[bad[0]]
@@ -136,7 +136,7 @@ def prepare_images(comp: Competition, cfg: Config, size: int) -> tuple[Competiti
         tr = tr[ok]
     te, ok_t = np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool)
     if len(comp.test):
-        te, ok_t, errors_t = cached_images(test_paths, size, d.cache_dir, test_tag, d.fit, d.face_crop, d.zoom)
+        te, ok_t, errors_t = cached_images(test_paths, size, d.cache_folder, test_tag, d.fit, d.face_crop, d.zoom)
         if not ok_t.all():
             bad = np.flatnonzero(~ok_t)
             print(
@@ -148,8 +148,8 @@ def prepare_images(comp: Competition, cfg: Config, size: int) -> tuple[Competiti
         counts = FaceCropCounts(
             int(ok.sum()),
             int(ok_t.sum()),
-            _without_face(train_paths, ok, d.cache_dir, train_tag),
-            _without_face(test_paths, ok_t, d.cache_dir, test_tag) if len(test_paths) else [],
+            _without_face(train_paths, ok, d.cache_folder, train_tag),
+            _without_face(test_paths, ok_t, d.cache_folder, test_tag) if len(test_paths) else [],
         )
         comp = replace(comp, face_crop=counts)
     return comp, Images(train=tr, test=te)

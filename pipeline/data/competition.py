@@ -168,7 +168,7 @@ def _with_groups(comp: Competition, cfg: Config) -> Competition:
     if how != "near_duplicates":
         return comp  # none, or a column the loader read as fold_group
     train = comp.train
-    hashes = image_hashes(train.path.tolist(), cfg.data.cache_dir)
+    hashes = image_hashes(train.path.tolist(), cfg.data.cache_folder)
     conflicts = label_conflicts(train, hashes)
     if conflicts:
         first = train.iloc[conflicts[0]]

@@ -324,7 +324,7 @@ def holdout_from_bundle(bundle: Bundle, cfg: Config, chunk: int = 256) -> dict[s
     if comp.holdout_labels is None:
         raise PipelineError("this run has no held-out split (data.holdout=0)")
     paths = comp.test.path.tolist()
-    found = find_faces(paths, cfg.data.cache_dir, f"{comp.name}-test") if cfg.data.face_crop == "detect" else None
+    found = find_faces(paths, cfg.data.cache_folder, f"{comp.name}-test") if cfg.data.face_crop == "detect" else None
     pred = predict_paths(bundle, paths, cfg.data.fit, found, chunk)
     h = comp.holdout_labels
     return evaluate(

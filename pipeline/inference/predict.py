@@ -52,7 +52,7 @@ def predict_fold(job: FoldJob) -> None:
     _, val_rows = job.rows()
     stored = None
     if cfg.train.cache_frozen:  # the OOF rows' TTA views went through the frozen trunk before: reuse its outputs
-        store = TrunkStore(cfg.data.cache_dir, job.images.train, cfg.train, how.precision)
+        store = TrunkStore(cfg.data.cache_folder, job.images.train, cfg.train, how.precision)
         stored = stored_tta_inputs(model, store, how.tta)
     if stored is not None:
         age, prob = predict_stored(model, stored, val_rows, how, units)

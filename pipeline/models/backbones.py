@@ -286,3 +286,43 @@ def _say_loaded(arch: str, model: nn.Module) -> None:
 
 def create_model(m: ModelConfig, load_weights: bool = True) -> AgeGenderNet:
     return AgeGenderNet(create_backbone(m, load_weights), m.drop_rate, m.age_head)
+
+
+# What a pretrained tag says its weights were trained on (timm's tags: in1k, in22k_ft_in1k, ns_jft_in1k, ...).
+PRETRAINING_DATA = (
+    ("laion", "LAION (CLIP)"),
+    ("openai", "OpenAI's CLIP data (WIT-400M)"),
+    ("jft", "JFT-300M (Google, private)"),
+    ("ig1b", "Instagram-1B"),
+    ("swsl", "Instagram-1B (semi-weakly supervised)"),
+    ("ssl", "YFCC-100M (semi-supervised)"),
+    ("in22k", "ImageNet-22k"),
+    ("in21k", "ImageNet-21k"),
+    ("in12k", "ImageNet-12k"),
+    ("in1k", "ImageNet-1k"),
+    ("dino", "LVD-142M (DINOv2)"),
+    ("sam", "SA-1B (Segment Anything)"),
+)
+
+
+def pretraining(m: ModelConfig) -> str:
+    """What the model's starting weights were pretrained on, and their licence, for a competition's rules: from
+    the timm tag and its pretrained config (models[].weights: as the tag of the architecture named)."""
+    arch = m.timm_name
+    if arch == "scratch_cnn" or not m.pretrained:
+        return f"{m.name}: no pretrained weights (random init)"
+    cfg = get_pretrained_cfg(arch)
+    tag = (cfg.tag if cfg else "") or ""
+    data = [label for key, label in PRETRAINING_DATA if key in tag]
+    source = " then ".join(data) or f"tag {tag or 'none'}: see its model card"
+    licence = (cfg.license if cfg else None) or "not stated"
+    weights = f"{arch.split('.')[0]}.{tag}" if tag else arch
+    origin = f", weights file {m.weights}" if m.weights else ""
+    label = weights if m.name == weights else f"{m.name} ({weights}{origin})"
+    return f"{label}: pretrained on {source}; licence {licence}"
+
+
+def parameter_count(m: ModelConfig) -> int:
+    """The network's parameters, counted on the meta device (nothing allocated, nothing read)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(m, load_weights=False).parameters())

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..core.errors import BundleError, PipelineError
+from ..core.errors import BundleError, OutOfTime, PipelineError
 from ..core.extras import check_python, require
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would ask PyPI for news on every import
@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         return command.run(args)
     try:
         return command.run(args)
+    except OutOfTime as e:  # the time budget: a clean stop, not an error
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except PipelineError as e:  # anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from ..core.config import Config, ModelConfig
+from ..core.errors import PipelineError
 from ..core.files import exclusive
 from ..core.layout import LAST, PREDICT_DONE, TRAIN_DONE, fold_lock
 from ..core.tracking import Tracker
@@ -70,3 +71,19 @@ def run_fold(
         if stage in ("predict", "run"):
             predict_fold(job)
         tracker.finish()
+
+
+def pseudo_label_waves(cfg: Config, jobs: list) -> list[list]:
+    """Jobs in waves: models without pseudo-labels first, then each student after its teacher's wave."""
+    level: dict[str, int] = {}
+    for m in cfg.models:  # a teacher is always listed before its students (config check)
+        level[m.name] = level[m.pseudo_labels] + 1 if m.pseudo_labels else 0
+    waves = [[(m, k) for m, k in jobs if level[m.name] == n] for n in range(max(level.values()) + 1)]
+    return [w for w in waves if w]
+
+
+def failed_jobs_error(failed: list[str]) -> PipelineError:
+    """The one line of a run whose jobs (named model-fold<k>) failed while the others finished (ray, local.jobs)."""
+    return PipelineError(
+        f"{len(failed)} job(s) failed ({', '.join(failed)}); finished folds are kept and a rerun skips them"
+    )

@@ -32,7 +32,7 @@ from ..core.layout import DONE_MARKERS, LAST, PREDICT_DONE, REPO, PredictDone, e
 from ..data.competition import Competition
 from ..training.checkpoint import checkpoint_epoch
 from ..training.pseudo import stage_pseudo_labels
-from .jobs import fold_todo, model_images, run_fold, worker_threads
+from .jobs import failed_jobs_error, fold_todo, model_images, pseudo_label_waves, run_fold, worker_threads
 
 CANCEL_GRACE_S = 10  # Ctrl-C: how long jobs get to stop cleanly before they are killed
 SCRATCH = Path(tempfile.gettempdir()) / "pipeline-ray"
@@ -303,15 +303,6 @@ def run_on_ray(stage: str, cfg: Config, models: list, folds_to_run: list[int], c
     return used
 
 
-def pseudo_label_waves(cfg: Config, jobs: list) -> list[list]:
-    """Jobs in waves: models without pseudo-labels first, then each student after its teacher's wave."""
-    level: dict[str, int] = {}
-    for m in cfg.models:  # a teacher is always listed before its students (config check)
-        level[m.name] = level[m.pseudo_labels] + 1 if m.pseudo_labels else 0
-    waves = [[(m, k) for m, k in jobs if level[m.name] == n] for n in range(max(level.values()) + 1)]
-    return [w for w in waves if w]
-
-
 def collect(ray, cfg: Config, refs: dict, exp_dir: Path) -> None:
     """Wait for every job: one line per finished one, a bar over all; Ctrl-C cancels what is still running."""
     failed, total = [], len(refs)
@@ -337,9 +328,7 @@ def collect(ray, cfg: Config, refs: dict, exp_dir: Path) -> None:
         bar.close()
     print(f"ray: {total - len(failed)} of {total} jobs finished in {time.perf_counter() - t0:.0f}s")
     if failed:
-        raise PipelineError(
-            f"{len(failed)} job(s) failed ({', '.join(failed)}); finished folds are kept and a rerun skips them"
-        )
+        raise failed_jobs_error(failed)
 
 
 def cancel(ray, cfg: Config, refs: dict) -> None:

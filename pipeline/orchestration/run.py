@@ -7,8 +7,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.config import Config, ModelConfig, Phase, TrainConfig, changes_results, dump_config, upgrade_legacy
-from ..core.errors import PipelineError
+from ..core.config import Config, config_changes, dump_config
+from ..core.errors import OutOfTime, PipelineError
 from ..core.files import exclusive, remove_stale_temporaries, write_text
 from ..core.layout import (
     CONFIG_JSON,
@@ -25,36 +25,20 @@ from ..core.layout import (
     experiment_dir,
     fold_dir,
 )
+from ..core.session import kaggle
 from ..data.competition import load_competition
 from ..data.demo import make_demo
 from ..data.folds import ensure_folds
 from ..inference.blend import blend
-from ..models.backbones import check_name, check_weights
+from ..models.backbones import check_name, check_weights, pretraining
 from ..training.job import check_compile, check_device
-from .jobs import fold_started, model_images, run_fold
+from .budget import Budget, Stops, stop_if_stopped
+from .jobs import fold_started, fold_todo, model_images, run_fold
+from .outputs import output_line
+from .parallel import RunSpec, job_slots, run_parallel
+from .resume import take_over
 
 STAGES = ("folds", "train", "predict", "blend", "run")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """Dotted keys to values, into dicts and lists of dicts (models.0.age_head)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            out.update(_flatten({str(i): x for i, x in enumerate(v)}, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _defaults_like(cfg: Config) -> dict:
-    """Every key's default value, for a config with as many models and phases as `cfg`."""
-    models = [ModelConfig(phases=[Phase() for _ in m.phases]) for m in cfg.models]
-    train = TrainConfig(phases=[Phase() for _ in cfg.train.phases])
-    return _flatten(replace(Config(), models=models, train=train).to_dict())
 
 
 def print_fold_summary(exp_dir: Path, models: list, folds_to_run: list[int], metric: str) -> None:
@@ -77,14 +61,7 @@ def claim_experiment(cfg: Config) -> Path:
     saved = exp_dir / CONFIG_JSON
     current = cfg.to_dict()
     if saved.is_file():
-        old = _flatten(upgrade_legacy(json.loads(saved.read_text())))
-        new = _flatten(current)
-        # a key the saved config does not have is a setting added to the code since: at its default it changes nothing;
-        # keys declared changes_results=False (how and where jobs run, tracking, tuning) are not compared
-        defaults = _defaults_like(cfg)
-        changed = [
-            k for k in sorted(set(old) | set(new)) if old.get(k, defaults.get(k)) != new.get(k) and changes_results(k)
-        ]
+        changed = config_changes(json.loads(saved.read_text()), cfg)
         if changed:
             raise PipelineError(
                 f"experiment {cfg.experiment!r} already exists in {exp_dir} with a different config "
@@ -111,6 +88,8 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
         raise PipelineError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     if stage in ("train", "predict", "run"):
         check_gpu_here(cfg)
+        if cfg.launcher == "local":
+            job_slots(cfg)  # local.jobs beyond the GPUs or cores: refused before anything is written
     if cfg.data.root == "demo":
         cfg = replace(cfg, data=replace(cfg.data, root=str(make_demo(DEMO_ROOT)), name=cfg.data.name or "demo"))
     models = [cfg.model(model)] if model else cfg.models
@@ -121,20 +100,29 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
     exp_dir = experiment_dir(cfg.experiment)
     if stage in ("train", "run"):
         check_compile(cfg)
-    for m in models:  # starting weights are read only by folds that start training: refused now, before any writing
+    for m in models:
         check_name(m)
-        if stage in ("train", "run") and not all(fold_started(fold_dir(exp_dir, m.name, k)) for k in folds_to_run):
-            check_weights(m)
     if stage in ("run", "blend", "folds"):
         with exclusive(exp_dir / LOCK, f"experiment {cfg.experiment!r}"):
             return _run(stage, cfg, models, folds_to_run, t0)
     return _run(stage, cfg, models, folds_to_run, t0)
 
 
+def check_starting_weights(stage: str, models: list, folds_to_run: list[int], exp_dir: Path) -> None:
+    """Starting weights are read only by folds that start training: refused now, before training begins."""
+    for m in models:
+        if stage in ("train", "run") and not all(fold_started(fold_dir(exp_dir, m.name, k)) for k in folds_to_run):
+            check_weights(m)
+
+
 def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: float) -> Path | None:
-    exp_dir = claim_experiment(cfg)
+    exp_dir = experiment_dir(cfg.experiment)
     for folder in (exp_dir, FOLDS_DIR, SUBMISSIONS):  # leftovers of a killed run
         remove_stale_temporaries(folder)
+    if cfg.resume_from:
+        take_over(cfg)
+    exp_dir = claim_experiment(cfg)
+    check_starting_weights(stage, models, folds_to_run, exp_dir)
     comp = load_competition(cfg)
     print(
         f"data: {comp.name}: {len(comp.train)} training images, {len(comp.test)} test images, "
@@ -150,7 +138,8 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
 
             comp = run_on_ray(stage, cfg, models, folds_to_run, comp, folds, exp_dir)
         else:
-            comp = _run_local(stage, cfg, models, folds_to_run, comp, folds, exp_dir)
+            started = time.time() - (time.perf_counter() - t0)
+            comp = _run_local(stage, cfg, models, folds_to_run, comp, folds, exp_dir, started)
         print_fold_summary(exp_dir, models, folds_to_run, cfg.metric)
         if comp.face_crop:
             print(comp.face_crop_line())
@@ -165,11 +154,42 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
     return None
 
 
-def _run_local(stage: str, cfg: Config, models: list, folds_to_run: list[int], comp, folds, exp_dir: Path):
-    """Every (model, fold) job in this process, one after another. Returns the competition the blend uses."""
-    used = comp
-    for m in models:
-        used, images = model_images(comp, cfg, m)
-        for k in folds_to_run:
-            run_fold(stage, cfg, m, k, used, images, folds, fold_dir(exp_dir, m.name, k), exp_dir)
+def _run_local(stage: str, cfg: Config, models: list, folds_to_run: list[int], comp, folds, exp_dir: Path, start):
+    """Every unfinished (model, fold) job, local.jobs at once (one: in this process, one after another), within the
+    time budget (from `start`, time.time() of the run's start). Returns the competition the blend uses."""
+    session = kaggle()
+    slots = job_slots(cfg)
+    todo = [(m, k) for m in models for k in folds_to_run if fold_todo(stage, fold_dir(exp_dir, m.name, k))]
+    budget = Budget.plan(cfg, session, todo if stage != "predict" else [], exp_dir, len(slots), start)
+    for line in (
+        budget.start_line(session),
+        session and output_line(cfg, session, models, len(folds_to_run), len(slots), len(comp.train) + len(comp.test)),
+    ):
+        if line:
+            print(line)
+    if stage != "predict":
+        for m in models:
+            print(f"weights: {pretraining(m)}")
+    used, stops = comp, Stops()
+    if len(slots) > 1:
+        for m in models:  # every model's image cache, built here once; the jobs' processes read them
+            used, _ = model_images(comp, cfg, m)
+        stops = run_parallel(stage, cfg, todo, RunSpec(comp, folds, exp_dir, slots, budget))
+    else:
+        for m in models:
+            if stops:
+                stops.held_back = True
+                break
+            used, images = model_images(comp, cfg, m)
+            for k in folds_to_run:
+                out = fold_dir(exp_dir, m.name, k)
+                if stage != "predict" and fold_todo(stage, out) and not budget.job_fits(m.name):
+                    stops.held_back = True
+                    break
+                try:
+                    run_fold(stage, cfg, m, k, used, images, folds, out, exp_dir, callbacks=[budget])
+                except OutOfTime as e:
+                    stops.stopped[m.name, k] = str(e)
+                    break
+    stop_if_stopped(budget, stage, exp_dir, [(m.name, k) for m in models for k in folds_to_run], stops)
     return used

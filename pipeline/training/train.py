@@ -326,7 +326,7 @@ class FoldTrainer:
         self.loaders = FoldLoaders.of(job, self.data, train_ds)
         self.phases = [p for p in job.cfg.phases(job.model) if p.epochs > 0]
         d = self.data
-        store = TrunkStore(job.cfg.data.cache_dir, d.images, t, job.precision)
+        store = TrunkStore(job.cfg.data.cache_folder, d.images, t, job.precision)
         self.cache = TrunkCache(model, store, rows=(d.tr_rows, d.va_rows), device=job.device)
 
     def fit(self) -> None:
