@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from ..core.config import Config, ModelConfig
 from ..core.cores import cores_per_job, usable_cores
@@ -73,6 +75,7 @@ def child_main(spec: ChildSpec, results: Connection) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
     os.environ["OMP_NUM_THREADS"] = str(spec.threads)
     torch.set_num_threads(spec.threads)
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a killed job would leak its semaphore
     os.chdir(spec.cwd)
     cfg, m, k = spec.cfg, spec.model, spec.fold
     try:
