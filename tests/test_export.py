@@ -89,6 +89,8 @@ def test_bundle_contents(run):
     card = (run.torch_dir / "README.md").read_text()
     assert "| blend |" in card and "torch 2" in card and "90 training images" in card
     assert "0 = gender code 0" in card and "data.gender_labels" in card
+    assert "scratch_cnn: no pretrained weights" in card
+    assert "tf_efficientnet_lite0 (tf_efficientnet_lite0.in1k): pretrained on ImageNet-1k; licence apache-2.0" in card
     onnx_info = json.loads((run.onnx_dir / "bundle.json").read_text())
     assert onnx_info["gender"]["labels"] == {"0": "male", "1": "female"} and onnx_info["runtime"] == "onnx"
 

@@ -66,6 +66,8 @@ def test_in_a_kaggle_notebook_caches_go_to_scratch(kaggle_run):
     assert list((work.parent / "temp" / "agegender-cache").glob("*-train-32px-*.npy"))
     assert list((work.parent / "temp" / "agegender-cache").glob("trunk-*.npy"))
     assert not list(work.rglob("last.pt"))  # kept only while its fold trains
+    report = (work / "runs/exp/report.html").read_text()
+    assert "<h2>Starting weights</h2>" in report and "scratch_cnn: no pretrained weights" in report
 
 
 def test_two_jobs_at_once_give_the_same_submission(kaggle_run, demo_root, tmp_path):

@@ -37,7 +37,7 @@ from ..core.metrics import evaluate
 from ..core.provenance import git_commit
 from ..data.cache import find_faces
 from ..data.competition import detect_layout, load_competition
-from ..models.backbones import create_model
+from ..models.backbones import create_model, pretraining
 from ..models.tta import TTAFold
 from ..serving.bundle import NAME_THEM, UNNAMED, Bundle
 from ..serving.kaggle_predict import predict_paths
@@ -239,6 +239,10 @@ def model_card(info: BundleInfo) -> str:
         f"Gender: probability of code 1, decided at threshold {g.threshold:.2f}; codes "
         + ", ".join(f"{k} = {v}" for k, v in g.labels.items())
         + f" ({g.labels_from}).",
+        "",
+        "Starting weights (check them against a competition's rules): "
+        + "; ".join(pretraining(ModelConfig(name=m.name, arch=m.spec["arch"])) for m in info.models)
+        + ".",
         "",
         "Blend weights (chosen on out-of-fold predictions): "
         + "; ".join(f"{m.name}: age {m.age_weight:.3f}, gender {m.gender_weight:.3f}" for m in info.models),

@@ -32,6 +32,7 @@ from ..core.metrics import METRICS, evaluate, is_better
 from ..core.tracking import Tracker
 from ..data.competition import Competition
 from ..data.test_set import shape_submission
+from ..models.backbones import pretraining
 from .report import write_report
 
 
@@ -362,7 +363,8 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
 def _finish(cfg: Config, exp_dir: Path, summary: BlendFile, names: list[str], submission: Path | None = None) -> None:
     """blend.json, the HTML report and the W&B blend run."""
     summary.write(exp_dir)
-    report = write_report(exp_dir, names, cfg.folds.n_splits, cfg.metric, cfg.folds.age_bins)
+    weights = [pretraining(m) for m in cfg.models]
+    report = write_report(exp_dir, names, cfg.folds.n_splits, cfg.metric, cfg.folds.age_bins, weights)
     print(f"report: {report}")
     tracker = Tracker(cfg, "blend", "blend", exp_dir)
     flat = {f"oof/{model}/{k}": v for model, m in summary.table.items() for k, v in m.items()}

@@ -226,8 +226,11 @@ def _face_crop_html(fc: dict) -> str:
     return out
 
 
-def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, age_bins: list[float]) -> Path:
-    """age_bins: the lower edges of the age bins (folds.age_bins); the last bin is open-ended."""
+def write_report(
+    exp_dir: Path, models: list[str], n_splits: int, metric: str, age_bins: list[float], weights: list[str] = ()
+) -> Path:
+    """age_bins: the lower edges of the age bins (folds.age_bins); the last bin is open-ended. weights: what each
+    model's starting weights were pretrained on, and their licence (models.backbones.pretraining)."""
     summary = BlendFile.read(exp_dir)
     oof = pd.read_csv(exp_dir / OOF_BLEND, dtype={"id": str}, keep_default_na=False)
     threshold = summary.threshold
@@ -285,6 +288,13 @@ def write_report(exp_dir: Path, models: list[str], n_splits: int, metric: str, a
         ]
     if summary.submission:
         parts.append(f"<p>Submission: <code>{html.escape(summary.submission)}</code></p>")
+    if weights:
+        parts += [
+            "<h2>Starting weights</h2><p>What each backbone was pretrained on, and the weights' licence: check them "
+            "against the competition's rules (many allow ImageNet-pretrained weights only).</p><ul>",
+            *(f"<li>{html.escape(w)}</li>" for w in weights),
+            "</ul>",
+        ]
     parts += [
         "<h2>Learning curves</h2>",
         f"<img src='data:image/png;base64,{img['curves']}'>",

@@ -23,6 +23,7 @@ from ..data.competition import load_competition
 from ..data.test_set import validate_submission
 from ..inference.blend import newest_submission
 from ..inference.report import leaderboard_plot, write_report
+from ..models.backbones import pretraining
 
 COLUMNS = [
     "time", "competition", "ref", "status", "public_score", "private_score", "experiment", "metric", "cv",
@@ -261,7 +262,10 @@ def submissions(cfg: Config) -> pd.DataFrame:
     exp_dir = experiment_dir(cfg.experiment)
     if (exp_dir / BLEND).is_file():
         plot = leaderboard_plot(exp_dir, table)
-        report = write_report(exp_dir, [m.name for m in cfg.models], cfg.folds.n_splits, cfg.metric, cfg.folds.age_bins)
+        weights = [pretraining(m) for m in cfg.models]
+        report = write_report(
+            exp_dir, [m.name for m in cfg.models], cfg.folds.n_splits, cfg.metric, cfg.folds.age_bins, weights
+        )
         print(f"CV against the leaderboard: {plot}, also in {report}")
     return table
 
