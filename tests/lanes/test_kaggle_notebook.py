@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent  # as in conftest.py
 WHEEL = Path(os.environ.get("AGEGENDER_WHEEL", ""))  # the wheel the lane built and installed
 SLUG = "age-gender-demo"  # kaggle_root's competition
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "kaggle_train.ipynb"
-PARAMETERS = ("INPUT", "WORKING", "PACKAGE", "WHEELS", "CONFIG", "OVERRIDES")
+PARAMETERS = ("INPUT", "WORKING", "PACKAGE", "WHEELS", "CONFIG", "OVERRIDES", "RESUME_FROM")
 FAST = ["data.img_size=32", "models.0.phases.0.epochs=2", "models.1.phases.0.epochs=1", "models.1.phases.2.epochs=1"]
 
 
@@ -35,7 +35,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, str]]:
     }
 
 
-def execute(kaggle_root: Path, name: str, overrides: list[str]) -> tuple[Path, nbformat.NotebookNode]:
+def execute(
+    kaggle_root: Path, name: str, overrides: list[str], resume_from: str = ""
+) -> tuple[Path, nbformat.NotebookNode]:
     """The notebook with its parameters replaced, run in a fresh folder under working/ (other tests share it)."""
     assert WHEEL.is_file(), f"AGEGENDER_WHEEL={WHEEL}: not the wheel tests/lanes/run.sh built"
     working = kaggle_root / "working" / name
@@ -48,6 +50,7 @@ def execute(kaggle_root: Path, name: str, overrides: list[str]) -> tuple[Path, n
         "WHEELS": str(WHEEL.parent),
         "CONFIG": "demo",
         "OVERRIDES": overrides,
+        "RESUME_FROM": resume_from,
     }
     parameters_cell(nb).source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
     # the kernel: ipykernel's python3 spec, started with this Python; its PATH finds this venv's commands first
@@ -75,6 +78,7 @@ def test_committed_clean():
     assert set(PARAMETERS) <= set(values), cell.source
     assert values["INPUT"].startswith("/kaggle/input/") and values["WORKING"] == "/kaggle/working"
     assert values["CONFIG"] == "utkface_gpu" and values["OVERRIDES"] == [] and values["WHEELS"] == ""
+    assert values["RESUME_FROM"] == ""
     assert values["PACKAGE"].startswith("agegender[train]")
     for c in nb.cells:
         if c.cell_type == "code":
@@ -102,3 +106,16 @@ def test_a_failing_run_stops_the_notebook_with_its_message(kaggle_root):
         execute(kaggle_root, "failing-notebook", ["data.img_size=abc"])
     assert "data.img_size: expected int, got 'abc'" in str(e.value)
     assert not (kaggle_root / "working" / "failing-notebook" / "submission.csv").exists()
+
+
+def test_a_run_longer_than_a_session_goes_on_from_its_output(kaggle_root):
+    """The budget runs out in the first session: the notebook ends without a submission, saying how to go on; the
+    second session, RESUME_FROM the first one's output, takes its folds over and writes the submission."""
+    first, nb = execute(kaggle_root, "first-session", [*FAST, "budget=0.01s"])
+    out = text_of(nb)
+    assert "stopped: the budget of 0s is used up" in out and "run it in a new session with RESUME_FROM" in out, out
+    assert not (first / "submission.csv").exists() and list(first.glob("runs/demo/*/fold0/last.pt"))
+    second, nb = execute(kaggle_root, "second-session", FAST, resume_from=str(first))
+    out = text_of(nb)
+    assert "resume_from: took over 0 trained fold(s) and 1 unfinished one(s)" in out, out
+    assert (second / "submission.csv").is_file()
