@@ -154,3 +154,37 @@ def test_too_many_jobs_are_refused_before_anything_is_written(demo_root, tmp_pat
         "error: local.jobs=3: this machine has 2 usable CPU core(s) and each job needs one; use local.jobs=2 or fewer"
     )
     assert not any(tmp_path.glob("runs")) and not any(tmp_path.glob("folds"))
+
+
+def _running(pid: str) -> bool:
+    """Whether the process runs (an exited child nobody has reaped yet is a zombie, state Z)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_jobs_stop_when_their_run_is_killed(demo_root, tmp_path):
+    """kill -9 of the run (a restarted notebook kernel): its jobs' processes stop too, releasing their folds' locks
+    and GPUs, and the same command resumes."""
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cli_command("run", _config(tmp_path, demo_root), "local.jobs=2"),
+            cwd=tmp_path,
+            env=cli_env({**TWO_JOBS, "PYTHONUNBUFFERED": "1"}),
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+        )
+        pids = wait_for(
+            lambda: (
+                re.findall(r"started in process (\d+)", log.read_text())
+                if log.read_text().count("started in process") == 2
+                else None
+            )
+        )
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: not any(_running(pid) for pid in pids), timeout=120)
+    r = cli("run", _config(tmp_path, demo_root), "local.jobs=2", cwd=tmp_path, env=TWO_JOBS)
+    assert r.returncode == 0, r.stdout + r.stderr

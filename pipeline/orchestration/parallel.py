@@ -36,6 +36,7 @@ from .budget import Budget, Stops
 from .jobs import failed_jobs_error, model_images, pseudo_label_waves, run_fold
 
 CANCEL_GRACE_S = 10  # Ctrl-C: how long jobs get to stop cleanly before they are killed
+ORPHAN_CHECK_S = 2  # how often a job checks that its run is still alive
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ChildSpec:
     gpu: int | None
     threads: int
     budget: Budget
+    parent: int  # the run's process: the job stops when it is gone
 
 
 def child_main(spec: ChildSpec, results: Connection) -> None:
@@ -76,6 +78,7 @@ def child_main(spec: ChildSpec, results: Connection) -> None:
     os.environ["OMP_NUM_THREADS"] = str(spec.threads)
     torch.set_num_threads(spec.threads)
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a killed job would leak its semaphore
+    threading.Thread(target=_stop_when_orphaned, args=(spec.parent,), daemon=True).start()
     os.chdir(spec.cwd)
     cfg, m, k = spec.cfg, spec.model, spec.fold
     try:
@@ -100,6 +103,14 @@ def child_main(spec: ChildSpec, results: Connection) -> None:
         )
     finally:
         results.close()
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A job whose run was killed (kill -9, a restarted notebook kernel) stops too, as a job in the run's own process
+    would: it must not hold its fold's lock or its GPU. A rerun resumes it from its last epoch."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_S)
+    os._exit(1)
 
 
 def job_slots(cfg: Config) -> list[int | None]:
@@ -196,7 +207,18 @@ def _run_wave(stage: str, cfg: Config, wave: list, run: RunSpec, failed: list[st
 def _start(ctx, stage: str, cfg: Config, m: ModelConfig, k: int, run: RunSpec, slot: int) -> Child:
     receive, send = ctx.Pipe(duplex=False)
     spec = ChildSpec(
-        stage, cfg, m, k, run.comp, run.folds, run.exp_dir, os.getcwd(), run.gpus[slot], run.threads, run.budget
+        stage,
+        cfg,
+        m,
+        k,
+        run.comp,
+        run.folds,
+        run.exp_dir,
+        os.getcwd(),
+        run.gpus[slot],
+        run.threads,
+        run.budget,
+        os.getpid(),
     )
     process = ctx.Process(target=child_main, args=(spec, send), name=f"{m.name}-fold{k}", daemon=False)
     process.start()
