@@ -18,7 +18,7 @@ from pipeline.core.session import budget_seconds, default_cache_dir, duration_te
 from pipeline.models.backbones import pretraining
 from pipeline.orchestration import outputs, parallel
 from pipeline.orchestration.budget import Budget, Stops, stop_if_stopped
-from pipeline.orchestration.resume import take_over
+from pipeline.orchestration.resume import earlier_experiment, take_over
 
 
 @pytest.fixture
@@ -161,17 +161,17 @@ def test_resume_from_refuses_what_it_cannot_use(tmp_path, monkeypatch):
     earlier.mkdir(parents=True)
     cfg = Config(resume_from=str(tmp_path / "missing"))
     with pytest.raises(PipelineError, match="resume_from=.*missing: no such folder"):
-        take_over(cfg)
+        earlier_experiment(cfg)
     cfg.resume_from = str(earlier)
     with pytest.raises(PipelineError, match="it holds no runs/ folder"):
-        take_over(cfg)
+        earlier_experiment(cfg)
     _earlier_output(earlier, Config(experiment="other"))
     with pytest.raises(PipelineError, match="no runs of experiment 'demo' \\(it has: other\\)"):
-        take_over(cfg)
+        earlier_experiment(cfg)
     _earlier_output(tmp_path / "input" / "second", Config(folds=Config().folds.__class__(n_splits=3)))
     cfg.resume_from = str(tmp_path / "input" / "second")
     with pytest.raises(PipelineError, match="was run with another config \\(changed: folds.n_splits\\)"):
-        take_over(cfg)
+        earlier_experiment(cfg)
 
 
 def test_resume_from_copies_in_what_is_missing_and_reads_only(tmp_path, monkeypatch):
@@ -182,11 +182,11 @@ def test_resume_from_copies_in_what_is_missing_and_reads_only(tmp_path, monkeypa
     cfg = Config(resume_from=str(earlier.parent))  # one folder up: runs/ is found a level down
     _earlier_output(earlier, cfg)
     before = {p: p.stat().st_mtime_ns for p in earlier.rglob("*")}
-    take_over(cfg)
+    take_over(cfg, earlier_experiment(cfg))
     assert (work / "runs/demo/scratch_cnn/fold0/last.pt").read_bytes() == b"checkpoint"
     assert (work / "folds/demo-k5-s42.csv").is_file() and (work / "runs/demo/config.json").is_file()
     (work / "runs/demo/scratch_cnn/fold0/last.pt").write_bytes(b"this session's")
-    take_over(cfg)  # a fold this session has gone on with is its own
+    take_over(cfg, earlier_experiment(cfg))  # a fold this session has gone on with is its own
     assert (work / "runs/demo/scratch_cnn/fold0/last.pt").read_bytes() == b"this session's"
     assert before == {p: p.stat().st_mtime_ns for p in earlier.rglob("*")}
 

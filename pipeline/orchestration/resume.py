@@ -38,22 +38,29 @@ def earlier_runs(source: Path, experiment: str) -> Path:
     )
 
 
-def take_over(cfg: Config) -> None:
-    """Copy from cfg.resume_from what this working folder lacks: the folds files, the experiment's config and its fold
-    folders (checkpoints, predictions; not caches, locks or temporaries). Prints what was taken over."""
+def earlier_experiment(cfg: Config) -> Path:
+    """The experiment folder under cfg.resume_from that this run continues, checked against this config; refused
+    in one line when the folder is missing, holds no runs of the experiment, or holds another config's."""
     source = Path(cfg.resume_from).expanduser()
     if not source.is_dir():
         raise PipelineError(f"resume_from={cfg.resume_from}: no such folder")
-    root = earlier_runs(source, cfg.experiment)
-    earlier = root / experiment_dir(cfg.experiment)
+    earlier = earlier_runs(source, cfg.experiment) / experiment_dir(cfg.experiment)
     changed = config_changes(json.loads((earlier / CONFIG_JSON).read_text()), cfg)
     if changed:
         raise PipelineError(
             f"resume_from={source}: its experiment {cfg.experiment!r} was run with another config (changed: "
             f"{', '.join(changed[:6])}); resume it with the config it was run with"
         )
+    return earlier
+
+
+def take_over(cfg: Config, earlier: Path) -> None:
+    """Copy from the earlier experiment folder (earlier_experiment) what this working folder lacks: the folds files,
+    the experiment's config and its fold folders (checkpoints, predictions; not caches, locks or temporaries).
+    Prints what was taken over."""
     if earlier.resolve() == experiment_dir(cfg.experiment).resolve():
         return  # resuming in place: a plain rerun
+    root = earlier.parents[1]
     for name in (CONFIG_JSON, CONFIG_YAML):
         _copy_missing(earlier / name, experiment_dir(cfg.experiment) / name)
     for csv in sorted((root / FOLDS_DIR).glob("*.csv")):

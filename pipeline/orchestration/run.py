@@ -36,7 +36,7 @@ from .budget import Budget, Stops, stop_if_stopped
 from .jobs import fold_started, fold_todo, model_images, run_fold
 from .outputs import output_line
 from .parallel import RunSpec, job_slots, run_parallel
-from .resume import take_over
+from .resume import earlier_experiment, take_over
 
 STAGES = ("folds", "train", "predict", "blend", "run")
 
@@ -100,19 +100,19 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
     exp_dir = experiment_dir(cfg.experiment)
     if stage in ("train", "run"):
         check_compile(cfg)
-    for m in models:
+    earlier = earlier_experiment(cfg) if cfg.resume_from else None  # refused now, before anything is written
+    for m in models:  # starting weights are read only by folds that start training: refused now, too
         check_name(m)
+        started = [
+            fold_started(fold_dir(exp_dir, m.name, k)) or bool(earlier and fold_started(fold_dir(earlier, m.name, k)))
+            for k in folds_to_run
+        ]
+        if stage in ("train", "run") and not all(started):
+            check_weights(m)
     if stage in ("run", "blend", "folds"):
         with exclusive(exp_dir / LOCK, f"experiment {cfg.experiment!r}"):
             return _run(stage, cfg, models, folds_to_run, t0)
     return _run(stage, cfg, models, folds_to_run, t0)
-
-
-def check_starting_weights(stage: str, models: list, folds_to_run: list[int], exp_dir: Path) -> None:
-    """Starting weights are read only by folds that start training: refused now, before training begins."""
-    for m in models:
-        if stage in ("train", "run") and not all(fold_started(fold_dir(exp_dir, m.name, k)) for k in folds_to_run):
-            check_weights(m)
 
 
 def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: float) -> Path | None:
@@ -120,9 +120,8 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
     for folder in (exp_dir, FOLDS_DIR, SUBMISSIONS):  # leftovers of a killed run
         remove_stale_temporaries(folder)
     if cfg.resume_from:
-        take_over(cfg)
+        take_over(cfg, earlier_experiment(cfg))
     exp_dir = claim_experiment(cfg)
-    check_starting_weights(stage, models, folds_to_run, exp_dir)
     comp = load_competition(cfg)
     print(
         f"data: {comp.name}: {len(comp.train)} training images, {len(comp.test)} test images, "

@@ -1,0 +1,102 @@
+"""Calibrated intervals and probabilities (issue 33), measured on a finished UTKFace run's OOF blend and its held-out
+split, by hand: age intervals at a level, one for all rows against Mondrian bins of predicted age, each fold's
+rows scored with what the other folds fitted; coverage and width by true age band, gender and race; the rates of
+an "at least 18?" answer; the gender rescalings' cross-fitted log-loss and ECE. The held-out split is scored with
+what all OOF rows fitted (its labels come from UTKFace's file names).
+
+    .venv/bin/python benchmarks/calibration.py runs/utkface_cpu [LEVEL]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.inference.calibration import (  # noqa: E402
+    AGE_BANDS,
+    GENDER_METHODS,
+    cross_fitted,
+    ece,
+    fit_age_intervals,
+    fit_gender,
+    log_loss,
+)
+
+RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
+
+
+def band(age):
+    edges = list(AGE_BANDS)
+    names = [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+    return pd.Series(pd.cut(age, edges + [1000], right=False, labels=names)).astype(str).values
+
+
+def table(key, true, low, high):
+    df = pd.DataFrame({"key": key, "cover": (true >= low) & (true <= high), "width": high - low})
+    return df.groupby("key").agg(rows=("cover", "size"), coverage=("cover", "mean"), width=("width", "mean"))
+
+
+def threshold_rates(true, low, high, n=18):
+    yes, no = low >= n, high < n
+    unsure = ~yes & ~no
+    under, over = true < n, true >= n
+    return {"yes among under-18": yes[under].mean(), "no among 18+": no[over].mean(), "unsure": unsure.mean()}
+
+
+def main(run: Path, level: float = 0.9):
+    oof = pd.read_csv(run / "oof_blend.csv")
+    folds, pred, true = oof.fold.values, oof.age_blend.values, oof.age_true.values
+    p, y = oof.prob_blend.values, oof.gender_true.values
+    for adaptive in (False, True):
+        b = cross_fitted(
+            lambda pr, tr, adaptive=adaptive: fit_age_intervals(pr, tr, level, adaptive),
+            lambda m, pr, tr: np.stack(m.bounds(pr), axis=1),
+            folds,
+            pred,
+            true,
+        )
+        low, high = b[:, 0], b[:, 1]
+        print(
+            f"\n== age intervals at {level}, {'Mondrian by predicted age' if adaptive else 'one for all rows'} "
+            f"(cross-fitted OOF): coverage {((true >= low) & (true <= high)).mean():.3f}, "
+            f"width {np.mean(high - low):.1f}"
+        )
+        print(table(band(true), true, low, high).round(3).to_string())
+        print(table(np.where(y == 0, "gender 0", "gender 1"), true, low, high).round(3).to_string())
+        print(table([RACES.get(int(g), g) for g in oof.group], true, low, high).round(3).to_string())
+        print({k: round(float(v), 4) for k, v in threshold_rates(true, low, high).items()})
+    print(f"\n== gender (cross-fitted OOF): ECE before {ece(y, p):.4f}, log-loss {log_loss(y, p):.4f}")
+    for method in GENDER_METHODS:
+        q = cross_fitted(lambda pp, yy, method=method: fit_gender(method, pp, yy), lambda m, pp, yy: m(pp), folds, p, y)
+        print(f"{method:12s} log-loss {log_loss(y, q):.4f}  ECE {ece(y, q):.4f}  acc@0.5 {((q > 0.5) == y).mean():.4f}")
+
+    test = [pd.read_csv(f) for f in sorted(run.glob("*/fold*/test.csv"))]
+    ids = test[0].id
+    age = np.mean([t.age.values for t in test], axis=0)
+    prob = np.mean([t.gender_prob.values for t in test], axis=0)
+    parts = ids.str.split("_")
+    t_age, t_gender = parts.str[0].astype(float).values, parts.str[1].astype(int).values
+    t_race = parts.str[2].map(lambda r: RACES.get(int(r), r) if r.isdigit() else "?").values
+    final = fit_age_intervals(pred, true, level, True)
+    low, high = final.bounds(age)
+    print(
+        f"\n== held out ({len(ids)} images), Mondrian intervals fitted on all OOF rows: coverage "
+        f"{((t_age >= low) & (t_age <= high)).mean():.3f}, width {np.mean(high - low):.1f}, "
+        f"MAE {np.abs(age - t_age).mean():.2f}"
+    )
+    print(table(band(t_age), t_age, low, high).round(3).to_string())
+    print(table(np.where(t_gender == 0, "gender 0", "gender 1"), t_age, low, high).round(3).to_string())
+    print(table(t_race, t_age, low, high).round(3).to_string())
+    print({k: round(float(v), 4) for k, v in threshold_rates(t_age, low, high).items()})
+    print(f"gender ECE before {ece(t_gender, prob):.4f}")
+    for method in GENDER_METHODS:
+        q = fit_gender(method, p, y)(prob)
+        print(f"{method:12s} log-loss {log_loss(t_gender, q):.4f}  ECE {ece(t_gender, q):.4f}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.9)
