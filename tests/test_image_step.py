@@ -33,7 +33,7 @@ def setup(demo_root, tmp_path, monkeypatch):
     comp = load_competition(cfg)
     jobs = []
 
-    def run_fold(stage, cfg, m, k, comp, *rest):  # the job itself is not under test: what it was given is
+    def run_fold(stage, cfg, m, k, comp, *rest, **options):  # the job itself is not under test: what it was given is
         jobs.append((m.name, k, len(comp.train)))
 
     monkeypatch.setattr(run, "run_fold", run_fold)

@@ -153,12 +153,22 @@ def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: flo
     return None
 
 
-def _run_local(stage: str, cfg: Config, models: list, folds_to_run: list[int], comp, folds, exp_dir: Path, start):
+def _run_local(
+    stage: str,
+    cfg: Config,
+    models: list,
+    folds_to_run: list[int],
+    comp,
+    folds,
+    exp_dir: Path,
+    start: float | None = None,
+):
     """Every unfinished (model, fold) job, local.jobs at once (one: in this process, one after another), within the
-    time budget (from `start`, time.time() of the run's start). Returns the competition the blend uses."""
+    time budget (from `start`, time.time() of the run's start; default now). Returns the competition the blend uses."""
     session = kaggle()
     slots = job_slots(cfg)
     todo = [(m, k) for m in models for k in folds_to_run if fold_todo(stage, fold_dir(exp_dir, m.name, k))]
+    start = time.time() if start is None else start
     budget = Budget.plan(cfg, session, todo if stage != "predict" else [], exp_dir, len(slots), start)
     for line in (
         budget.start_line(session),
