@@ -47,6 +47,13 @@ def threshold_rates(true, low, high, n=18):
     return {"yes among under-18": yes[under].mean(), "no among 18+": no[over].mean(), "unsure": unsure.mean()}
 
 
+def print_tables(true, low, high, gender, race) -> None:
+    """Coverage and width by true age band, gender and race, then the rates of the "at least 18?" answer."""
+    for key in (band(true), np.where(gender == 0, "gender 0", "gender 1"), race):
+        print(table(key, true, low, high).round(3).to_string())
+    print({k: round(float(v), 4) for k, v in threshold_rates(true, low, high).items()})
+
+
 def main(run: Path, level: float = 0.9):
     oof = pd.read_csv(run / "oof_blend.csv")
     folds, pred, true = oof.fold.values, oof.age_blend.values, oof.age_true.values
@@ -65,10 +72,7 @@ def main(run: Path, level: float = 0.9):
             f"(cross-fitted OOF): coverage {((true >= low) & (true <= high)).mean():.3f}, "
             f"width {np.mean(high - low):.1f}"
         )
-        print(table(band(true), true, low, high).round(3).to_string())
-        print(table(np.where(y == 0, "gender 0", "gender 1"), true, low, high).round(3).to_string())
-        print(table([RACES.get(int(g), g) for g in oof.group], true, low, high).round(3).to_string())
-        print({k: round(float(v), 4) for k, v in threshold_rates(true, low, high).items()})
+        print_tables(true, low, high, y, [RACES.get(int(g), g) for g in oof.group])
     print(f"\n== gender (cross-fitted OOF): ECE before {ece(y, p):.4f}, log-loss {log_loss(y, p):.4f}")
     for method in GENDER_METHODS:
         q = cross_fitted(lambda pp, yy, method=method: fit_gender(method, pp, yy), lambda m, pp, yy: m(pp), folds, p, y)
@@ -88,10 +92,7 @@ def main(run: Path, level: float = 0.9):
         f"{((t_age >= low) & (t_age <= high)).mean():.3f}, width {np.mean(high - low):.1f}, "
         f"MAE {np.abs(age - t_age).mean():.2f}"
     )
-    print(table(band(t_age), t_age, low, high).round(3).to_string())
-    print(table(np.where(t_gender == 0, "gender 0", "gender 1"), t_age, low, high).round(3).to_string())
-    print(table(t_race, t_age, low, high).round(3).to_string())
-    print({k: round(float(v), 4) for k, v in threshold_rates(t_age, low, high).items()})
+    print_tables(t_age, low, high, t_gender, t_race)
     print(f"gender ECE before {ece(t_gender, prob):.4f}")
     for method in GENDER_METHODS:
         q = fit_gender(method, p, y)(prob)
