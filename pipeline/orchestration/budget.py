@@ -50,11 +50,11 @@ class Budget:
         for m, k in jobs:
             phases = [p.epochs for p in cfg.phases(m) if p.epochs > 0]
             done = epochs_done(fold_dir(exp_dir, m.name, k), sum(phases))
-            start = 0
+            first = 0  # the phase's first epoch, counted from 0
             for pi, epochs in enumerate(phases):
-                left = max(0, min(epochs, start + epochs - done))
+                left = max(0, min(epochs, first + epochs - done))
                 budget.epochs_left[m.name, pi] = budget.epochs_left.get((m.name, pi), 0) + left
-                start += epochs
+                first += epochs
             if done < sum(phases):
                 budget.first_fold.setdefault(m.name, k)
         return budget

@@ -20,6 +20,8 @@ from ..inference.predict import predict_fold
 from ..training.job import FoldJob, pick_device
 from ..training.train import EpochCallback, train_fold
 
+CANCEL_GRACE_S = 10  # Ctrl-C: how long jobs (Ray tasks, local.jobs' processes) get to stop before they are killed
+
 
 def worker_threads(cfg: Config) -> None:
     """A job on a Ray worker uses ray.cpus_per_job torch threads (CPU results depend on the thread count), and no more
@@ -80,6 +82,12 @@ def pseudo_label_waves(cfg: Config, jobs: list) -> list[list]:
         level[m.name] = level[m.pseudo_labels] + 1 if m.pseudo_labels else 0
     waves = [[(m, k) for m, k in jobs if level[m.name] == n] for n in range(max(level.values()) + 1)]
     return [w for w in waves if w]
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): a failed job's one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def failed_jobs_error(failed: list[str]) -> PipelineError:

@@ -32,9 +32,17 @@ from ..core.layout import DONE_MARKERS, LAST, PREDICT_DONE, REPO, PredictDone, e
 from ..data.competition import Competition
 from ..training.checkpoint import checkpoint_epoch
 from ..training.pseudo import stage_pseudo_labels
-from .jobs import failed_jobs_error, fold_todo, model_images, pseudo_label_waves, run_fold, worker_threads
+from .jobs import (
+    CANCEL_GRACE_S,
+    failed_jobs_error,
+    first_line,
+    fold_todo,
+    model_images,
+    pseudo_label_waves,
+    run_fold,
+    worker_threads,
+)
 
-CANCEL_GRACE_S = 10  # Ctrl-C: how long jobs get to stop cleanly before they are killed
 SCRATCH = Path(tempfile.gettempdir()) / "pipeline-ray"
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: a request through it fails at once, on loopback
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
@@ -132,11 +140,6 @@ def connect(cfg: Config):
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise PipelineError(f"ray.address={address!r}: cannot join a Ray cluster there ({first_line(e)})") from None
     return ray
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def job_resources(ray, cfg: Config) -> tuple[int, float]:

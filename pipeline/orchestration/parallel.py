@@ -33,9 +33,8 @@ from ..data.competition import Competition
 from ..training.job import uses_cuda
 from ..training.pseudo import stage_pseudo_labels
 from .budget import Budget, Stops
-from .jobs import failed_jobs_error, model_images, pseudo_label_waves, run_fold
+from .jobs import CANCEL_GRACE_S, failed_jobs_error, first_line, model_images, pseudo_label_waves, run_fold
 
-CANCEL_GRACE_S = 10  # Ctrl-C: how long jobs get to stop cleanly before they are killed
 ORPHAN_CHECK_S = 2  # how often a job checks that its run is still alive
 
 
@@ -95,12 +94,7 @@ def child_main(spec: ChildSpec, results: Connection) -> None:
     except BaseException as e:  # a bug: its traceback is kept in a file
         log = error_log(spec.exp_dir, f"{m.name}-fold{k}")
         write_text("".join(traceback.format_exception(e)), log)
-        results.send(
-            (
-                "error",
-                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} (traceback in {log})",
-            )
-        )
+        results.send(("error", f"{type(e).__name__}: {first_line(e)} (traceback in {log})"))
     finally:
         results.close()
 

@@ -16,11 +16,10 @@ from ..core.errors import PipelineError
 from ..core.files import atomic_folder, atomic_path
 from ..core.layout import CONFIG_JSON, CONFIG_YAML, FOLDS_DIR, LAST, RUNS, TRAIN_DONE, experiment_dir
 
-SEARCH_DEPTH = 2  # PATH/runs, or PATH/<a folder>/runs (a cloned repo inside the earlier session's working folder)
-
 
 def earlier_runs(source: Path, experiment: str) -> Path:
-    """The folder under `source` that holds runs/<experiment>/config.json; refused in one line when there is none."""
+    """The folder under `source` that holds runs/<experiment>/config.json (source itself, or a folder in it: a cloned
+    repo inside the earlier session's working folder); refused in one line when there is none."""
     roots = [source, *sorted(p for p in source.glob("*") if p.is_dir())]
     holding = [r for r in roots if (r / RUNS).is_dir()]
     if not holding:

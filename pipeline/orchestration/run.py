@@ -111,16 +111,19 @@ def run(stage: str, cfg: Config, model: str | None = None, fold: int | None = No
             check_weights(m)
     if stage in ("run", "blend", "folds"):
         with exclusive(exp_dir / LOCK, f"experiment {cfg.experiment!r}"):
-            return _run(stage, cfg, models, folds_to_run, t0)
-    return _run(stage, cfg, models, folds_to_run, t0)
+            return _run(stage, cfg, models, folds_to_run, t0, earlier)
+    return _run(stage, cfg, models, folds_to_run, t0, earlier)
 
 
-def _run(stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: float) -> Path | None:
+def _run(
+    stage: str, cfg: Config, models: list, folds_to_run: list[int], t0: float, earlier: Path | None = None
+) -> Path | None:
+    """The stages under the experiment's lock (run, blend, folds); `earlier`: resume_from's experiment folder."""
     exp_dir = experiment_dir(cfg.experiment)
     for folder in (exp_dir, FOLDS_DIR, SUBMISSIONS):  # leftovers of a killed run
         remove_stale_temporaries(folder)
-    if cfg.resume_from:
-        take_over(cfg, earlier_experiment(cfg))
+    if earlier is not None:
+        take_over(cfg, earlier)
     exp_dir = claim_experiment(cfg)
     comp = load_competition(cfg)
     print(
