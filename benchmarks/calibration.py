@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.inference.calibration import (  # noqa: E402
+from pipeline.core.calibration import logit  # noqa: E402
+from pipeline.core.choices import GENDER_METHODS  # noqa: E402
+from pipeline.inference.calibrate import (  # noqa: E402
     AGE_BANDS,
-    GENDER_METHODS,
     cross_fitted,
     ece,
     fit_age_intervals,
@@ -73,15 +74,17 @@ def main(run: Path, level: float = 0.9):
             f"width {np.mean(high - low):.1f}"
         )
         print_tables(true, low, high, y, [RACES.get(int(g), g) for g in oof.group])
+    z = logit(p)
     print(f"\n== gender (cross-fitted OOF): ECE before {ece(y, p):.4f}, log-loss {log_loss(y, p):.4f}")
     for method in GENDER_METHODS:
-        q = cross_fitted(lambda pp, yy, method=method: fit_gender(method, pp, yy), lambda m, pp, yy: m(pp), folds, p, y)
+        q = cross_fitted(lambda zz, yy, method=method: fit_gender(method, zz, yy), lambda m, zz, yy: m(zz), folds, z, y)
         print(f"{method:12s} log-loss {log_loss(y, q):.4f}  ECE {ece(y, q):.4f}  acc@0.5 {((q > 0.5) == y).mean():.4f}")
 
     test = [pd.read_csv(f) for f in sorted(run.glob("*/fold*/test.csv"))]
     ids = test[0].id
     age = np.mean([t.age.values for t in test], axis=0)
     prob = np.mean([t.gender_prob.values for t in test], axis=0)
+    z_avg = np.mean([logit(t.gender_prob.values) for t in test], axis=0)
     parts = ids.str.split("_")
     t_age, t_gender = parts.str[0].astype(float).values, parts.str[1].astype(int).values
     t_race = parts.str[2].map(lambda r: RACES.get(int(r), r) if r.isdigit() else "?").values
@@ -93,10 +96,43 @@ def main(run: Path, level: float = 0.9):
         f"MAE {np.abs(age - t_age).mean():.2f}"
     )
     print_tables(t_age, low, high, t_gender, t_race)
-    print(f"gender ECE before {ece(t_gender, prob):.4f}")
+    print(
+        f"gender, the folds' probability average: log-loss {log_loss(t_gender, prob):.4f}, "
+        f"ECE {ece(t_gender, prob):.4f}"
+    )
     for method in GENDER_METHODS:
-        q = fit_gender(method, p, y)(prob)
-        print(f"{method:12s} log-loss {log_loss(t_gender, q):.4f}  ECE {ece(t_gender, q):.4f}")
+        m = fit_gender(method, z, y)
+        on_prob, on_z = m(logit(prob)), m(z_avg)
+        print(
+            f"{method:12s} on the probability average: log-loss {log_loss(t_gender, on_prob):.4f} ECE "
+            f"{ece(t_gender, on_prob):.4f} | on the log-odds average (shipped): log-loss "
+            f"{log_loss(t_gender, on_z):.4f} ECE {ece(t_gender, on_z):.4f}"
+        )
+    if (run / "bundle-onnx").is_dir():
+        speed(run / "bundle-onnx")
+
+
+def speed(folder: Path, faces: int = 256, repeats: int = 5) -> None:
+    """bundle.predict on `faces` random crops with the calibration and without it, interleaved."""
+    import time
+
+    from pipeline.serving.bundle import load_bundle
+
+    bundle = load_bundle(folder)
+    crops = list(np.random.default_rng(0).integers(0, 256, (faces, 200, 200, 3), dtype=np.uint8))
+    calibration, times = bundle.info.calibration, {"with": [], "without": []}
+    bundle.predict(crops[:8])
+    for _ in range(repeats):
+        for name, c in (("with", calibration), ("without", None)):
+            bundle.info.calibration = c
+            t0 = time.perf_counter()
+            bundle.predict(crops)
+            times[name].append(time.perf_counter() - t0)
+    w, wo = np.median(times["with"]), np.median(times["without"])
+    print(
+        f"\n== bundle.predict, {faces} crops, median of {repeats}: {w:.3f}s with calibration, {wo:.3f}s without "
+        f"(ratio {w / wo:.3f})"
+    )
 
 
 if __name__ == "__main__":

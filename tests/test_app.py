@@ -1,26 +1,35 @@
 """The web page (python -m pipeline app) in a real headless Chromium driven by selenium: a photo uploaded through
-the page shows the age and gender predict-images gives for it, bad files get one line each and the page keeps
-working, and every socket of the app and the browser stays on loopback."""
+the page shows the age and gender predict-images gives for it, with its interval and "at least N years old?"
+answers from a calibrated bundle, bad files get one line each and the page keeps working, and every socket of the
+app and the browser stays on loopback."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import cli, cli_command, cli_env, free_port, served, wait_for
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.common.selenium_manager import SeleniumManager
 from selenium.webdriver.support.ui import WebDriverWait
 from test_photos import GOOD, astronaut, photo_dir, real_bundle  # noqa: F401 (fixtures)
 from test_ray import SocketWatch, is_loopback
+
+from pipeline.core.calibration import AgeIntervals, Calibration, GenderRescaling
+from pipeline.serving.app import Photo, age_text, asked_age, draw, label_text, shown_table
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"  # Debian's chromium-driver: .ci/run installs both
@@ -62,13 +71,11 @@ def net_log_events(path: Path) -> tuple[list[dict], dict[int, str]]:
     return log["events"], {v: k for k, v in log["constants"]["logEventTypes"].items()}
 
 
-@pytest.fixture(scope="module")
-def app(watch, real_bundle, tmp_path_factory):  # noqa: F811
-    """The app serving the test bundle on a free loopback port (it starts while predict-images runs)."""
-    d = tmp_path_factory.mktemp("app")
+def serve(bundle: Path, d: Path):
+    """The app serving `bundle` on a free loopback port from folder d (it starts while the caller goes on)."""
     port = free_port()
     log = (d / "app.log").open("w")
-    args = cli_command("app", real_bundle, "--port", port, "--max-file-size", MAX_MB)
+    args = cli_command("app", bundle, "--port", port, "--max-file-size", MAX_MB)
     proc = subprocess.Popen(args, cwd=d, env=cli_env({"GRADIO_TEMP_DIR": str(d / "gradio")}), stdout=log, stderr=log)
     yield SimpleNamespace(proc=proc, url=f"http://127.0.0.1:{port}/", port=port, log=d / "app.log")
     proc.terminate()
@@ -77,12 +84,43 @@ def app(watch, real_bundle, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
+def app(watch, real_bundle, tmp_path_factory):  # noqa: F811
+    """The app serving the test bundle (one of before calibration: no intervals)."""
+    yield from serve(real_bundle, tmp_path_factory.mktemp("app"))
+
+
+# the stand-in calibration: every age's interval is [age - 5, age + 5] at 90 %
+CALIBRATION = Calibration(AgeIntervals(0.9, [0.0], [-5.0], [5.0]), GenderRescaling("temperature", a=0.5))
+
+
+@pytest.fixture(scope="module")
+def calibrated_bundle(real_bundle, tmp_path_factory) -> Path:  # noqa: F811
+    """The test bundle's folder with CALIBRATION in its bundle.json, as an export with calibration writes it."""
+    d = tmp_path_factory.mktemp("calibrated")
+    with tarfile.open(real_bundle) as tar:
+        tar.extractall(d, filter="data")
+    info_file = next(d.glob("*/bundle.json"))
+    info = json.loads(info_file.read_text())
+    info_file.write_text(json.dumps({**info, "calibration": CALIBRATION.to_json()}))
+    return info_file.parent
+
+
+@pytest.fixture(scope="module")
+def calibrated_app(watch, calibrated_bundle, tmp_path_factory):
+    yield from serve(calibrated_bundle, tmp_path_factory.mktemp("calibrated-app"))
+
+
+def predict_images(bundle: Path, photo: Path, d: Path, *args) -> pd.DataFrame:
+    """predict-images' table (as text) for one photo."""
+    r = cli("predict-images", bundle, photo, "--out", d / "preds.csv", *args, cwd=d)
+    assert r.returncode == 0, r.stderr
+    return pd.read_csv(d / "preds.csv", dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
 def expected(real_bundle, photo_dir, tmp_path_factory) -> pd.Series:  # noqa: F811
     """predict-images' row for the astronaut photo."""
-    d = tmp_path_factory.mktemp("cli")
-    r = cli("predict-images", real_bundle, photo_dir / "astronaut.jpg", "--out", d / "preds.csv", cwd=d)
-    assert r.returncode == 0, r.stderr
-    rows = pd.read_csv(d / "preds.csv", dtype=str, keep_default_na=False)
+    rows = predict_images(real_bundle, photo_dir / "astronaut.jpg", tmp_path_factory.mktemp("cli"))
     assert len(rows) == 1, rows
     return rows.iloc[0]
 
@@ -132,6 +170,7 @@ def page(app, expected, tmp_path_factory):
         driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
         driver.get(app.url)
         driver.downloads = downloads
+        driver.app_url = app.url
         driver.net_log = net_log
         yield driver
     finally:
@@ -156,8 +195,35 @@ def upload(driver, *paths: Path) -> list[str]:
 
 
 def table(driver) -> list[list[str]]:
-    rows = driver.find_elements(By.CSS_SELECTOR, "#table [role=row].virtual-row")
-    return [[c.text for c in r.find_elements(By.CSS_SELECTOR, "[role=gridcell]")] for r in rows]
+    """The table's cells, read again when it is redrawn while being read."""
+    for _ in range(20):
+        rows = driver.find_elements(By.CSS_SELECTOR, "#table [role=row].virtual-row")
+        try:
+            return [[c.text for c in r.find_elements(By.CSS_SELECTOR, "[role=gridcell]")] for r in rows]
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    raise AssertionError("the table kept changing")
+
+
+def intro(driver) -> str:
+    """The page's opening lines, once the page has drawn them."""
+    return WebDriverWait(driver, 60).until(
+        lambda d: d.find_elements(By.ID, "intro") and d.find_element(By.ID, "intro").text
+    )
+
+
+def set_min_age(driver, value: float) -> None:
+    field = driver.find_element(By.CSS_SELECTOR, "#min-age input")
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(f"{value:g}")
+
+
+def download(driver, folder: Path) -> pd.DataFrame:
+    """The page's CSV, downloaded into folder (empty before), as text."""
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+    driver.find_element(By.ID, "download").click()
+    csv = wait_for(lambda: (folder / "faces.csv").is_file() and (folder / "faces.csv"), timeout=30)
+    return pd.read_csv(io.StringIO(csv.read_text()), dtype=str, keep_default_na=False)
 
 
 def warnings(driver) -> list[str]:
@@ -174,7 +240,10 @@ def test_page_shows_what_predict_images_gives(page, app, expected, photo_dir, tm
     (row,) = table(page)
     file, face, box, score, age, prob, gender = row
     assert (file, face, gender) == ("astronaut.jpg", "0", expected.gender_label)
-    assert abs(float(age) - float(expected.age)) <= 0.05 + 1e-4  # shown with 1 decimal, 4 in the CSV
+    assert abs(float(age) - float(expected.age)) <= 0.5 + 1e-4  # shown in whole years, 4 decimals in the CSV
+    # a bundle without intervals: no interval in the CSV, no "at least" question, and a line saying why
+    assert "age_low" not in expected and not page.find_elements(By.CSS_SELECTOR, "#min-age input")
+    assert "no calibration: ages without intervals" in intro(page)
     assert abs(float(prob) - float(expected.gender_prob)) <= 0.0005 + 1e-4
     box_cli = [float(expected[k]) for k in "xywh"]
     assert all(abs(a - b) <= 0.5 + 1e-4 for a, b in zip(map(float, box.split(", ")), box_cli, strict=True))
@@ -185,9 +254,7 @@ def test_page_shows_what_predict_images_gives(page, app, expected, photo_dir, tm
     shot = tmp_path_factory.getbasetemp() / "app-page.png"
     page.save_screenshot(str(shot))
     # the CSV the page offers is predict-images' own table for the same file
-    page.find_element(By.ID, "download").click()
-    csv = wait_for(lambda: (page.downloads / "faces.csv").is_file() and (page.downloads / "faces.csv"), timeout=30)
-    got = pd.read_csv(io.StringIO(csv.read_text()), dtype=str, keep_default_na=False).iloc[0]
+    got = download(page, page.downloads).iloc[0]
     assert got.drop("file").to_dict() == expected.drop("file").to_dict() and got.file == "astronaut.jpg"
     # the browser's own connection to the app is among the sockets the watch sees
     ss = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True).stdout
@@ -209,6 +276,62 @@ def test_bad_files_one_line_each_then_a_good_upload_works(page, app, photo_dir, 
     grid = page.find_element(By.CSS_SELECTOR, "#table [role=grid]")  # the rows in view only are in the page
     assert grid.get_attribute("aria-rowcount") == str(1 + 30 + len(GOOD)) and table(page)[0][:2] == ["thirty.png", "0"]
     assert app.proc.poll() is None and "Traceback" not in app.log.read_text()
+
+
+def test_intervals_and_at_least_answers(page, calibrated_app, calibrated_bundle, photo_dir, tmp_path):  # noqa: F811
+    """A calibrated bundle's page: ages with their interval, and "at least N years old?" answered per face."""
+    photo = photo_dir / "astronaut.jpg"
+    cli_row = predict_images(calibrated_bundle, photo, tmp_path).iloc[0]
+    low, high = float(cli_row.age_low), float(cli_row.age_high)
+    wait_for(lambda: served(calibrated_app.proc, calibrated_app.url, calibrated_app.log), timeout=180, every=0.5)
+    try:
+        page.get(calibrated_app.url)
+        assert "Ages with their 90% interval" in intro(page)
+        assert upload(page, photo) == ["astronaut.jpg: 1 face"]
+        (row,) = table(page)
+        assert row[4] == f"{float(cli_row.age):.0f} ({math.floor(low)}-{math.floor(high)})", (row, cli_row)
+        unboxed = page.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+        # an age the whole interval is above, one inside it, one above it: the table's last column answers
+        for age, answer in ((math.floor(low), "yes"), (math.floor(low) + 1, "unsure"), (math.floor(high) + 1, "no")):
+            set_min_age(page, age)
+            wait_for(lambda a=answer: [r[7:] for r in table(page)] == [[a]], timeout=30)
+        headers = [h.text for h in page.find_elements(By.CSS_SELECTOR, "#table [role=columnheader]")]
+        assert f"at least {math.floor(high) + 1}" in headers, headers
+        assert page.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src") != unboxed  # relabelled
+        # the CSV is predict-images --min-age's table
+        got = download(page, tmp_path / "downloads")
+        want = predict_images(calibrated_bundle, photo, tmp_path, "--min-age", math.floor(high) + 1)
+        assert list(got.columns) == list(want.columns) and f"at_least_{math.floor(high) + 1}" in got.columns
+        assert got.drop(columns="file").to_dict("records") == want.drop(columns="file").to_dict("records")
+        set_min_age(page, 0)  # off again: no answer column
+        wait_for(lambda: [len(r) for r in table(page)] == [7], timeout=30)
+        assert calibrated_app.proc.poll() is None and "Traceback" not in calibrated_app.log.read_text()
+    finally:
+        page.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(page.downloads)})
+        page.get(page.app_url)
+
+
+def face_row(**values) -> dict:
+    return {"file": "a.jpg", "face": 0, "x": 10.0, "y": 40.0, "w": 30.0, "h": 30.0, "score": 0.9, **values}
+
+
+def test_labels_and_table_read_the_interval_and_the_answer():
+    row = face_row(age=34.4, age_low=28.7, age_high=41.2, gender_prob=0.8, gender=1, gender_label="female")
+    old = face_row(age=34.6, gender_prob=0.8, gender=1, gender_label="female")
+    assert age_text(row) == "34 (28-41)" and age_text(old) == "35"
+    assert label_text(row) == "34 (28-41), female" and label_text(old, 18) == "35, female"
+    assert label_text(row, 30) == "34 (28-41), female, 30+: unsure"
+    assert [label_text(row, a).rsplit(" ", 1)[1] for a in (28, 41, 41.5)] == ["yes", "unsure", "no"]
+    table = shown_table([row, face_row(face=-1)], 18)
+    assert list(table.columns[-2:]) == ["gender", "at least 18"] and table.iloc[0, -1] == "yes" and len(table) == 1
+    assert list(shown_table([old]).columns) == list(shown_table([row]).columns)  # no column when not asked
+    photo = Photo(np.zeros((100, 80, 3), np.uint8), 1.0, [row], "a.jpg: 1 face")
+    assert (draw(photo, 18) != draw(photo)).any() and not photo.image.any()  # a longer label; the photo kept
+    # the page's "at least" age: off at 0 or empty, and always off for a bundle without intervals
+    calibrated = SimpleNamespace(info=SimpleNamespace(calibration=CALIBRATION))
+    old_bundle = SimpleNamespace(info=SimpleNamespace(calibration=None))
+    assert [asked_age(calibrated, a) for a in (0, None, 18)] == [None, None, 18]
+    assert asked_age(old_bundle, 18) is None
 
 
 def test_bad_bundle_or_flag_is_one_line_and_exit_2(tmp_path):

@@ -158,7 +158,10 @@ def test_test_predictions_are_averaged_by_id_whatever_each_fold_s_row_order(tmp_
     _, test = load_model_predictions(tmp_path, "m", K)
     expected = pd.concat(tests).groupby("id")[["age", "gender_prob"]].mean()
     assert sorted(test.id) == sorted(test_labels.id)
-    assert np.allclose(test.set_index("id").loc[expected.index].to_numpy(), expected.to_numpy())
+    got = test.set_index("id").loc[expected.index]
+    assert np.allclose(got[["age", "gender_prob"]].to_numpy(), expected.to_numpy())
+    log_odds = pd.concat(tests).assign(z=lambda t: np.log(t.gender_prob / (1 - t.gender_prob))).groupby("id").z.mean()
+    assert np.allclose(got.gender_logit, log_odds.loc[expected.index])  # what the calibrated probability rescales
     assert np.allclose(
         test.set_index("id").age, ((tests[0].set_index("id").age + tests[1].set_index("id").age) / 2).loc[test.id]
     )

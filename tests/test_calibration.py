@@ -3,14 +3,18 @@ held-out rows (overall and where the error grows with age), the gender rescaling
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from pipeline.inference.calibration import (
+from pipeline.core.calibration import Calibration, min_age_answer
+from pipeline.inference.calibrate import (
     conformal_bounds,
     cross_fitted,
     ece,
     fit_age_intervals,
+    fit_calibration,
     fit_gender,
     log_loss,
     mondrian_edges,
@@ -58,10 +62,38 @@ def test_gender_rescaling_is_chosen_by_log_loss_and_fixes_overconfidence():
     rng = np.random.default_rng(1)
     z = rng.normal(0, 2, 20_000)
     y = (rng.random(20_000) < 1 / (1 + np.exp(-z))).astype(float)
-    p = 1 / (1 + np.exp(-3 * z))  # three times too confident
+    shown = 3 * z  # log-odds three times too confident
+    p = 1 / (1 + np.exp(-shown))
     folds = np.arange(len(y)) % 5
     before = log_loss(y, p)
-    q = cross_fitted(lambda pp, yy: fit_gender("temperature", pp, yy), lambda m, pp, yy: m(pp), folds, p, y)
+    q = cross_fitted(lambda zz, yy: fit_gender("temperature", zz, yy), lambda m, zz, yy: m(zz), folds, shown, y)
     assert log_loss(y, q) < before - 0.05 and ece(y, q) < ece(y, p) / 3
-    assert fit_gender("temperature", p, y).a == pytest.approx(1 / 3, abs=0.03)
+    assert fit_gender("temperature", shown, y).a == pytest.approx(1 / 3, abs=0.03)
     assert ((q > 0.5) == (p > 0.5)).all()  # a monotone rescaling: the same decisions at 0.5
+
+
+def test_fit_calibration_chooses_the_lowest_cross_fitted_log_loss_and_round_trips_through_json():
+    rng = np.random.default_rng(2)
+    n = 5_000
+    true = rng.uniform(1, 80, n)
+    pred = true + rng.normal(0, 3, n)
+    z = rng.normal(0, 2, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    folds = np.arange(n) % 5
+    fitted, losses, low, high, calibrated = fit_calibration(pred, 3 * z, true, y, folds, 0.9, "auto")
+    assert set(losses) == {"none", "temperature", "platt", "isotonic"}
+    assert fitted.gender.method == min(losses, key=losses.get) != "none"
+    assert abs(((true >= low) & (true <= high)).mean() - 0.9) < 0.02  # cross-fitted coverage
+    assert log_loss(y, calibrated) == pytest.approx(losses[fitted.gender.method])
+    again = Calibration.from_json(json.loads(json.dumps(fitted.to_json())))
+    assert again == fitted
+    only = fit_calibration(pred, 3 * z, true, y, folds, 0.9, "none")[0]
+    assert only.gender.method == "none"
+
+
+def test_min_age_is_unsure_exactly_when_the_interval_straddles_it():
+    low = np.array([18.0, 17.99, 10.0, 5.0, 18.0, 30.0])
+    high = np.array([30.0, 25.0, 17.99, 18.0, 18.0, 40.0])
+    assert min_age_answer(low, high, 18).tolist() == ["yes", "unsure", "no", "unsure", "yes", "yes"]
+    straddles = (low < 18) & (high >= 18)
+    assert ((min_age_answer(low, high, 18) == "unsure") == straddles).all()

@@ -112,12 +112,47 @@ def test_onnx_agrees_with_torch_on_any_size(run):
     faces += [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20, 33), (90, 41), (1, 1), (300, 300))]
     t = load_bundle(run.torch_archive).predict(faces)
     o = load_bundle(run.onnx_dir).predict(faces, batch_size=3)
-    assert np.abs(t.age - o.age).max() < 0.01
-    assert np.abs(t.gender_prob - o.gender_prob).max() < 1e-4
+    for column in ("age", "age_low", "age_high"):
+        assert np.abs(t[column] - o[column]).max() < 0.01
+    assert np.abs(t.gender_prob - o.gender_prob).max() < 1e-4  # the calibrated probability
     assert set(o.gender_label) <= {"male", "female"}
     again = load_bundle(run.onnx_dir).predict(faces, batch_size=3)
     pd.testing.assert_frame_equal(o, again)  # deterministic
-    assert list(load_bundle(run.onnx_dir).predict([]).columns) == ["age", "gender_prob", "gender", "gender_label"]
+    columns = ["age", "age_low", "age_high", "gender_prob", "gender", "gender_label"]
+    assert list(load_bundle(run.onnx_dir).predict([]).columns) == columns
+
+
+def test_the_bundle_carries_the_blends_calibration(run):
+    blend = json.loads((run.exp_dir / "blend.json").read_text())
+    bundle = load_bundle(run.onnx_dir)
+    c = blend["calibration"]
+    assert bundle.calibration.to_json() == {k: c[k] for k in ("level", "age", "gender")}
+    faces = [native_face(p, run.cfg.data.fit) for p in run.comp.test.path]
+    pred = bundle.predict(faces)
+    low, high = bundle.calibration.age.bounds(pred.age.to_numpy(), run.cfg.data.max_age)
+    assert (pred.age_low.to_numpy() == low).all() and (pred.age_high == high).all()
+    assert ((pred.age_low <= pred.age) & (pred.age <= pred.age_high)).all()
+    assert "## Intervals and calibrated probabilities" in (run.onnx_dir / "README.md").read_text()
+
+
+def test_an_old_bundle_without_calibration_loads_with_one_line_and_the_same_ages(run, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(run.onnx_dir, old)
+    info = json.loads((old / "bundle.json").read_text())
+    del info["calibration"]
+    (old / "bundle.json").write_text(json.dumps(info))
+    faces = [native_face(p, run.cfg.data.fit) for p in run.comp.test.path]
+    capsys.readouterr()
+    before = serving_bundle.load_bundle(old)
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "no calibration" in note[0] and "intervals" in note[0]
+    got, new = before.predict(faces), serving_bundle.load_bundle(run.onnx_dir).predict(faces)
+    assert list(got.columns) == ["age", "gender_prob", "gender", "gender_label"]
+    assert (got.age == new.age).all() and (got.gender == new.gender).all()
+    # the probability as the models give it: the folds' and models' average, whose threshold the gender uses
+    assert ((got.gender_prob >= before.threshold) == got.gender.astype(bool)).all()
+    refused = cli("predict-images", old, run.comp.test.path.iloc[0], "--min-age", "18", cwd=tmp_path)
+    assert refused.returncode == 2 and "--min-age needs age intervals" in refused.stderr
 
 
 @pytest.mark.parametrize("zoom", [1.0, 1.25])

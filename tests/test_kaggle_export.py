@@ -19,7 +19,9 @@ from conftest import REPO, cli, write_config
 
 from pipeline.data.faces import YUNET_MODEL
 from pipeline.exporting.kaggle_export import DATA_FILES, PACKAGE, SOURCES
+from pipeline.serving.bundle import load_bundle
 from pipeline.serving.kaggle_entry import NEEDED
+from pipeline.serving.kaggle_predict import COMPETITION_FILE, _names, submission
 
 WHEELHOUSE = REPO / ".venv" / "kaggle-wheels"  # fetched once by run.sh (python -m pipeline.exporting.kaggle_export)
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -141,8 +143,14 @@ def test_predict_submission_in_a_fresh_venv_from_the_wheels_writes_the_pipelines
     assert detect.returncode == 0, detect.stderr
     assert detect.stdout.split() == [str((out / "pipeline" / DATA_FILES[0]).resolve()), "1"]
 
-    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    details = tmp_path / "details.csv"
+    again = subprocess.run([*args, "--details", str(details)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "installing" not in again.stdout  # the wheels are installed once
+    # the offline predictor's intervals and calibrated probabilities are the bundle's, here in the pipeline
+    _, pred = submission(load_bundle(out / "bundle"), demo_root, _names(out / COMPETITION_FILE))
+    got = pd.read_csv(details, dtype={"id": str}).set_index("id")
+    assert list(got.columns) == ["age", "age_low", "age_high", "gender_prob", "gender"] and len(got) == len(pred)
+    assert (got - pred.loc[got.index, got.columns]).abs().to_numpy().max() <= 1e-3
     elsewhere = [str(python), str(other_python_copy / "predict_submission.py"), *args[2:]]
     other = subprocess.run(elsewhere, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert other.returncode == 0, other.stderr  # nothing to install: the wheels' Python does not matter

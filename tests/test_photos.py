@@ -159,7 +159,7 @@ def test_predict_images_rows(photo_dir):
     bundle = FakeBundle()
     names = ["astronaut.jpg", "group/thirty.png", "no_face.png", "empty.jpg", "bomb.png"]
     df = photos.predict_images(bundle, [str(photo_dir / n) for n in names], batch_size=8)
-    assert list(df.columns) == [*photos.COLUMNS, "gender_label", "note"]
+    assert list(df.columns) == [*(c for c in photos.COLUMNS if c not in photos.INTERVAL), "gender_label", "note"]
     by_file = df.groupby(df.file.map(lambda p: Path(p).name), sort=False)
     assert by_file.size().to_dict() == {
         "astronaut.jpg": 1,
@@ -253,6 +253,7 @@ def real_bundle(tmp_path_factory) -> Path:
     import torch
     from conftest import write_config
 
+    from pipeline.core.calibration import AgeIntervals, Calibration, GenderRescaling
     from pipeline.core.config import ModelConfig, load_config
     from pipeline.core.layout import BlendFile
     from pipeline.exporting.export import FoldState, ModelFolds, bundle_info, write_bundle
@@ -264,7 +265,10 @@ def real_bundle(tmp_path_factory) -> Path:
     mcfg = ModelConfig(name="scratch_cnn", pretrained=False, img_size=32)
     folds = [FoldState(k, create_model(mcfg, load_weights=False).state_dict(), 30.0, 15.0) for k in range(2)]
     members = [ModelFolds(mcfg, folds)]
-    blend = BlendFile.of_weights({"scratch_cnn": 1.0}, {"scratch_cnn": 1.0}, threshold=0.5)
+    calibration = Calibration(
+        AgeIntervals(0.9, [0.0, 20.0], [-3.0, -8.0], [4.0, 9.0]), GenderRescaling("temperature", 0.8)
+    )
+    blend = BlendFile.of_weights({"scratch_cnn": 1.0}, {"scratch_cnn": 1.0}, 0.5, calibration)
     info = bundle_info(cfg, root, blend, members, "torch")
     return write_bundle(members, info, root / "bundle", "test-bundle")
 
@@ -297,13 +301,48 @@ def test_predict_images_with_a_real_bundle(real_bundle, photo_dir, tmp_path, cap
 
     out = tmp_path / "preds.csv"
     args = [str(real_bundle), str(photo_dir / "astronaut.jpg"), str(photo_dir / "no_face.png"), "--out", str(out)]
-    assert photos.predict_images_cli([*args, "--whole-image"], torch_runners) == 0
+    assert photos.predict_images_cli([*args, "--whole-image", "--min-age", "18"], torch_runners) == 0
     df = pd.read_csv(out, keep_default_na=False)
-    assert list(df.columns) == [*photos.COLUMNS, "gender_label", "note"]
+    assert list(df.columns) == [*photos.COLUMNS, "gender_label", "at_least_18", "note"]
     assert df.face.tolist() == [0, -1]
     assert df.age.map(np.isfinite).all() and set(df.gender) <= {0, 1}
+    assert ((df.age_low <= df.age) & (df.age <= df.age_high)).all()
+    straddles = (df.age_low < 18) & (df.age_high >= 18)
+    assert (df.at_least_18 == "unsure").tolist() == straddles.tolist()
+    assert df.at_least_18.tolist() == [
+        "unsure" if s else ("yes" if lo >= 18 else "no") for s, lo in zip(straddles, df.age_low)
+    ]
     assert df.note.iloc[1] == "no face found: predicted on the whole image"
     assert "2 photos: 1 faces, 1 without a face, 0 unreadable" in capsys.readouterr().err
+
+
+class CalibratedFakeBundle(FakeBundle):
+    """FakeBundle with an interval of +-5 years around each age, as a calibrated bundle gives."""
+
+    calibration = "fitted"
+
+    def predict(self, faces: list[np.ndarray]) -> pd.DataFrame:
+        df = super().predict(faces)
+        return df.assign(age_low=df.age - 5, age_high=df.age + 5)
+
+
+def test_min_age_answers_unsure_exactly_when_the_interval_straddles_it(photo_dir):
+    paths = [str(photo_dir / n) for n in ("astronaut.jpg", "group/thirty.png", "no_face.png")]
+    ages = photos.predict_images(CalibratedFakeBundle(), paths).age.dropna()
+    seen = set()
+    for n in (float(np.floor(ages.min())) - 6, float(np.round(ages.median())), float(np.ceil(ages.max())) + 6):
+        df = photos.predict_images(CalibratedFakeBundle(), paths, min_age=n)
+        column = f"at_least_{n:g}"
+        found = df[df.face >= 0]
+        assert ((found[column] == "unsure") == ((found.age - 5 < n) & (found.age + 5 >= n))).all()
+        assert ((found[column] == "yes") == (found.age - 5 >= n)).all()
+        assert ((found[column] == "no") == (found.age + 5 < n)).all()
+        assert df[df.face < 0][column].tolist() == [""]  # no face, no answer
+        assert list(df.columns)[-2:] == [column, "note"]
+        seen |= set(found[column])
+    assert seen == {"yes", "no", "unsure"}
+    none_found = photos.predict_images(CalibratedFakeBundle(), paths[2:], min_age=18)
+    assert {"age_low", "age_high", "at_least_18"} <= set(none_found.columns)  # the same table without a face
 
 
 def test_many_photos_are_read_in_worker_processes_with_the_same_table(photo_dir, monkeypatch):

@@ -158,10 +158,12 @@ def test_report_and_plots_carry_the_numbers(tracked):
         "learning_curves.png",
         "mae_by_age.png",
         "pred_vs_true.png",
+        "reliability.png",
     ]
     for p in (exp / "plots").glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
-    assert page.count("data:image/png;base64,") == 5  # self-contained: the plots are embedded
+    assert "Calibrated answers" in page and f"{blend['calibration']['oof']['coverage']:.3f}" in page
+    assert page.count("data:image/png;base64,") == 6  # self-contained: the plots are embedded
 
 
 def test_report_groups_by_race_on_utkface_names(tmp_path):

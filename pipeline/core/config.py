@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .choices import AGE_HEADS, FITS, TTA_VIEWS
+from .choices import AGE_HEADS, FITS, GENDER_METHODS, TTA_VIEWS
 from .errors import PipelineError
 from .extras import require
 from .metrics import HIGHER_IS_BETTER
@@ -393,6 +393,29 @@ class LocalConfig:
     )
 
 
+@dataclass
+class CalibrationConfig:
+    """The answers people are shown, fitted on the cross-fitted OOF blend (the submission does not change)."""
+
+    age_level: float = setting(
+        0.9,
+        "the age intervals' coverage: each age comes with an interval that holds the true age this often",
+        gt=0,
+        lt=1,
+        hint="use a share between 0 and 1, e.g. 0.9",
+    )
+    gender: str = setting(
+        "auto",
+        "the rescaling of the gender probability shown; auto: the one with the lowest out-of-fold log-loss",
+        choices=("auto", *GENDER_METHODS),
+    )
+    min_age: float = setting(
+        18.0,
+        "the report's and model card's \"at least this old?\" rates (predict-images --min-age asks any age)",
+        ge=0,
+    )
+
+
 SPACE_KINDS = ("loguniform", "uniform", "int", "choice")
 
 
@@ -453,6 +476,9 @@ class Config:
         hint="name at least one view",
     )
     metric: str = setting("score", "checkpoint selection and the headline CV figure", choices=tuple(HIGHER_IS_BETTER))
+    calibration: CalibrationConfig = setting(
+        CalibrationConfig, "age intervals and gender probabilities people can trust", changes_results=False
+    )
     tracking: TrackingConfig = setting(TrackingConfig, "Weights & Biases", changes_results=False)
     launcher: str = setting(
         "local",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .calibration import Calibration
 from .choices import FITS
 from .errors import BundleError, PipelineError
 from .files import write_text
@@ -270,17 +271,20 @@ class BlendFile:
     selection: dict[str, float] | None  # train.select's optimism: mean fold metric at the kept and last epochs
     submission: str | None = None
     holdout: dict[str, float] | None = None
+    # Calibration.to_json, plus how the gender rescaling was chosen ("chosen_by": cross-fitted log-loss of each) and
+    # its figures ("oof": cross-fitted, "holdout"); None in blend.json of earlier versions
+    calibration: dict[str, Any] | None = None
 
     KEYS = (  # blend.json's keys, in order; "table_at_0.5" is table_at_half
         "oof_rows", "metric", "cv", "cv_in_sample", "cross_fitted", "cv_unseen_folds", "table", "table_at_0.5",
-        "threshold", "age_weights", "gender_weights", "selection", "submission", "holdout",
+        "threshold", "age_weights", "gender_weights", "selection", "submission", "holdout", "calibration",
     )  # fmt: skip
-    OPTIONAL = ("cv_in_sample", "cross_fitted", "cv_unseen_folds", "selection", "submission", "holdout")
+    OPTIONAL = ("cv_in_sample", "cross_fitted", "cv_unseen_folds", "selection", "submission", "holdout", "calibration")
 
     def to_json(self) -> dict[str, Any]:
         values = {**vars(self), "table_at_0.5": self.table_at_half}
         out = {k: values[k] for k in self.KEYS}
-        return {k: v for k, v in out.items() if v is not None or k not in ("submission", "holdout")}
+        return {k: v for k, v in out.items() if v is not None or k not in ("submission", "holdout", "calibration")}
 
     def write(self, exp_dir: Path) -> None:
         write_text(json.dumps(self.to_json(), indent=2), exp_dir / BLEND)
@@ -294,11 +298,17 @@ class BlendFile:
         return BlendFile(**values)
 
     @staticmethod
-    def of_weights(age_weights: dict[str, float], gender_weights: dict[str, float], threshold: float) -> BlendFile:
+    def of_weights(
+        age_weights: dict[str, float],
+        gender_weights: dict[str, float],
+        threshold: float,
+        calibration: Calibration | None = None,
+    ) -> BlendFile:
         """A blend of given weights, scored on nothing (a bundle of untrained models, in tests and benchmarks)."""
         return BlendFile(
-            0, "score", float("nan"), None, None, None, {}, {}, threshold, age_weights, gender_weights, None
-        )
+            0, "score", float("nan"), None, None, None, {}, {}, threshold, age_weights, gender_weights, None,
+            calibration=calibration.to_json() if calibration else None,
+        )  # fmt: skip
 
     @property
     def blend_scores(self) -> dict[str, float]:
@@ -367,6 +377,8 @@ class BundleInfo:
     oof: dict[str, Any] | None = None  # blend.json's headline figures
     holdout: dict[str, float] | None = None
     data: dict[str, Any] | None = None  # the data report, without file names
+    calibration: Calibration | None = None  # None in bundles of earlier versions: no intervals
+    calibration_figures: dict[str, Any] | None = None  # blend.json's calibration figures (oof, holdout, chosen_by)
 
     def to_json(self) -> dict[str, Any]:
         models = [
@@ -402,6 +414,8 @@ class BundleInfo:
             "oof": self.oof,
             "holdout": self.holdout,
             "data": self.data,
+            **({"calibration": {**self.calibration.to_json(), **(self.calibration_figures or {})}}
+               if self.calibration else {}),
         }  # fmt: skip
 
     def write(self, folder: Path) -> None:
@@ -436,6 +450,7 @@ class BundleInfo:
         return bundle
 
 
+CALIBRATION_KEYS = ("level", "age", "gender")  # Calibration.to_json's; the rest of the entry is its figures
 MODEL_KEYS = ("mean", "std", "age_weight", "gender_weight", "folds")
 
 
@@ -475,4 +490,7 @@ def _bundle_info(info: dict[str, Any]) -> BundleInfo:
         oof=info.get("oof"),
         holdout=info.get("holdout"),
         data=info.get("data"),
+        calibration=Calibration.from_json(info["calibration"]) if info.get("calibration") else None,
+        calibration_figures={k: v for k, v in (info.get("calibration") or {}).items() if k not in CALIBRATION_KEYS}
+        or None,
     )

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.calibration import Calibration
 from ..core.config import Config, ModelConfig, load_config
 from ..core.errors import DataError, PipelineError
 from ..core.files import atomic_folder, atomic_path
 from ..core.layout import (
     BEST,
+    CALIBRATION_KEYS,
     CONFIG_YAML,
     DATA_REPORT,
     BlendFile,
@@ -162,6 +164,8 @@ def bundle_info(cfg: Config, exp_dir: Path, blend: BlendFile, members: list[Mode
         oof={k: headline[k] for k in ("metric", "cv", "cv_in_sample", "oof_rows", "table", "table_at_0.5")},
         holdout=blend.holdout,
         data=data,
+        calibration=Calibration.from_json(blend.calibration) if blend.calibration else None,
+        calibration_figures={k: v for k, v in (blend.calibration or {}).items() if k not in CALIBRATION_KEYS} or None,
     )
 
 
@@ -261,6 +265,7 @@ def model_card(info: BundleInfo) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in metrics) + " |")
     if info.holdout:
         lines += ["", "Held-out test split: " + ", ".join(f"{k} {v:.4f}" for k, v in info.holdout.items())]
+    lines += calibration_card(info)
     lines += [
         "",
         "## Training data",
@@ -284,12 +289,54 @@ def model_card(info: BundleInfo) -> str:
         "```python",
         f"from {LOADERS[info.runtime]} import load_bundle",
         "bundle = load_bundle('this folder or its archive')",
-        "bundle.predict([rgb_face_uint8, ...])  # DataFrame: age, gender_prob, gender, gender_label",
+        "bundle.predict([rgb_face_uint8, ...])  # DataFrame: age, age_low, age_high, gender_prob, gender, gender_label",
         "```",
         "",
         "Weights are safetensors or ONNX files: loading never unpickles anything.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def calibration_card(info: BundleInfo) -> list[str]:
+    """The model card's section on the intervals and the calibrated probability, out of fold and held out."""
+    c, figs = info.calibration, info.calibration_figures or {}
+    if c is None:
+        return ["", "## Intervals", "", "This bundle has no calibration: ages come without intervals."]
+    shown = {w: figs[w] for w in ("oof", "holdout") if figs.get(w)}
+    names = {"oof": "out of fold (cross-fitted)", "holdout": "held out"}
+    n = next(iter(shown.values()))["min_age"]["threshold"] if shown else 18
+    lines = [
+        "",
+        "## Intervals and calibrated probabilities",
+        "",
+        f"Each age comes with an interval meant to hold the true age {c.level:.0%} of the time (split-conformal, "
+        f"{len(c.age.edges)} bins of predicted age, fitted on the cross-fitted out-of-fold blend). The gender "
+        f"probability shown is rescaled ({c.gender.method}; out-of-fold log-loss of each tried: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in (figs.get("chosen_by") or {}).items())
+        + "); the gender decision is the submission's.",
+        "",
+        f"| rows | coverage | mean width (years) | gender ECE before -> after | yes among under {n:g} | "
+        f"no among {n:g}+ | unsure |",
+        "|---" * 7 + "|",
+    ]
+    for where, f in shown.items():
+        m, g = f["min_age"], f["gender"]
+        lines.append(
+            f"| {names[where]}: {f['rows']} | {f['coverage']:.3f} | {f['width']:.1f} | {g['ece_before']:.4f} -> "
+            f"{g['ece_after']:.4f} | {_figure(m['yes_among_under'])} | {_figure(m['no_among_over'])} | "
+            f"{m['unsure']:.4f} |"
+        )
+    if shown:
+        lines += ["", "Coverage / mean width by true age band:", ""]
+        lines += ["| age | " + " | ".join(names[w] for w in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+        for band in next(iter(shown.values()))["by_age"]:
+            cells = [f["by_age"].get(band) for f in shown.values()]
+            lines.append(
+                f"| {band} | "
+                + " | ".join(f"{x['coverage']:.3f} / {x['width']:.1f}" if x else "–" for x in cells)
+                + " |"
+            )
+    return lines
 
 
 def _figure(value) -> str:

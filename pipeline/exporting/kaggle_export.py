@@ -28,6 +28,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 SOURCES = (  # what pipeline.serving.kaggle_predict imports, and nothing that needs torch (tests/test_kaggle_export)
     "__init__.py",
     "core/__init__.py",
+    "core/calibration.py",
     "core/choices.py",
     "core/cores.py",
     "core/errors.py",

@@ -11,6 +11,7 @@ import pandas as pd
 from scipy.optimize import minimize
 from sklearn.metrics import f1_score
 
+from ..core.calibration import Calibration, logit
 from ..core.config import Config
 from ..core.errors import PipelineError
 from ..core.files import write_csv, write_text
@@ -33,6 +34,7 @@ from ..core.tracking import Tracker
 from ..data.competition import Competition
 from ..data.test_set import shape_submission
 from ..models.backbones import pretraining
+from .calibrate import figures, fit_calibration
 from .report import write_report
 
 
@@ -88,7 +90,9 @@ def load_model_predictions(exp_dir: Path, model: str, n_splits: int) -> tuple[pd
                 f"for --model {model} --fold {k} again"
             )
     oof = pd.concat(oofs, ignore_index=True)
-    test = pd.concat(tests).groupby("id", sort=False)[["age", "gender_prob"]].mean().reset_index()
+    test = pd.concat(tests)
+    test["gender_logit"] = logit(test.gender_prob)  # the folds' log-odds average: the calibrated probability's base
+    test = test.groupby("id", sort=False)[["age", "gender_prob", "gender_logit"]].mean().reset_index()
     return oof, test
 
 
@@ -203,6 +207,9 @@ class OofBlend:
     table: dict[str, dict]  # oof_tables: each row at its own threshold
     table_half: dict[str, dict]  # and at 0.5
     cross_fitted: dict[str, float]  # the blend scored out of sample (cross_fitted): the headline CV
+    calibration: Calibration  # fitted on every row of the cross-fitted blend
+    chosen_by: dict[str, float]  # the gender rescalings tried: their cross-fitted log-loss
+    crossed: pd.DataFrame  # every row out of sample: age, prob (the submission's blend), age_low, age_high, calibrated
     unseen: dict | None = None  # the same on the folds that did not choose the settings (folds.chosen_on)
 
     @property
@@ -223,16 +230,19 @@ def fit_weights(ages: np.ndarray, probs: np.ndarray, y_age: np.ndarray, y_gender
 
 def cross_fitted(
     ages: np.ndarray, probs: np.ndarray, y_age: np.ndarray, y_gender: np.ndarray, fold: np.ndarray, max_age: float
-) -> tuple[np.ndarray, np.ndarray]:
+) -> pd.DataFrame:
     """The blend out of sample: each fold's rows blended with the weights and threshold fitted on the other folds'
-    rows only. Returns every row's age and gender decision (0/1), to be scored together as the in-sample rows are."""
-    age, decision = np.empty(len(y_age)), np.empty(len(y_age))
+    rows only. Every row's age, gender decision (0/1; to be scored together as the in-sample rows are),
+    probability and log-odds (the gender weights on the models' log-odds, which the calibration rescales)."""
+    out = pd.DataFrame(index=range(len(y_age)), columns=["age", "decision", "prob", "z"], dtype=float)
     for k in np.unique(fold):
         held, fit = fold == k, fold != k
         w_age, w_gender, t = fit_weights(ages[fit], probs[fit], y_age[fit], y_gender[fit])
-        age[held] = np.clip(ages[held] @ w_age, 0, max_age)
-        decision[held] = probs[held] @ w_gender >= t
-    return age, decision
+        prob = probs[held] @ w_gender
+        out.loc[held] = np.column_stack(
+            [np.clip(ages[held] @ w_age, 0, max_age), prob >= t, prob, logit(probs[held]) @ w_gender]
+        )
+    return out
 
 
 def fit_blend(cfg: Config, names: list[str], oofs: dict[str, pd.DataFrame], exp_dir: Path) -> OofBlend:
@@ -247,14 +257,22 @@ def fit_blend(cfg: Config, names: list[str], oofs: dict[str, pd.DataFrame], exp_
     rows = {n: (ages[:, i], probs[:, i]) for i, n in enumerate(names)} | {"blend": (blend_age, blend_prob)}
     table, table_half = oof_tables(y_age, y_gender, rows, cfg.data.max_age)
     fold = oof.fold.to_numpy()
-    age_x, decision_x = cross_fitted(ages, probs, y_age, y_gender, fold, cfg.data.max_age)
-    crossed = evaluate(y_age, age_x, y_gender, decision_x, 0.5)
+    x = cross_fitted(ages, probs, y_age, y_gender, fold, cfg.data.max_age)
+    age_x, decision_x = x.age.to_numpy(), x.decision.to_numpy()
+    scores = evaluate(y_age, age_x, y_gender, decision_x, 0.5)
     unseen = None
     if cfg.folds.chosen_on:
         other = ~np.isin(fold, cfg.folds.chosen_on)
         folds = sorted(set(fold[other].tolist()))
         unseen = {"folds": folds, **evaluate(y_age[other], age_x[other], y_gender[other], decision_x[other], 0.5)}
-    return OofBlend(names, oof, w_age, w_gender, blend_age, blend_prob, table, table_half, crossed, unseen)
+    c = cfg.calibration
+    fitted, chosen_by, low, high, calibrated = fit_calibration(
+        age_x, x.z.to_numpy(), y_age, y_gender, fold, c.age_level, c.gender
+    )
+    x = x.assign(age_low=low, age_high=high, calibrated=calibrated)
+    return OofBlend(
+        names, oof, w_age, w_gender, blend_age, blend_prob, table, table_half, scores, fitted, chosen_by, x, unseen
+    )
 
 
 def print_oof(cfg: Config, b: OofBlend, selection: dict | None) -> None:
@@ -283,6 +301,15 @@ def print_oof(cfg: Config, b: OofBlend, selection: dict | None) -> None:
             f"CV {cfg.metric} on the other folds ({', '.join(map(str, b.unseen['folds']))}), which no choice saw: "
             f"{b.unseen[cfg.metric]:.4f}"
         )
+    c, oof = b.calibration, b.oof
+    x = b.crossed
+    covered = ((oof.age_true >= x.age_low) & (oof.age_true <= x.age_high)).mean()
+    before, after = b.chosen_by.get("none"), b.chosen_by[c.gender.method]
+    print(
+        f"age intervals at {c.level:g}: coverage {covered:.3f}, mean width {(x.age_high - x.age_low).mean():.1f} years "
+        f"(cross-fitted, {len(c.age.edges)} bins of predicted age); gender probability shown: {c.gender.method} "
+        f"(cross-fitted log-loss {after:.4f}" + (f", {before:.4f} without)" if before is not None else ")")
+    )
     if selection is not None:
         print(
             f"checkpoint epochs (train.select={cfg.train.select}): mean fold validation {cfg.metric} "
@@ -291,7 +318,18 @@ def print_oof(cfg: Config, b: OofBlend, selection: dict | None) -> None:
         )
 
 
-def blend_summary(cfg: Config, b: OofBlend, selection: dict | None) -> BlendFile:
+def calibration_entry(cfg: Config, b: OofBlend, group: np.ndarray | None) -> dict:
+    """blend.json's "calibration": what was fitted, how the gender rescaling was chosen, and its cross-fitted
+    figures on the OOF rows (the held-out ones are added once the submission is written)."""
+    oof, x = b.oof, b.crossed
+    oof_figures = figures(
+        oof.age_true.to_numpy(float), x.age_low.to_numpy(), x.age_high.to_numpy(), oof.gender_true.to_numpy(int),
+        x.prob.to_numpy(), x.calibrated.to_numpy(), cfg.calibration.min_age, group,
+    )  # fmt: skip
+    return {**b.calibration.to_json(), "chosen_by": b.chosen_by, "oof": oof_figures}
+
+
+def blend_summary(cfg: Config, b: OofBlend, selection: dict | None, group: np.ndarray | None) -> BlendFile:
     """blend.json (the submission's path and the held-out scores are added once they exist)."""
     return BlendFile(
         oof_rows=len(b.oof),
@@ -306,11 +344,12 @@ def blend_summary(cfg: Config, b: OofBlend, selection: dict | None) -> BlendFile
         age_weights=dict(zip(b.names, b.w_age.tolist())),
         gender_weights=dict(zip(b.names, b.w_gender.tolist())),
         selection=selection,
+        calibration=calibration_entry(cfg, b, group),
     )
 
 
-def submission_frame(cfg: Config, comp: Competition, b: OofBlend, tests: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The blended test predictions in the sample submission's rows, order and columns, validated."""
+def test_blend(cfg: Config, comp: Competition, b: OofBlend, tests: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The blended test predictions by test id: age (clipped), prob (the submission's) and z (log-odds)."""
     test_ids = comp.test.id
     for n in b.names:
         missing = set(test_ids) - set(tests[n].id)
@@ -319,10 +358,29 @@ def submission_frame(cfg: Config, comp: Competition, b: OofBlend, tests: dict[st
                 f"model {n} has no test prediction for {len(missing)} test ids (e.g. {sorted(missing)[0]!r}); "
                 f"the test set changed since it predicted: delete its predict_done.json files and run predict again"
             )
-    test_age = np.column_stack([tests[n].set_index("id").loc[test_ids, "age"] for n in b.names]) @ b.w_age
-    test_prob = np.column_stack([tests[n].set_index("id").loc[test_ids, "gender_prob"] for n in b.names]) @ b.w_gender
-    age = np.clip(test_age, 0, cfg.data.max_age)
-    return shape_submission(comp.test_set(), age, (test_prob >= b.threshold).astype(int))
+
+    def column(name: str, weights: np.ndarray) -> np.ndarray:
+        return np.column_stack([tests[n].set_index("id").loc[test_ids, name] for n in b.names]) @ weights
+
+    age = np.clip(column("age", b.w_age), 0, cfg.data.max_age)
+    z = column("gender_logit", b.w_gender)
+    return pd.DataFrame({"age": age, "prob": column("gender_prob", b.w_gender), "z": z}, index=test_ids)
+
+
+def submission_frame(cfg: Config, comp: Competition, b: OofBlend, test: pd.DataFrame) -> pd.DataFrame:
+    """The blended test predictions in the sample submission's rows, order and columns, validated."""
+    return shape_submission(comp.test_set(), test.age.to_numpy(), (test.prob.to_numpy() >= b.threshold).astype(int))
+
+
+def holdout_calibration(cfg: Config, b: OofBlend, comp: Competition, test: pd.DataFrame) -> dict:
+    """The calibration's figures on the held-out split (fitted on the OOF rows only; labels read after submitting)."""
+    h = comp.holdout_labels.set_index("id").loc[test.index]
+    low, high = b.calibration.age.bounds(test.age.to_numpy(), cfg.data.max_age)
+    group = h.group.to_numpy() if "group" in h.columns else None
+    return figures(
+        h.age.to_numpy(float), low, high, h.gender.to_numpy(int), test.prob.to_numpy(),
+        b.calibration.gender(test.z.to_numpy()), cfg.calibration.min_age, group,
+    )  # fmt: skip
 
 
 def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path = SUBMISSIONS) -> Path | None:
@@ -333,17 +391,22 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
     b = fit_blend(cfg, names, {n: preds[n][0] for n in names}, exp_dir)
     selection = selection_optimism(exp_dir, names, cfg.folds.n_splits, cfg.metric)
     print_oof(cfg, b, selection)
-    summary = blend_summary(cfg, b, selection)
-    oof = b.oof.assign(age_blend=b.age, prob_blend=b.prob)
+    x = b.crossed
+    oof = b.oof.assign(
+        age_blend=b.age, prob_blend=b.prob, age_low=x.age_low.to_numpy(), age_high=x.age_high.to_numpy(),
+        prob_calibrated=x.calibrated.to_numpy(),
+    )  # fmt: skip
     if "group" in comp.train.columns:
         oof = oof.join(comp.train.set_index("id")["group"], on="id")
+    summary = blend_summary(cfg, b, selection, oof.group.to_numpy() if "group" in oof.columns else None)
     write_csv(oof, exp_dir / OOF_BLEND)
 
     if len(comp.test) == 0:
         print("no test set (no test.csv / sample_submission.csv, data.holdout=0): no submission written")
         _finish(cfg, exp_dir, summary, names)
         return None
-    sub = submission_frame(cfg, comp, b, {n: preds[n][1] for n in names})
+    test = test_blend(cfg, comp, b, {n: preds[n][1] for n in names})
+    sub = submission_frame(cfg, comp, b, test)
     submissions_dir.mkdir(parents=True, exist_ok=True)
     path = write_submission(sub.to_csv(index=False), submissions_dir, cfg.experiment)
     summary.submission = str(path)
@@ -351,6 +414,11 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
     if comp.holdout_labels is not None:  # read only now, after every choice has been made
         held = holdout_scores(comp, sub)
         summary.holdout = held
+        summary.calibration["holdout"] = hc = holdout_calibration(cfg, b, comp, test)
+        print(
+            f"held-out age intervals at {b.calibration.level:g}: coverage {hc['coverage']:.3f}, mean width "
+            f"{hc['width']:.1f} years; gender ECE {hc['gender']['ece_before']:.4f} -> {hc['gender']['ece_after']:.4f}"
+        )
         print(
             f"held-out test ({len(sub)} images, labels read only after writing the submission): "
             + ", ".join(f"{k} {v:.4f}" for k, v in held.items())

@@ -33,6 +33,12 @@ UTK_RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
 COLS = ("n", *METRICS)
 
 
+def _race(g) -> str:
+    """A group's name: UTKFace's group is race, coded 0-4 in the file name (keys may be text, as in blend.json)."""
+    s = str(g).removesuffix(".0")
+    return UTK_RACES.get(int(s), s) if s.isdigit() else s
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -176,6 +182,91 @@ def leaderboard_plot(exp_dir: Path, table: pd.DataFrame) -> Path:
     return folder / LEADERBOARD_PLOT
 
 
+def reliability_plot(cal: dict):
+    """The gender probability's reliability diagram, before and after the rescaling; OOF solid, held out dashed."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":")
+    for split, style in (("oof", "-"), ("holdout", "--")):
+        for when, color in (("before", "C0"), ("after", "C1")):
+            if cal.get(split):
+                pts = np.asarray(cal[split]["gender"][f"reliability_{when}"], float).reshape(-1, 3)
+                label = f"{when} ({'OOF' if split == 'oof' else 'held out'})"
+                ax.plot(pts[:, 0], pts[:, 1], style, color=color, marker="o", ms=3, label=label)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean probability of gender 1", ylabel="frequency of gender 1")
+    ax.set(title="gender reliability")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _splits(cal: dict) -> list[tuple[str, dict]]:
+    return [("OOF", cal["oof"])] + ([("held out", cal["holdout"])] if cal.get("holdout") else [])
+
+
+def _rows(index: list[str], name: str, columns: list[str], values: list[list]) -> pd.DataFrame:
+    """A table of ints and floats as given (object dtype: row counts stay ints); None shows as a dash."""
+    values = [[float("nan") if v is None else v for v in row] for row in values]
+    return pd.DataFrame(values, index=pd.Index(index, name=name), columns=columns, dtype=object)
+
+
+def _calibration_html(cal: dict, img: str) -> str:
+    """The "Calibrated answers" section: the age intervals' coverage and width, the "at least N?" answer, and the
+    gender probability before and after its rescaling."""
+    g, splits = cal["gender"], _splits(cal)
+    method = g["method"]
+    if method in ("temperature", "platt"):
+        method += f" (a={g.get('a', 1):.3f}, b={g.get('b', 0):.3f})"
+    elif method == "isotonic":
+        method += f" ({len(g.get('x') or [])} steps)"
+    tried = ", ".join(f"{k} {v:.4f}" for k, v in cal["chosen_by"].items())
+    flat = [
+        {
+            "all": f,
+            **{f"age {k}": v for k, v in f["by_age"].items()},
+            **f["by_gender"],
+            **{_race(k): v for k, v in (f.get("by_group") or {}).items()},
+        }
+        for _, f in splits
+    ]
+    keys = list(dict.fromkeys(k for fl in flat for k in fl))
+    stats = (("rows", "rows"), ("coverage", "coverage"), ("width", "width (years)"))
+    coverage = _rows(
+        keys,
+        "true age / gender / group",
+        [f"{name} {label}" for name, _ in splits for _, label in stats],
+        [[fl.get(k, {}).get(s) for fl in flat for s, _ in stats] for k in keys],
+    )
+    t = cal["oof"]["min_age"]["threshold"]
+    answers = ("yes_among_under", "no_among_over", "unsure", "under", "over")
+    min_age = _rows(
+        [f"yes among under {t:g} (the costly error)", f"no among {t:g} or over", "unsure (all rows)",
+         f"rows under {t:g}", f"rows {t:g} or over"],
+        f"at least {t:g}?",
+        [name for name, _ in splits],
+        [[f["min_age"][a] for _, f in splits] for a in answers],
+    )  # fmt: skip
+    gender = _rows(
+        [name for name, _ in splits],
+        "gender probability",
+        ["ECE before", "ECE after", "log-loss before", "log-loss after"],
+        [[f["gender"][k] for k in ("ece_before", "ece_after", "log_loss_before", "log_loss_after")] for _, f in splits],
+    )
+    bins = len(cal["age"]["edges"])
+    held = " Held out: the test split, scored with what was fitted on the OOF rows only." if len(splits) > 1 else ""
+    return (
+        f"<h2>Calibrated answers</h2><p>Age intervals at level {cal['level']:g}: split-conformal, Mondrian bins by "
+        f"predicted age ({bins} bin{'s' * (bins != 1)}), fitted on the cross-fitted OOF blend; in the OOF figures "
+        f"each fold's rows are scored with what the other folds fitted.{held} Gender rescaling: "
+        f"{html.escape(method)}; cross-fitted OOF log-loss of each tried: {html.escape(tried)}.</p>"
+        + _table(coverage, "{:.3f}")
+        + f"<h3>At least {t:g}?</h3><p>Yes when the whole interval is at or above {t:g}, no when it is all below, "
+        "unsure otherwise.</p>"
+        + _table(min_age, "{:.3f}")
+        + "<h3>Gender probability</h3><p>Before: the models' blended probability (the submission's); after: the "
+        "calibrated one people are shown.</p>" + _table(gender) + f"<img src='data:image/png;base64,{img}'>"
+    )
+
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;margin:.6em 0 1.4em}
 td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}th{background:#f4f4f4}
@@ -250,7 +341,7 @@ def write_report(
     table_half.index.name = "model"
     groups = []
     if "group" in oof.columns and oof.group.notna().any():
-        key = oof.group.map(lambda g: UTK_RACES.get(int(g), str(g))).rename("race (from file name)")
+        key = oof.group.map(_race).rename("race (from file name)")
         groups.append(("By race", group_table(oof, key, threshold)))
     groups.append(("By age bin", group_table(oof, age_bin(oof.age_true, age_bins), threshold)))
     groups.append(("By gender", group_table(oof, oof.gender_true.rename("gender"), threshold)))
@@ -306,6 +397,10 @@ def write_report(
     ]
     for title, df in groups:
         parts += [f"<h3>{title}</h3>", _table(df)]
+    if summary.calibration:  # None in blend.json of earlier versions
+        parts.append(
+            _calibration_html(summary.calibration, _save(reliability_plot(summary.calibration), plots, "reliability"))
+        )
     if (plots / LEADERBOARD_PLOT).is_file():  # written by `python -m pipeline submissions`
         data_lb = base64.b64encode((plots / LEADERBOARD_PLOT).read_bytes()).decode()
         parts += [

@@ -1,4 +1,5 @@
-"""The web page of predict-images: drop photos, see every face boxed with its age and gender, a table, its CSV.
+"""The web page of predict-images: drop photos, see every face boxed with its age (and its interval) and gender, a
+table, its CSV; optionally "is this person at least N years old?" (yes / no / unsure) per face.
 `python -m pipeline app BUNDLE [--host 127.0.0.1] [--port N] [--max-file-size MB]`.
 
 Nothing leaves the machine: the page is served on 127.0.0.1 unless --host says otherwise, with no share link,
@@ -7,6 +8,7 @@ no analytics or update checks, no run history, and system fonts only (Gradio's s
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -19,6 +21,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ..core.calibration import min_age_answer
 from ..core.errors import DataError, PipelineError
 from ..core.files import write_csv
 from ..data import faces
@@ -47,17 +50,27 @@ MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "'DejaVu Sa
 
 
 @dataclass
-class Result:
-    """What the page shows for one upload."""
+class Photo:
+    """One uploaded photo as the page shows it."""
 
-    shown: list[tuple[np.ndarray, str]] = field(default_factory=list)  # (photo with boxes, caption)
+    image: np.ndarray  # the photo resized for the page (no boxes)
+    scale: float  # the page's size over the photo's
+    found: list[dict]  # the predict-images rows of its faces
+    caption: str
+
+
+@dataclass
+class Result:
+    """What the page shows for one upload (kept per browser tab: a new "at least" age redraws it)."""
+
+    photos: list[Photo] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)  # predict-images rows of every file
     lines: list[str] = field(default_factory=list)  # one status line per file
     problems: list[str] = field(default_factory=list)  # the lines that are warnings
 
 
 def analyse(bundle, paths: list[str], detect_size: int = faces.DETECT_MAX_SIDE) -> Result:
-    """Every uploaded file: decoded, its faces found and predicted (predict-images' own code), drawn."""
+    """Every uploaded file: decoded, its faces found and predicted (predict-images' own code), resized for the page."""
     out = Result()
     for path in paths:
         name = Path(path).name
@@ -75,8 +88,17 @@ def analyse(bundle, paths: list[str], detect_size: int = faces.DETECT_MAX_SIDE) 
         out.lines.append(line)
         if not found:
             out.problems.append(line)
-        out.shown.append((draw(rgb, found), line))
+        out.photos.append(Photo(*page_image(rgb), found, line))
     return out
+
+
+def calibrated(bundle) -> bool:
+    return bundle.info.calibration is not None
+
+
+def asked_age(bundle, min_age: float | None) -> float | None:
+    """The page's "at least this old?" age; None when it is off (0 or empty) or the bundle has no intervals."""
+    return min_age if min_age and min_age > 0 and calibrated(bundle) else None
 
 
 def gender_text(row: dict) -> str:
@@ -84,18 +106,45 @@ def gender_text(row: dict) -> str:
     return str(label) if isinstance(label, str) else str(row["gender"])
 
 
-def draw(rgb: np.ndarray, found: list[dict]) -> np.ndarray:
-    """The photo resized for the page, each face's box drawn with an "age, gender" label above it."""
+def age_text(row: dict) -> str:
+    """The age rounded with its interval in years of age, "34 (28-41)" (floored: 17.6 is 17 years old, so that an
+    interval shown from 18 up is what answers "at least 18?" with yes); "34" from a bundle without intervals."""
+    if "age_low" not in row:
+        return f"{row['age']:.0f}"
+    return f"{row['age']:.0f} ({math.floor(row['age_low'])}-{math.floor(row['age_high'])})"
+
+
+def min_age_text(row: dict, min_age: float | None) -> str:
+    """yes / no / unsure: is this face at least min_age? ("" when not asked or without an interval)"""
+    if min_age is None or "age_low" not in row:
+        return ""
+    return str(min_age_answer(row["age_low"], row["age_high"], min_age))
+
+
+def label_text(row: dict, min_age: float | None = None) -> str:
+    """A box's label: "34 (28-41), female", then ", 18+: unsure" when the page asks."""
+    text = f"{age_text(row)}, {gender_text(row)}"
+    answer = min_age_text(row, min_age)
+    return f"{text}, {min_age:g}+: {answer}" if answer else text
+
+
+def page_image(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """The photo resized for the page (longest side in SHOW_SIDES), and that scale."""
     longest = max(rgb.shape[:2])
     scale = min(SHOW_SIDES[1], max(SHOW_SIDES[0], longest)) / longest
     size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
-    img = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    thick = max(1, round(max(size) / 500))
-    font_scale = max(0.5, max(size) / 1400)
-    for row in found:
-        x, y, w, h = (round(row[k] * scale) for k in ("x", "y", "w", "h"))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR), scale
+
+
+def draw(photo: Photo, min_age: float | None = None) -> np.ndarray:
+    """The photo as the page shows it, each face's box drawn with its label_text above it."""
+    img = photo.image.copy()
+    thick = max(1, round(max(img.shape[:2]) / 500))
+    font_scale = max(0.5, max(img.shape[:2]) / 1400)
+    for row in photo.found:
+        x, y, w, h = (round(row[k] * photo.scale) for k in ("x", "y", "w", "h"))
         cv2.rectangle(img, (x, y), (x + w, y + h), BOX_COLOUR, thick)
-        text = f"{row['age']:.0f}, {gender_text(row)}"
+        text = label_text(row, min_age)
         (tw, th), base = cv2.getTextSize(text, FONT, font_scale, thick)
         height = th + base + 2 * thick
         top = y - height if y >= height else y + h  # above the box, or under it at the photo's top edge
@@ -104,9 +153,11 @@ def draw(rgb: np.ndarray, found: list[dict]) -> np.ndarray:
     return img
 
 
-def shown_table(rows: list[dict]) -> pd.DataFrame:
-    """One line per face, rounded for reading: file, face, box (x, y, w, h), score, age, gender prob, gender."""
+def shown_table(rows: list[dict], min_age: float | None = None) -> pd.DataFrame:
+    """One line per face, rounded for reading: file, face, box (x, y, w, h), score, age (with its interval), gender
+    prob, gender, and "at least N" (yes / no / unsure) when the page asks."""
     found = [r for r in rows if r["face"] >= 0]
+    columns = TABLE + ([f"at least {min_age:g}"] if min_age is not None else [])
     return pd.DataFrame(
         [
             [
@@ -114,48 +165,66 @@ def shown_table(rows: list[dict]) -> pd.DataFrame:
                 r["face"],
                 ", ".join(f"{r[k]:.0f}" for k in ("x", "y", "w", "h")),
                 round(r["score"], 2),
-                round(r["age"], 1),
+                age_text(r),
                 round(r["gender_prob"], 3),
                 gender_text(r),
             ]
+            + ([min_age_text(r, min_age)] if min_age is not None else [])
             for r in found
         ],
-        columns=TABLE,
+        columns=columns,
     )
 
 
-def write_table(rows: list[dict], out_dir: Path) -> Path:
-    """The rows as predict-images writes them, in a fresh folder (the page offers it as faces.csv)."""
+def write_table(rows: list[dict], out_dir: Path, min_age: float | None = None, intervals: bool = False) -> Path:
+    """The rows as predict-images writes them (age_low, age_high when `intervals`, at_least_<min_age> when asked), in
+    a fresh folder (the page offers it as faces.csv)."""
     path = Path(tempfile.mkdtemp(dir=out_dir)) / "faces.csv"
-    write_csv(photos.table(rows), path, photos.FLOAT_FORMAT)
+    write_csv(photos.table(rows, min_age, intervals), path, photos.FLOAT_FORMAT)
     return path
+
+
+def intro_text(bundle) -> str:
+    from .bundle import NAME_THEM
+
+    text = (
+        "## Age and gender from faces\nDrop or upload photos: each face gets its age and gender.  \n"
+        f"Model: {bundle.info.experiment or 'bundle'} ({bundle.runtime} bundle: "
+        f"{', '.join(m.name for m in bundle.members)})"
+    )
+    if calibrated(bundle):
+        text += f"  \nAges with their {bundle.info.calibration.level * 100:g}% interval, in years."
+    else:
+        text += "  \nThis bundle has no calibration: ages without intervals (export it again for them)."
+    if not bundle.labels_known:
+        text += f"  \nNote: {NAME_THEM}."
+    return text
 
 
 def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
     import gradio as gr
 
-    from .bundle import NAME_THEM
+    def shown(result: Result | None, min_age: float | None):
+        """gallery, table, download button for an upload and the page's "at least" age."""
+        if result is None:
+            return [], shown_table([]), gr.DownloadButton(visible=False)
+        min_age = asked_age(bundle, min_age)
+        drawn = [(draw(p, min_age), p.caption) for p in result.photos]
+        gallery = gr.Gallery(value=drawn, selected_index=0 if drawn else None)  # opens the first
+        csv = write_table(result.rows, out_dir, min_age, calibrated(bundle))
+        return gallery, shown_table(result.rows, min_age), gr.DownloadButton(value=str(csv), visible=True)
 
-    def on_upload(paths: list[str] | None):
+    def on_upload(paths: list[str] | None, min_age: float | None):
         if not paths:
-            return [], shown_table([]), gr.DownloadButton(visible=False), ""
+            return None, *shown(None, None), ""
         result = analyse(bundle, paths, detect_size)
         for line in result.problems:
             gr.Warning(line)
-        csv = write_table(result.rows, out_dir)
-        status = "\n".join(result.lines)
-        gallery = gr.Gallery(value=result.shown, selected_index=0 if result.shown else None)  # opens the first
-        return gallery, shown_table(result.rows), gr.DownloadButton(value=str(csv), visible=True), status
+        return result, *shown(result, min_age), "\n".join(result.lines)
 
-    intro = (
-        "## Age and gender from faces\nDrop or upload photos: each face gets its age and gender.  \n"
-        f"Model: {bundle.info.experiment or 'bundle'} ({bundle.runtime} bundle: "
-        f"{', '.join(m.name for m in bundle.members)})"
-    )
-    if not bundle.labels_known:
-        intro += f"  \nNote: {NAME_THEM}."
     with gr.Blocks(title="Age and gender from faces", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
-        gr.Markdown(intro)
+        gr.Markdown(intro_text(bundle), elem_id="intro")
+        result = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(
@@ -166,12 +235,21 @@ def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
                     height=260,
                     elem_id="photos",
                 )
+                min_age = gr.Number(
+                    label="At least this old? (years; 0 = off)",
+                    value=0,
+                    minimum=0,
+                    maximum=150,
+                    visible=calibrated(bundle),  # a bundle without intervals cannot answer
+                    elem_id="min-age",
+                )
                 status = gr.Textbox(label="Status", interactive=False, lines=2, max_lines=12, elem_id="status")
                 download = gr.DownloadButton("Download CSV", visible=False, elem_id="download")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Faces", height=640, object_fit="contain", elem_id="gallery")
         table = gr.Dataframe(value=shown_table([]), interactive=False, label="Faces found", elem_id="table")
-        files.change(on_upload, files, [gallery, table, download, status], concurrency_limit=1)
+        files.change(on_upload, [files, min_age], [result, gallery, table, download, status], concurrency_limit=1)
+        min_age.change(shown, [result, min_age], [gallery, table, download], concurrency_limit=1)
     return page
 
 

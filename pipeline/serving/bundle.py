@@ -18,14 +18,19 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ..core.calibration import Calibration, logit
 from ..core.cores import usable_cores
 from ..core.errors import BundleError, PipelineError
 from ..core.layout import BUNDLE_FILE, BundleInfo, BundleModel
 from ..data.imaging import square_resize
 
-COLUMNS = ["age", "gender_prob", "gender", "gender_label"]
+COLUMNS = ["age", "age_low", "age_high", "gender_prob", "gender", "gender_label"]  # no interval without calibration
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 UNNAMED = {"0": "gender code 0", "1": "gender code 1"}  # what a bundle shows when the codes' names are unknown
+NO_CALIBRATION = (
+    "this bundle has no calibration (exported before it): ages without intervals, gender probabilities as the "
+    "models give them; export it again for intervals"
+)
 NAME_THEM = (
     "the gender codes' names are unknown: set data.gender_labels: [name of 0, name of 1] as the competition's "
     "page says (an override at export: data.gender_labels=[NAME0,NAME1]) and export again"
@@ -148,12 +153,18 @@ class Bundle:
     def gender_labels(self) -> dict[str, str]:
         return self.info.gender.labels if self.labels_known else dict(UNNAMED)
 
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.info.calibration
+
     def predict(self, faces: list[np.ndarray], batch_size: int = 64) -> pd.DataFrame:
-        """Age, gender probability, gender (0/1 as in the training labels) and its label for RGB uint8 face crops
-        of any size: per model fit square + resize, every fold with the TTA views, folds averaged, then blended."""
+        """Age (with its interval when the bundle is calibrated), gender probability, gender (0/1 as in the
+        training labels) and its label for RGB uint8 face crops of any size: per model fit square + resize, every
+        fold with the TTA views, folds averaged, then blended. The gender decision is the submission's (the
+        probabilities' blend at the OOF threshold); the probability shown is the calibrated one."""
         faces = _checked_faces(faces)
         n = len(faces)
-        age, prob = np.zeros(n), np.zeros(n)
+        age, prob, z = np.zeros(n), np.zeros(n), np.zeros(n)
         for start in range(0, n, max(1, batch_size)):
             chunk = faces[start : start + batch_size]
             resized = {
@@ -165,18 +176,22 @@ class Bundle:
             for m in self.members:
                 folds = [next(outs) for _ in m.folds]
                 age[start : start + len(chunk)] += m.age_weight * np.mean([np.float64(a) for a, _ in folds], axis=0)
-                prob[start : start + len(chunk)] += m.gender_weight * np.mean([np.float64(p) for _, p in folds], axis=0)
+                probs = [np.float64(p) for _, p in folds]
+                prob[start : start + len(chunk)] += m.gender_weight * np.mean(probs, axis=0)
+                z[start : start + len(chunk)] += m.gender_weight * np.mean([logit(p) for p in probs], axis=0)
         gender = (prob >= self.threshold).astype(int)
         labels = self.gender_labels
-        return pd.DataFrame(
-            {
-                "age": np.clip(age, 0, self.info.max_age),
-                "gender_prob": prob,
-                "gender": gender,
-                "gender_label": [labels.get(str(g), str(g)) for g in gender],
-            },
-            columns=COLUMNS,
-        )
+        age = np.clip(age, 0, self.info.max_age)
+        out = {
+            "age": age,
+            "gender_prob": prob,
+            "gender": gender,
+            "gender_label": [labels.get(str(g), str(g)) for g in gender],
+        }
+        if self.calibration is not None:
+            out["age_low"], out["age_high"] = self.calibration.age.bounds(age, self.info.max_age)
+            out["gender_prob"] = self.calibration.gender(z)
+        return pd.DataFrame(out, columns=[c for c in COLUMNS if c in out])
 
     def _map(self, fn, jobs: list) -> list:
         """fn over jobs in order; on a thread pool when workers > 1 (onnxruntime releases the GIL)."""
@@ -236,6 +251,8 @@ def load_bundle(
         else:
             runners = torch_runners(m, info, files, path, device)
         members.append(Member(m.name, m.img_size, m.age_weight, m.gender_weight, runners))
+    if info.calibration is None:
+        print(f"note: {path}: {NO_CALIBRATION}", file=sys.stderr)
     return Bundle(info=info, face_crop=info.face_crop, path=path, members=members, workers=workers)
 
 

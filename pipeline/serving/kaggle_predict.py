@@ -41,8 +41,9 @@ def predict_paths(bundle, paths: list[str], fit: str, found: list[Face | None] |
     return pd.concat(preds, ignore_index=True)
 
 
-def submission(bundle, root: Path, names: dict) -> pd.DataFrame:
-    """The competition folder `root`'s submission: one row per sample-submission row, in its order and columns."""
+def submission(bundle, root: Path, names: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The competition folder `root`'s submission: one row per sample-submission row, in its order and columns; and
+    the bundle's predictions (with their intervals, from a calibrated bundle) by test id."""
     t = read_test_set(
         root, names["sample_submission"], names["test_csv"], names["test_dir"], names["age_col"], names["gender_col"]
     )
@@ -50,7 +51,7 @@ def submission(bundle, root: Path, names: dict) -> pd.DataFrame:
         raise PipelineError(f"{root}: no test set here (no {names['sample_submission']} or {names['test_csv']})")
     found = detect_all(t.paths, "faces") if bundle.face_crop == "detect" else None
     pred = predict_paths(bundle, t.paths, bundle.info.fit, found)
-    return shape_submission(t, pred.age.to_numpy(), pred.gender.to_numpy())
+    return shape_submission(t, pred.age.to_numpy(), pred.gender.to_numpy()), pred.assign(id=t.ids).set_index("id")
 
 
 def default_competition_dir(slug: str, sample_submission: str, kaggle_input: Path = KAGGLE_INPUT) -> Path:
@@ -81,6 +82,12 @@ def main(argv: list[str], here: Path) -> int:
     p.add_argument("competition_dir", nargs="?", help="default: /kaggle/input/<competition>")
     default_out = KAGGLE_WORKING / "submission.csv" if KAGGLE_WORKING.is_dir() else Path("submission.csv")
     p.add_argument("--out", default=str(default_out), help=f"default: {default_out}")
+    p.add_argument(
+        "--details",
+        metavar="CSV",
+        help="also write every test image's age, its interval (age_low, age_high), the calibrated gender probability "
+        "and the gender decision, by id (not a submission)",
+    )
     args = p.parse_args(argv)
     try:
         names = _names(here / COMPETITION_FILE)
@@ -89,8 +96,10 @@ def main(argv: list[str], here: Path) -> int:
         bundle = load_bundle(here / "bundle")
         if not bundle.labels_known:
             print(f"note: {NAME_THEM}", file=sys.stderr)
-        sub = submission(bundle, root, names)
+        sub, pred = submission(bundle, root, names)
         write_csv(sub, args.out)
+        if args.details:
+            write_csv(pred.drop(columns="gender_label").reset_index(), args.details, "%.4f")
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

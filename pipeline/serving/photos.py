@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from ..core.calibration import min_age_answer
 from ..core.errors import DataError, PipelineError
 from ..core.files import write_csv
 from ..data import faces
@@ -36,9 +37,11 @@ MAX_PIXELS = 100_000_000  # larger images are refused from their header, before 
 CROP_SIZE = faces.CHIP_SIZE
 SMALL_FACE = 40  # faces smaller than this (pixels, box side) get a note: little detail to read an age from
 NO_FACE = "no face found"
-COLUMNS = ["file", "face", "x", "y", "w", "h", "score", "age", "gender_prob", "gender"]
+COLUMNS = ["file", "face", "x", "y", "w", "h", "score", "age", "age_low", "age_high", "gender_prob", "gender"]
+INTERVAL = ["age_low", "age_high"]  # only from a calibrated bundle
 POOL_FROM = 16  # photos from which those processes are worth starting (spawning them takes ~1-2 s)
 AHEAD = 4  # photos per worker process read ahead of the predictions
+NO_INTERVALS = "this bundle was exported without calibration: export it again"
 
 
 def image_pixels(raw: np.ndarray) -> tuple[int, str] | None:
@@ -168,11 +171,13 @@ def predict_images(
     batch_size: int = 32,
     detect_size: int = faces.DETECT_MAX_SIDE,
     workers: int = WORKERS,
+    min_age: float | None = None,
 ) -> pd.DataFrame:
     """One row per detected face (file, face index, box x y w h in the upright photo's pixels, detector score,
     age, gender_prob, gender[, gender_label], note); a photo without a face or that cannot be read gets one
     row with face = -1 and the reason in `note` (with whole_image_if_no_face, a prediction on the whole
-    image). `bundle.predict(list of RGB uint8 crops)` returns age, gender_prob, gender[, gender_label]."""
+    image). `bundle.predict(list of RGB uint8 crops)` returns age[, age_low, age_high], gender_prob,
+    gender[, gender_label]; with min_age, an at_least_<min_age> column answers yes / no / unsure."""
     rows: list[dict] = []
     pending: list[tuple[int, np.ndarray]] = []  # (row index, crop) waiting for a full batch
 
@@ -193,18 +198,48 @@ def predict_images(
         pending.extend((first + k, crop) for k, crop in enumerate(crops))
         flush(batch_size)
     flush(len(pending))
-    return table(rows)
+    return table(rows, min_age, getattr(bundle, "calibration", None) is not None)
 
 
-def table(rows: list[dict]) -> pd.DataFrame:
-    """Rows as predict-images writes them: COLUMNS, then gender_label when predicted, then note."""
+def table(rows: list[dict], min_age: float | None = None, intervals: bool = False) -> pd.DataFrame:
+    """Rows as predict-images writes them: COLUMNS (age_low, age_high from a calibrated bundle, or when predicted),
+    then gender_label when predicted, then at_least_<min_age> (yes / no / unsure, when asked), then note."""
     df = pd.DataFrame(rows)
+    columns = [c for c in COLUMNS if c not in INTERVAL or intervals or c in df.columns]
     extra = [c for c in df.columns if c not in COLUMNS and c != "note"]
-    df = df.reindex(columns=[*COLUMNS, *extra, "note"])
+    df = df.reindex(columns=[*columns, *extra, "note"])
+    if min_age is not None:
+        df.insert(len(df.columns) - 1, min_age_column(min_age), min_age_answers(df, min_age))
     df["face"] = df["face"].astype("int64")
     df["gender"] = df["gender"].astype("Int64")  # 0/1 as in the training labels, empty where no prediction
     df["note"] = df["note"].fillna("")
     return df
+
+
+def min_age_column(min_age: float) -> str:
+    return f"at_least_{min_age:g}"
+
+
+def min_age_answers(df: pd.DataFrame, min_age: float) -> pd.Series:
+    """Is each face at least min_age? yes / no / unsure (the interval straddles it); empty without a prediction."""
+    answers = pd.Series("", index=df.index, dtype=object)
+    if "age_low" not in df.columns:
+        raise PipelineError(f"--min-age needs age intervals; {NO_INTERVALS}")
+    done = df.age_low.notna()
+    if not done.any():
+        return answers
+    answers[done] = min_age_answer(df.age_low[done], df.age_high[done], min_age)
+    return answers
+
+
+def _min_age(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 150:
+        raise argparse.ArgumentTypeError(f"expected an age in years from 0 to 150, got {text!r}")
+    return value
 
 
 def _detect_size(text: str) -> int:
@@ -234,6 +269,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
     p.add_argument("--out", metavar="CSV", help="write the table to this CSV (default: print it)")
     p.add_argument("--whole-image", action="store_true", help="predict on the whole photo when it has no face")
+    p.add_argument(
+        "--min-age",
+        type=_min_age,
+        metavar="N",
+        help='also answer "at least N years old?" per face: yes, no, or unsure when the age interval holds N',
+    )
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="faces per batch of the bundle (default 32)")
     add_detect_size(p)
     workers = f"processes that decode and detect (default {WORKERS})"
@@ -271,9 +312,17 @@ def run_cli(args: argparse.Namespace, torch_runners: RunnersFactory | None = Non
         bundle = load_bundle(args.bundle, device=args.device, torch_runners=torch_runners)
         if not bundle.labels_known:
             print(f"note: {NAME_THEM}", file=sys.stderr)
+        if args.min_age is not None and bundle.calibration is None:
+            raise PipelineError(f"--min-age needs age intervals; {NO_INTERVALS}")
         paths = photo_paths(args.paths)
         df = predict_images(
-            bundle, paths, args.whole_image, args.batch_size, detect_size=args.detect_size, workers=args.workers
+            bundle,
+            paths,
+            args.whole_image,
+            args.batch_size,
+            detect_size=args.detect_size,
+            workers=args.workers,
+            min_age=args.min_age,
         )
         for row in df[(df.face < 0) & (df.note != "")].itertuples():
             print(f"{row.file}: {row.note}", file=sys.stderr)
