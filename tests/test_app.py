@@ -83,10 +83,26 @@ def serve(bundle: Path, d: Path):
     log.close()
 
 
+def with_calibration(real_bundle: Path, d: Path, calibration: Calibration | None) -> Path:
+    """The test bundle's folder with `calibration` in its bundle.json, or none (a bundle of before calibration)."""
+    with tarfile.open(real_bundle) as tar:
+        tar.extractall(d, filter="data")
+    info_file = next(d.glob("*/bundle.json"))
+    info = json.loads(info_file.read_text())
+    info.pop("calibration", None)
+    info_file.write_text(json.dumps({**info, **({"calibration": calibration.to_json()} if calibration else {})}))
+    return info_file.parent
+
+
 @pytest.fixture(scope="module")
-def app(watch, real_bundle, tmp_path_factory):  # noqa: F811
-    """The app serving the test bundle (one of before calibration: no intervals)."""
-    yield from serve(real_bundle, tmp_path_factory.mktemp("app"))
+def old_bundle(real_bundle, tmp_path_factory) -> Path:  # noqa: F811
+    return with_calibration(real_bundle, tmp_path_factory.mktemp("old"), None)
+
+
+@pytest.fixture(scope="module")
+def app(watch, old_bundle, tmp_path_factory):
+    """The app serving a bundle of before calibration: no intervals."""
+    yield from serve(old_bundle, tmp_path_factory.mktemp("app"))
 
 
 # the stand-in calibration: every age's interval is [age - 5, age + 5] at 90 %
@@ -95,14 +111,8 @@ CALIBRATION = Calibration(AgeIntervals(0.9, [0.0], [-5.0], [5.0]), GenderRescali
 
 @pytest.fixture(scope="module")
 def calibrated_bundle(real_bundle, tmp_path_factory) -> Path:  # noqa: F811
-    """The test bundle's folder with CALIBRATION in its bundle.json, as an export with calibration writes it."""
-    d = tmp_path_factory.mktemp("calibrated")
-    with tarfile.open(real_bundle) as tar:
-        tar.extractall(d, filter="data")
-    info_file = next(d.glob("*/bundle.json"))
-    info = json.loads(info_file.read_text())
-    info_file.write_text(json.dumps({**info, "calibration": CALIBRATION.to_json()}))
-    return info_file.parent
+    """The test bundle with CALIBRATION in its bundle.json, as an export with calibration writes it."""
+    return with_calibration(real_bundle, tmp_path_factory.mktemp("calibrated"), CALIBRATION)
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +128,9 @@ def predict_images(bundle: Path, photo: Path, d: Path, *args) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def expected(real_bundle, photo_dir, tmp_path_factory) -> pd.Series:  # noqa: F811
+def expected(old_bundle, photo_dir, tmp_path_factory) -> pd.Series:  # noqa: F811
     """predict-images' row for the astronaut photo."""
-    rows = predict_images(real_bundle, photo_dir / "astronaut.jpg", tmp_path_factory.mktemp("cli"))
+    rows = predict_images(old_bundle, photo_dir / "astronaut.jpg", tmp_path_factory.mktemp("cli"))
     assert len(rows) == 1, rows
     return rows.iloc[0]
 
