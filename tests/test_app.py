@@ -83,9 +83,9 @@ def serve(bundle: Path, d: Path):
     log.close()
 
 
-def with_calibration(real_bundle: Path, d: Path, calibration: Calibration | None) -> Path:
+def with_calibration(archive: Path, d: Path, calibration: Calibration | None) -> Path:
     """The test bundle's folder with `calibration` in its bundle.json, or none (a bundle of before calibration)."""
-    with tarfile.open(real_bundle) as tar:
+    with tarfile.open(archive) as tar:
         tar.extractall(d, filter="data")
     info_file = next(d.glob("*/bundle.json"))
     info = json.loads(info_file.read_text())
