@@ -414,14 +414,14 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
     if comp.holdout_labels is not None:  # read only now, after every choice has been made
         held = holdout_scores(comp, sub)
         summary.holdout = held
+        print(
+            f"held-out test ({len(sub)} images, labels read only after writing the submission): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in held.items())
+        )
         summary.calibration["holdout"] = hc = holdout_calibration(cfg, b, comp, test)
         print(
             f"held-out age intervals at {b.calibration.level:g}: coverage {hc['coverage']:.3f}, mean width "
             f"{hc['width']:.1f} years; gender ECE {hc['gender']['ece_before']:.4f} -> {hc['gender']['ece_after']:.4f}"
-        )
-        print(
-            f"held-out test ({len(sub)} images, labels read only after writing the submission): "
-            + ", ".join(f"{k} {v:.4f}" for k, v in held.items())
         )
     _finish(cfg, exp_dir, summary, names, path)
     print(f"submission: {path}")
@@ -443,6 +443,10 @@ def _finish(cfg: Config, exp_dir: Path, summary: BlendFile, names: list[str], su
     flat.update({f"cv_in_sample_{cfg.metric}": summary.cv_in_sample})
     flat.update({f"cross_fitted/{k}": v for k, v in summary.blend_scores.items()})
     flat.update({f"holdout/{k}": v for k, v in (summary.holdout or {}).items()})
+    for where, f in ((w, (summary.calibration or {}).get(w)) for w in ("oof", "holdout")):
+        if f:
+            flat.update({f"calibration/{where}/{k}": f[k] for k in ("coverage", "width")})
+            flat.update({f"calibration/{where}/gender_{k}": f["gender"][k] for k in ("ece_before", "ece_after")})
     tracker.log(flat)
     tracker.summary(flat)
     tracker.table("oof_table", summary.table)
