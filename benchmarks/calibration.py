@@ -20,11 +20,11 @@ from pipeline.core.calibration import logit  # noqa: E402
 from pipeline.core.choices import GENDER_METHODS  # noqa: E402
 from pipeline.inference.calibrate import (  # noqa: E402
     AGE_BANDS,
-    cross_fitted,
     ece,
     fit_age_intervals,
     fit_gender,
     log_loss,
+    out_of_fold,
 )
 
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
@@ -60,7 +60,7 @@ def main(run: Path, level: float = 0.9):
     folds, pred, true = oof.fold.values, oof.age_blend.values, oof.age_true.values
     p, y = oof.prob_blend.values, oof.gender_true.values
     for adaptive in (False, True):
-        b = cross_fitted(
+        b = out_of_fold(
             lambda pr, tr, adaptive=adaptive: fit_age_intervals(pr, tr, level, adaptive),
             lambda m, pr, tr: np.stack(m.bounds(pr), axis=1),
             folds,
@@ -77,7 +77,7 @@ def main(run: Path, level: float = 0.9):
     z = logit(p)
     print(f"\n== gender (cross-fitted OOF): ECE before {ece(y, p):.4f}, log-loss {log_loss(y, p):.4f}")
     for method in GENDER_METHODS:
-        q = cross_fitted(lambda zz, yy, method=method: fit_gender(method, zz, yy), lambda m, zz, yy: m(zz), folds, z, y)
+        q = out_of_fold(lambda zz, yy, method=method: fit_gender(method, zz, yy), lambda m, zz, yy: m(zz), folds, z, y)
         print(f"{method:12s} log-loss {log_loss(y, q):.4f}  ECE {ece(y, q):.4f}  acc@0.5 {((q > 0.5) == y).mean():.4f}")
 
     test = [pd.read_csv(f) for f in sorted(run.glob("*/fold*/test.csv"))]

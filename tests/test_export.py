@@ -312,7 +312,22 @@ def test_bad_bundles_are_refused_in_one_line(run, tmp_path):
     for f in json.loads((bad_onnx / "bundle.json").read_text())["models"][0]["folds"]:
         (bad_onnx / f["file"]).parent.mkdir(parents=True, exist_ok=True)
         (bad_onnx / f["file"]).write_bytes(b"garbage")
-    for bad in (tmp_path / "missing", tmp_path / "empty", truncated, broken, no_json, not_archive, plain_tar, bad_onnx):
+    damaged = []  # a calibration entry that would give NaN intervals or crash mid-prediction
+    info = json.loads((run.onnx_dir / "bundle.json").read_text())
+    for name, change in (
+        ("nan_interval", lambda c: c["age"]["low"].__setitem__(0, float("nan"))),
+        ("unsorted_edges", lambda c: c["age"].__setitem__("edges", c["age"]["edges"][::-1] + [-1.0])),
+        ("empty_isotonic", lambda c: c.__setitem__("gender", {"method": "isotonic", "x": [], "y": []})),
+        ("level", lambda c: c.__setitem__("level", 1.5)),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(run.onnx_dir, folder)
+        entry = json.loads(json.dumps(info["calibration"]))
+        change(entry)
+        (folder / "bundle.json").write_text(json.dumps({**info, "calibration": entry}))
+        damaged.append(folder)
+    for bad in (tmp_path / "missing", tmp_path / "empty", truncated, broken, no_json, not_archive, plain_tar, bad_onnx,
+                *damaged):  # fmt: skip
         with pytest.raises(PipelineError) as e:
             load_bundle(bad)
         assert str(bad) in str(e.value) and "\n" not in str(e.value)

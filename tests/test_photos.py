@@ -11,6 +11,7 @@ import sys
 import types
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -20,7 +21,7 @@ from conftest import cli_command, cli_env, ctrl_c
 from PIL import Image
 from skimage import data
 
-from pipeline.core.errors import DataError
+from pipeline.core.errors import DataError, PipelineError
 from pipeline.data import imaging
 from pipeline.serving import photos
 
@@ -320,6 +321,7 @@ class CalibratedFakeBundle(FakeBundle):
     """FakeBundle with an interval of +-5 years around each age, as a calibrated bundle gives."""
 
     calibration = "fitted"
+    info = SimpleNamespace(max_age=120.0)
 
     def predict(self, faces: list[np.ndarray]) -> pd.DataFrame:
         df = super().predict(faces)
@@ -343,6 +345,9 @@ def test_min_age_answers_unsure_exactly_when_the_interval_straddles_it(photo_dir
     assert seen == {"yes", "no", "unsure"}
     none_found = photos.predict_images(CalibratedFakeBundle(), paths[2:], min_age=18)
     assert {"age_low", "age_high", "at_least_18"} <= set(none_found.columns)  # the same table without a face
+    for bundle, n, why in ((FakeBundle(), 18, "needs age intervals"), (CalibratedFakeBundle(), 121, "above 120")):
+        with pytest.raises(PipelineError, match=why):
+            photos.predict_images(bundle, paths, min_age=n)
 
 
 def test_many_photos_are_read_in_worker_processes_with_the_same_table(photo_dir, monkeypatch):

@@ -17,7 +17,7 @@ import numpy as np
 from .choices import GENDER_METHODS
 
 EPS = 1e-6
-ANSWERS = ("yes", "no", "unsure")
+KEYS = ("level", "age", "gender")  # Calibration.to_json's; the rest of blend.json's entry is its figures
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ class AgeIntervals:
 
     def bounds(self, age: np.ndarray, max_age: float = 120.0) -> tuple[np.ndarray, np.ndarray]:
         age = np.asarray(age, float)
-        b = np.searchsorted(self.edges, age, side="right") - 1
+        b = np.maximum(np.searchsorted(self.edges, age, side="right") - 1, 0)
         low = np.clip(age + np.asarray(self.low)[b], 0, max_age)
         high = np.clip(age + np.asarray(self.high)[b], 0, max_age)
         return low, high
@@ -85,20 +85,35 @@ class Calibration:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Calibration:
-        """Raises KeyError, TypeError or ValueError on a damaged entry (the caller names the file)."""
+        """Raises KeyError, TypeError or ValueError("calibration") on a damaged entry (the caller names the file)."""
         age, gender = data["age"], data["gender"]
         intervals = AgeIntervals(float(data["level"]), *(list(map(float, age[k])) for k in ("edges", "low", "high")))
-        if not len(intervals.edges) == len(intervals.low) == len(intervals.high) >= 1:
-            raise ValueError("calibration")
         method = str(gender["method"])
-        if method not in GENDER_METHODS:
+        a, b = float(gender.get("a", 1)), float(gender.get("b", 0))
+        x, y = ([float(v) for v in gender[k]] if gender.get(k) is not None else None for k in ("x", "y"))
+        edges, low, high = (np.asarray(v) for v in (intervals.edges, intervals.low, intervals.high))
+        numbers = np.r_[intervals.level, edges, low, high, a, b, x or [], y or []]
+        if not (
+            0 < intervals.level < 1
+            and np.isfinite(numbers).all()
+            and len(edges) == len(low) == len(high) >= 1
+            and edges[0] <= 0
+            and (np.diff(edges) > 0).all()
+            and (low <= high).all()
+            and method in GENDER_METHODS
+            and (method != "isotonic" or (x and y and len(x) == len(y) and (np.diff(x) >= 0).all()))
+        ):
             raise ValueError("calibration")
-        xy = [list(map(float, gender[k])) if gender.get(k) is not None else None for k in ("x", "y")]
-        if method == "isotonic" and (xy[0] is None or xy[1] is None or len(xy[0]) != len(xy[1])):
-            raise ValueError("calibration")
-        return Calibration(
-            intervals, GenderRescaling(method, float(gender.get("a", 1)), float(gender.get("b", 0)), *xy)
-        )
+        return Calibration(intervals, GenderRescaling(method, a, b, x, y))
+
+    @staticmethod
+    def split(entry: dict[str, Any] | None) -> tuple[Calibration | None, dict[str, Any] | None]:
+        """blend.json's or bundle.json's "calibration" entry -> the calibration and its figures (None, None: no
+        entry, from before calibration)."""
+        if not entry:
+            return None, None
+        figures = {k: v for k, v in entry.items() if k not in KEYS}
+        return Calibration.from_json(entry), figures or None
 
 
 def min_age_answer(low: np.ndarray, high: np.ndarray, min_age: float) -> np.ndarray:

@@ -351,7 +351,8 @@ class BundleModel:
 
 @dataclass
 class GenderCoding:
-    threshold: float  # gender_prob (of code 1) at or above it: code 1
+    threshold: float  # the blend's probability of code 1 (folds' mean) at or above it: code 1; the probability a
+    # calibrated bundle shows is rescaled (core/calibration.py), so near the threshold it may fall on the other side
     labels: dict[str, str]  # "0" / "1" -> what the code means
     labels_from: str = ""
     labels_known: bool | None = None  # None in bundles of earlier versions: guessed from the labels
@@ -450,12 +451,12 @@ class BundleInfo:
         return bundle
 
 
-CALIBRATION_KEYS = ("level", "age", "gender")  # Calibration.to_json's; the rest of the entry is its figures
 MODEL_KEYS = ("mean", "std", "age_weight", "gender_weight", "folds")
 
 
 def _bundle_info(info: dict[str, Any]) -> BundleInfo:
     g = info["gender"]
+    calibration, figures = Calibration.split(info.get("calibration"))
     zoom = info.get("zoom", 1.0)
     if isinstance(zoom, bool) or not isinstance(zoom, (int, float)):
         raise ValueError("zoom")
@@ -490,7 +491,6 @@ def _bundle_info(info: dict[str, Any]) -> BundleInfo:
         oof=info.get("oof"),
         holdout=info.get("holdout"),
         data=info.get("data"),
-        calibration=Calibration.from_json(info["calibration"]) if info.get("calibration") else None,
-        calibration_figures={k: v for k, v in (info.get("calibration") or {}).items() if k not in CALIBRATION_KEYS}
-        or None,
+        calibration=calibration,
+        calibration_figures=figures,
     )

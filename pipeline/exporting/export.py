@@ -22,7 +22,7 @@ from ..core.errors import DataError, PipelineError
 from ..core.files import atomic_folder, atomic_path
 from ..core.layout import (
     BEST,
-    CALIBRATION_KEYS,
+    BLEND,
     CONFIG_YAML,
     DATA_REPORT,
     BlendFile,
@@ -146,6 +146,12 @@ def bundle_info(cfg: Config, exp_dir: Path, blend: BlendFile, members: list[Mode
         for m in members
     ]
     headline = blend.to_json()
+    try:
+        calibration, figures = Calibration.split(blend.calibration)
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"{exp_dir / BLEND}: its calibration entry is damaged; run blend again") from None
+    if calibration is None:
+        print(f"note: {exp_dir / BLEND} has no calibration (blended before it): run blend again for age intervals")
     return BundleInfo(
         runtime=fmt,
         experiment=cfg.experiment,
@@ -164,8 +170,8 @@ def bundle_info(cfg: Config, exp_dir: Path, blend: BlendFile, members: list[Mode
         oof={k: headline[k] for k in ("metric", "cv", "cv_in_sample", "oof_rows", "table", "table_at_0.5")},
         holdout=blend.holdout,
         data=data,
-        calibration=Calibration.from_json(blend.calibration) if blend.calibration else None,
-        calibration_figures={k: v for k, v in (blend.calibration or {}).items() if k not in CALIBRATION_KEYS} or None,
+        calibration=calibration,
+        calibration_figures=figures,
     )
 
 
@@ -304,16 +310,21 @@ def calibration_card(info: BundleInfo) -> list[str]:
         return ["", "## Intervals", "", "This bundle has no calibration: ages come without intervals."]
     shown = {w: figs[w] for w in ("oof", "holdout") if figs.get(w)}
     names = {"oof": "out of fold (cross-fitted)", "holdout": "held out"}
-    n = next(iter(shown.values()))["min_age"]["threshold"] if shown else 18
     lines = [
         "",
         "## Intervals and calibrated probabilities",
         "",
-        f"Each age comes with an interval meant to hold the true age {c.level:.0%} of the time (split-conformal, "
+        f"Each age comes with an interval meant to hold the true age {c.level * 100:g}% of the time (split-conformal, "
         f"{len(c.age.edges)} bins of predicted age, fitted on the cross-fitted out-of-fold blend). The gender "
         f"probability shown is rescaled ({c.gender.method}; out-of-fold log-loss of each tried: "
         + ", ".join(f"{k} {v:.4f}" for k, v in (figs.get("chosen_by") or {}).items())
-        + "); the gender decision is the submission's.",
+        + "); the gender decision is the submission's (the probabilities' mean at the threshold), so near it the "
+        "probability shown may fall on the other side of 0.5.",
+    ]
+    if not shown:
+        return lines
+    n = next(iter(shown.values()))["min_age"]["threshold"]
+    lines += [
         "",
         f"| rows | coverage | mean width (years) | gender ECE before -> after | yes among under {n:g} | "
         f"no among {n:g}+ | unsure |",
@@ -326,16 +337,13 @@ def calibration_card(info: BundleInfo) -> list[str]:
             f"{g['ece_after']:.4f} | {_figure(m['yes_among_under'])} | {_figure(m['no_among_over'])} | "
             f"{m['unsure']:.4f} |"
         )
-    if shown:
-        lines += ["", "Coverage / mean width by true age band:", ""]
-        lines += ["| age | " + " | ".join(names[w] for w in shown) + " |", "|---" * (len(shown) + 1) + "|"]
-        for band in next(iter(shown.values()))["by_age"]:
-            cells = [f["by_age"].get(band) for f in shown.values()]
-            lines.append(
-                f"| {band} | "
-                + " | ".join(f"{x['coverage']:.3f} / {x['width']:.1f}" if x else "–" for x in cells)
-                + " |"
-            )
+    lines += ["", "Coverage / mean width by true age band:", ""]
+    lines += ["| age | " + " | ".join(names[w] for w in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for band in next(iter(shown.values()))["by_age"]:
+        cells = [f["by_age"].get(band) for f in shown.values()]
+        lines.append(
+            f"| {band} | " + " | ".join(f"{x['coverage']:.3f} / {x['width']:.1f}" if x else "–" for x in cells) + " |"
+        )
     return lines
 
 

@@ -34,7 +34,7 @@ from ..core.tracking import Tracker
 from ..data.competition import Competition
 from ..data.test_set import shape_submission
 from ..models.backbones import pretraining
-from .calibrate import figures, fit_calibration
+from .calibrate import figures, fit_calibration, log_loss
 from .report import write_report
 
 
@@ -60,11 +60,7 @@ def age_weights(oof_ages: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def gender_weights(oof_probs: np.ndarray, y: np.ndarray) -> np.ndarray:
-    def logloss(p):
-        p = np.clip(p, 1e-6, 1 - 1e-6)
-        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-    return simplex_weights(oof_probs, logloss)
+    return simplex_weights(oof_probs, lambda p: log_loss(y, p))
 
 
 def best_threshold(prob: np.ndarray, y: np.ndarray) -> float:
@@ -271,11 +267,12 @@ def fit_blend(cfg: Config, names: list[str], oofs: dict[str, pd.DataFrame], exp_
     )
     x = x.assign(age_low=low, age_high=high, calibrated=calibrated)
     return OofBlend(
-        names, oof, w_age, w_gender, blend_age, blend_prob, table, table_half, scores, fitted, chosen_by, x, unseen
-    )
+        names=names, oof=oof, w_age=w_age, w_gender=w_gender, age=blend_age, prob=blend_prob, table=table,
+        table_half=table_half, cross_fitted=scores, calibration=fitted, chosen_by=chosen_by, crossed=x, unseen=unseen,
+    )  # fmt: skip
 
 
-def print_oof(cfg: Config, b: OofBlend, selection: dict | None) -> None:
+def print_oof(cfg: Config, b: OofBlend, selection: dict | None, calibration: dict) -> None:
     print(
         f"\nOOF results ({len(b.oof)} rows, {cfg.folds.n_splits} folds; ages clipped to [0, {cfg.data.max_age:g}]; "
         "blend weights and each row's gender threshold chosen on OOF):"
@@ -301,14 +298,13 @@ def print_oof(cfg: Config, b: OofBlend, selection: dict | None) -> None:
             f"CV {cfg.metric} on the other folds ({', '.join(map(str, b.unseen['folds']))}), which no choice saw: "
             f"{b.unseen[cfg.metric]:.4f}"
         )
-    c, oof = b.calibration, b.oof
-    x = b.crossed
-    covered = ((oof.age_true >= x.age_low) & (oof.age_true <= x.age_high)).mean()
-    before, after = b.chosen_by.get("none"), b.chosen_by[c.gender.method]
+    c, f = b.calibration, calibration["oof"]
+    g = f["gender"]
     print(
-        f"age intervals at {c.level:g}: coverage {covered:.3f}, mean width {(x.age_high - x.age_low).mean():.1f} years "
+        f"age intervals at {c.level:g}: coverage {f['coverage']:.3f}, mean width {f['width']:.1f} years "
         f"(cross-fitted, {len(c.age.edges)} bins of predicted age); gender probability shown: {c.gender.method} "
-        f"(cross-fitted log-loss {after:.4f}" + (f", {before:.4f} without)" if before is not None else ")")
+        f"(cross-fitted log-loss {g['log_loss_before']:.4f} -> {g['log_loss_after']:.4f}, "
+        f"ECE {g['ece_before']:.4f} -> {g['ece_after']:.4f})"
     )
     if selection is not None:
         print(
@@ -390,7 +386,6 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
     preds = {n: load_model_predictions(exp_dir, n, cfg.folds.n_splits) for n in names}
     b = fit_blend(cfg, names, {n: preds[n][0] for n in names}, exp_dir)
     selection = selection_optimism(exp_dir, names, cfg.folds.n_splits, cfg.metric)
-    print_oof(cfg, b, selection)
     x = b.crossed
     oof = b.oof.assign(
         age_blend=b.age, prob_blend=b.prob, age_low=x.age_low.to_numpy(), age_high=x.age_high.to_numpy(),
@@ -399,6 +394,7 @@ def blend(cfg: Config, comp: Competition, exp_dir: Path, submissions_dir: Path =
     if "group" in comp.train.columns:
         oof = oof.join(comp.train.set_index("id")["group"], on="id")
     summary = blend_summary(cfg, b, selection, oof.group.to_numpy() if "group" in oof.columns else None)
+    print_oof(cfg, b, selection, summary.calibration)
     write_csv(oof, exp_dir / OOF_BLEND)
 
     if len(comp.test) == 0:

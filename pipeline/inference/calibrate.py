@@ -19,6 +19,7 @@ AGE_BANDS = (0, 13, 18, 30, 45, 60)  # true-age bands of the coverage tables: 0-
 MIN_BIN_ROWS = 200  # a Mondrian bin of predicted ages holds at least this many rows (else it joins its neighbour)
 PREDICTED_EDGES = (0, 6, 13, 18, 25, 30, 37, 45, 55, 65, 75)  # candidate lower edges of the predicted-age bins
 ECE_BINS = 15
+ISOTONIC_FLOOR = 1e-3
 
 
 def conformal_bounds(residuals: np.ndarray, level: float) -> tuple[float, float]:
@@ -35,15 +36,16 @@ def conformal_bounds(residuals: np.ndarray, level: float) -> tuple[float, float]
 
 
 def mondrian_edges(pred: np.ndarray, candidates=PREDICTED_EDGES, min_rows: int = MIN_BIN_ROWS) -> list[float]:
-    """Lower edges of predicted-age bins, each holding at least min_rows rows (sparse bins join the one before)."""
-    edges: list[float] = []
-    for i, e in enumerate(candidates):
-        upper = candidates[i + 1] if i + 1 < len(candidates) else np.inf
-        n = int(((pred >= e) & (pred < upper)).sum())
-        if not edges or n >= min_rows:
-            edges.append(float(e))
+    """Lower edges of predicted-age bins, the first at candidates[0]: each bin is closed at the first candidate
+    edge where it holds min_rows rows, and a last bin with fewer joins the one before (so every bin holds at least
+    min_rows rows when there are that many)."""
+    pred = np.asarray(pred, float)
+    edges = [float(candidates[0])]
+    for upper in candidates[1:]:
+        if int(((pred >= edges[-1]) & (pred < upper)).sum()) >= min_rows:
+            edges.append(float(upper))
     while len(edges) > 1 and int((pred >= edges[-1]).sum()) < min_rows:
-        edges.pop()  # the last bin joins the one before it
+        edges.pop()
     return edges
 
 
@@ -57,6 +59,8 @@ def fit_age_intervals(pred: np.ndarray, true: np.ndarray, level: float, adaptive
     pairs = []
     for i in range(len(edges)):
         r = true[b == i] - pred[b == i]
+        if not len(r):  # no rows at all
+            raise ValueError("no rows to fit age intervals on")
         low, high = conformal_bounds(r, level)
         pairs.append((low if np.isfinite(low) else float(r.min()), high if np.isfinite(high) else float(r.max())))
     return AgeIntervals(level, edges, [p[0] for p in pairs], [p[1] for p in pairs])
@@ -88,18 +92,20 @@ def fit_gender(method: str, z: np.ndarray, y: np.ndarray) -> GenderRescaling:
     if method == "none":
         return GenderRescaling("none")
     if method == "isotonic":
-        iso = IsotonicRegression(y_min=EPS, y_max=1 - EPS, out_of_bounds="clip").fit(sigmoid(z), y)
+        # bounded away from 0 and 1: an end block of one class would otherwise promise certainty
+        iso = IsotonicRegression(y_min=ISOTONIC_FLOOR, y_max=1 - ISOTONIC_FLOOR, out_of_bounds="clip").fit(
+            sigmoid(z), y
+        )
         return GenderRescaling("isotonic", x=iso.X_thresholds_.tolist(), y=iso.y_thresholds_.tolist())
 
     def loss(w):
-        q = np.clip(sigmoid(w[0] * z + (w[1] if method == "platt" else 0.0)), EPS, 1 - EPS)
-        return -np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))
+        return log_loss(y, sigmoid(w[0] * z + (w[1] if method == "platt" else 0.0)))
 
     w = minimize(loss, [1.0, 0.0] if method == "platt" else [1.0], method="L-BFGS-B").x
     return GenderRescaling(method, float(w[0]), float(w[1]) if method == "platt" else 0.0)
 
 
-def cross_fitted(fit, score, folds: np.ndarray, *columns):
+def out_of_fold(fit, score, folds: np.ndarray, *columns):
     """Each fold's rows scored by `score(model, rows)` with the model `fit(rows)` fitted on the other folds: an
     array of the per-row results in the rows' order."""
     out = None
@@ -179,6 +185,14 @@ def figures(
     return out
 
 
+def choose_gender(z: np.ndarray, y: np.ndarray, folds: np.ndarray, tried: tuple[str, ...]) -> dict[str, float]:
+    """Each rescaling's out-of-fold log-loss on these rows (fitted on the other folds, scored on each)."""
+    return {
+        m: log_loss(y, out_of_fold(lambda zz, yy, m=m: fit_gender(m, zz, yy), lambda r, zz, yy: r(zz), folds, z, y))
+        for m in tried
+    }
+
+
 def fit_calibration(
     age: np.ndarray,
     z: np.ndarray,
@@ -188,18 +202,21 @@ def fit_calibration(
     level: float,
     gender: str,
 ) -> tuple[Calibration, dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
-    """The calibration fitted on all OOF rows of the blend (age, log-odds z), the cross-fitted log-loss of each
+    """The calibration fitted on all OOF rows of the blend (age, log-odds z), the out-of-fold log-loss of each
     gender rescaling tried (gender: one of GENDER_METHODS, or auto: the lowest), and every row's cross-fitted
-    interval (low, high) and calibrated probability."""
-    bounds = cross_fitted(
+    interval (low, high) and calibrated probability. With auto, a fold's rows are scored with the rescaling chosen
+    and fitted on the other folds only, so the choice flatters nothing."""
+    bounds = out_of_fold(
         lambda a, t: fit_age_intervals(a, t, level), lambda m, a, t: np.stack(m.bounds(a), axis=1), folds, age, y_age
     )
     tried = GENDER_METHODS if gender == "auto" else (gender,)
-    crossed = {
-        m: cross_fitted(lambda zz, yy, m=m: fit_gender(m, zz, yy), lambda r, zz, yy: r(zz), folds, z, y_gender)
-        for m in tried
-    }
-    losses = {m: log_loss(y_gender, q) for m, q in crossed.items()}
+    losses = choose_gender(z, y_gender, folds, tried)
     chosen = min(losses, key=losses.get)
+
+    def fit_chosen(zz, yy, ff):
+        inner = choose_gender(zz, yy, ff, tried) if len(tried) > 1 and len(np.unique(ff)) > 1 else {chosen: 0.0}
+        return fit_gender(min(inner, key=inner.get), zz, yy)
+
+    calibrated = out_of_fold(fit_chosen, lambda r, zz, yy, ff: r(zz), folds, z, y_gender, folds)
     fitted = Calibration(fit_age_intervals(age, y_age, level), fit_gender(chosen, z, y_gender))
-    return fitted, losses, bounds[:, 0], bounds[:, 1], crossed[chosen]
+    return fitted, losses, bounds[:, 0], bounds[:, 1], calibrated

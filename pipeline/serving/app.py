@@ -107,11 +107,12 @@ def gender_text(row: dict) -> str:
 
 
 def age_text(row: dict) -> str:
-    """The age rounded with its interval in years of age, "34 (28-41)" (floored: 17.6 is 17 years old, so that an
-    interval shown from 18 up is what answers "at least 18?" with yes); "34" from a bundle without intervals."""
+    """The age with its interval in whole years of age, "34 (28-41)"; floored, as ages are told (17.6 is 17 years
+    old), so that an interval shown from 18 up is what answers "at least 18?" with yes and the age never falls
+    outside its interval; "34" from a bundle without intervals."""
     if "age_low" not in row:
-        return f"{row['age']:.0f}"
-    return f"{row['age']:.0f} ({math.floor(row['age_low'])}-{math.floor(row['age_high'])})"
+        return f"{math.floor(row['age'])}"
+    return f"{math.floor(row['age'])} ({math.floor(row['age_low'])}-{math.floor(row['age_high'])})"
 
 
 def min_age_text(row: dict, min_age: float | None) -> str:
@@ -185,7 +186,7 @@ def write_table(rows: list[dict], out_dir: Path, min_age: float | None = None, i
 
 
 def intro_text(bundle) -> str:
-    from .bundle import NAME_THEM
+    from .bundle import NAME_THEM, NO_CALIBRATION
 
     text = (
         "## Age and gender from faces\nDrop or upload photos: each face gets its age and gender.  \n"
@@ -195,7 +196,7 @@ def intro_text(bundle) -> str:
     if calibrated(bundle):
         text += f"  \nAges with their {bundle.info.calibration.level * 100:g}% interval, in years."
     else:
-        text += "  \nThis bundle has no calibration: ages without intervals (export it again for them)."
+        text += f"  \n{NO_CALIBRATION[0].upper()}{NO_CALIBRATION[1:]}."
     if not bundle.labels_known:
         text += f"  \nNote: {NAME_THEM}."
     return text
@@ -239,7 +240,7 @@ def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
                     label="At least this old? (years; 0 = off)",
                     value=0,
                     minimum=0,
-                    maximum=150,
+                    maximum=bundle.info.max_age,
                     visible=calibrated(bundle),  # a bundle without intervals cannot answer
                     elem_id="min-age",
                 )

@@ -28,8 +28,8 @@ COLUMNS = ["age", "age_low", "age_high", "gender_prob", "gender", "gender_label"
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 UNNAMED = {"0": "gender code 0", "1": "gender code 1"}  # what a bundle shows when the codes' names are unknown
 NO_CALIBRATION = (
-    "this bundle has no calibration (exported before it): ages without intervals, gender probabilities as the "
-    "models give them; export it again for intervals"
+    "this bundle has no calibration (its run was blended before it): ages without intervals, gender probabilities as "
+    "the models give them; blend the run again, then export, for intervals"
 )
 NAME_THEM = (
     "the gender codes' names are unknown: set data.gender_labels: [name of 0, name of 1] as the competition's "

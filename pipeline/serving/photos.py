@@ -41,7 +41,6 @@ COLUMNS = ["file", "face", "x", "y", "w", "h", "score", "age", "age_low", "age_h
 INTERVAL = ["age_low", "age_high"]  # only from a calibrated bundle
 POOL_FROM = 16  # photos from which those processes are worth starting (spawning them takes ~1-2 s)
 AHEAD = 4  # photos per worker process read ahead of the predictions
-NO_INTERVALS = "this bundle was exported without calibration: export it again"
 
 
 def image_pixels(raw: np.ndarray) -> tuple[int, str] | None:
@@ -178,6 +177,8 @@ def predict_images(
     row with face = -1 and the reason in `note` (with whole_image_if_no_face, a prediction on the whole
     image). `bundle.predict(list of RGB uint8 crops)` returns age[, age_low, age_high], gender_prob,
     gender[, gender_label]; with min_age, an at_least_<min_age> column answers yes / no / unsure."""
+    if min_age is not None:
+        check_min_age(bundle, min_age)
     rows: list[dict] = []
     pending: list[tuple[int, np.ndarray]] = []  # (row index, crop) waiting for a full batch
 
@@ -216,6 +217,16 @@ def table(rows: list[dict], min_age: float | None = None, intervals: bool = Fals
     return df
 
 
+def check_min_age(bundle, min_age: float) -> None:
+    """Refuses an "at least min_age?" question the bundle cannot answer."""
+    from .bundle import NO_CALIBRATION
+
+    if getattr(bundle, "calibration", None) is None:
+        raise PipelineError(f"--min-age needs age intervals: {NO_CALIBRATION}")
+    if min_age > bundle.info.max_age:
+        raise PipelineError(f"--min-age {min_age:g} is above {bundle.info.max_age:g}, the oldest age the bundle gives")
+
+
 def min_age_column(min_age: float) -> str:
     return f"at_least_{min_age:g}"
 
@@ -224,7 +235,7 @@ def min_age_answers(df: pd.DataFrame, min_age: float) -> pd.Series:
     """Is each face at least min_age? yes / no / unsure (the interval straddles it); empty without a prediction."""
     answers = pd.Series("", index=df.index, dtype=object)
     if "age_low" not in df.columns:
-        raise PipelineError(f"--min-age needs age intervals; {NO_INTERVALS}")
+        return answers
     done = df.age_low.notna()
     if not done.any():
         return answers
@@ -312,8 +323,6 @@ def run_cli(args: argparse.Namespace, torch_runners: RunnersFactory | None = Non
         bundle = load_bundle(args.bundle, device=args.device, torch_runners=torch_runners)
         if not bundle.labels_known:
             print(f"note: {NAME_THEM}", file=sys.stderr)
-        if args.min_age is not None and bundle.calibration is None:
-            raise PipelineError(f"--min-age needs age intervals; {NO_INTERVALS}")
         paths = photo_paths(args.paths)
         df = predict_images(
             bundle,
