@@ -302,7 +302,8 @@ def print_oof(cfg: Config, b: OofBlend, selection: dict | None, calibration: dic
     g = f["gender"]
     print(
         f"age intervals at {c.level:g}: coverage {f['coverage']:.3f}, mean width {f['width']:.1f} years "
-        f"(cross-fitted, {len(c.age.edges)} bins of predicted age); gender probability shown: {c.gender.method} "
+        f"(cross-fitted, {len(c.age.edges)} bin{'s' * (len(c.age.edges) > 1)} of predicted age); gender probability "
+        f"shown: the blend's log-odds, rescaling {c.gender.method} "
         f"(cross-fitted log-loss {g['log_loss_before']:.4f} -> {g['log_loss_after']:.4f}, "
         f"ECE {g['ece_before']:.4f} -> {g['ece_after']:.4f})"
     )
