@@ -20,6 +20,7 @@ from pipeline.core.calibration import logit  # noqa: E402
 from pipeline.core.choices import GENDER_METHODS  # noqa: E402
 from pipeline.inference.calibrate import (  # noqa: E402
     AGE_BANDS,
+    age_bin,
     ece,
     fit_age_intervals,
     fit_gender,
@@ -28,12 +29,6 @@ from pipeline.inference.calibrate import (  # noqa: E402
 )
 
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
-
-
-def band(age):
-    edges = list(AGE_BANDS)
-    names = [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
-    return pd.Series(pd.cut(age, edges + [1000], right=False, labels=names)).astype(str).values
 
 
 def table(key, true, low, high):
@@ -50,7 +45,11 @@ def threshold_rates(true, low, high, n=18):
 
 def print_tables(true, low, high, gender, race) -> None:
     """Coverage and width by true age band, gender and race, then the rates of the "at least 18?" answer."""
-    for key in (band(true), np.where(gender == 0, "gender 0", "gender 1"), race):
+    for key in (
+        age_bin(pd.Series(true), list(AGE_BANDS)).astype(str).to_numpy(),
+        np.where(gender == 0, "gender 0", "gender 1"),
+        race,
+    ):
         print(table(key, true, low, high).round(3).to_string())
     print({k: round(float(v), 4) for k, v in threshold_rates(true, low, high).items()})
 

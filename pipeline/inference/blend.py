@@ -356,8 +356,10 @@ def test_blend(cfg: Config, comp: Competition, b: OofBlend, tests: dict[str, pd.
                 f"the test set changed since it predicted: delete its predict_done.json files and run predict again"
             )
 
+    by_id = [tests[n].set_index("id").loc[test_ids] for n in b.names]
+
     def column(name: str, weights: np.ndarray) -> np.ndarray:
-        return np.column_stack([tests[n].set_index("id").loc[test_ids, name] for n in b.names]) @ weights
+        return np.column_stack([t[name] for t in by_id]) @ weights
 
     age = np.clip(column("age", b.w_age), 0, cfg.data.max_age)
     z = column("gender_logit", b.w_gender)

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize
 from sklearn.isotonic import IsotonicRegression
 
@@ -119,12 +120,11 @@ def out_of_fold(fit, score, folds: np.ndarray, *columns):
     return out
 
 
-def band_names() -> list[str]:
-    return [f"{a}-{b - 1}" for a, b in zip(AGE_BANDS, AGE_BANDS[1:])] + [f"{AGE_BANDS[-1]}+"]
-
-
-def age_band(age: np.ndarray) -> np.ndarray:
-    return np.asarray(band_names())[np.searchsorted(AGE_BANDS, np.asarray(age, float), side="right") - 1]
+def age_bin(age: pd.Series, bins: list[float]) -> pd.Series:
+    """Each age's bin, labelled like "5-11" (bins are the lower edges, as folds.age_bins; the last is open)."""
+    edges = [-np.inf, *bins[1:], np.inf]
+    labels = [f"{lo:g}-{hi - 1:g}" for lo, hi in zip(bins, bins[1:])] + [f"{bins[-1]:g}+"]
+    return pd.cut(age, edges, right=False, labels=labels).rename("age")
 
 
 def _coverage(keys: np.ndarray, covered: np.ndarray, width: np.ndarray, order=None) -> dict[str, dict[str, float]]:
@@ -157,11 +157,12 @@ def figures(
     covered, width = (true_age >= low) & (true_age <= high), high - low
     answer = min_age_answer(low, high, min_age)
     under, over = true_age < min_age, true_age >= min_age
+    bands = age_bin(pd.Series(true_age), list(AGE_BANDS))
     out = {
         "rows": len(true_age),
         "coverage": float(covered.mean()),
         "width": float(width.mean()),
-        "by_age": _coverage(age_band(true_age), covered, width, band_names()),
+        "by_age": _coverage(bands.astype(str).to_numpy(), covered, width, list(bands.cat.categories)),
         "by_gender": _coverage(np.char.add("gender ", y.astype(str)), covered, width),
         "min_age": {
             "threshold": min_age,

@@ -28,6 +28,7 @@ from ..core.layout import (  # noqa: E402
     fold_dir,
 )
 from ..core.metrics import METRICS, evaluate  # noqa: E402
+from .calibrate import age_bin  # noqa: E402
 
 UTK_RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
 COLS = ("n", *METRICS)
@@ -66,13 +67,6 @@ def _table(df: pd.DataFrame, floats: str = "{:.4f}") -> str:
         for r in df.itertuples()
     ]
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
-
-
-def age_bin(age: pd.Series, bins: list[float]) -> pd.Series:
-    """Each age's bin, labelled like "5-11" (bins are the lower edges, as folds.age_bins; the last is open)."""
-    edges = [-np.inf, *bins[1:], np.inf]
-    labels = [f"{lo:g}-{hi - 1:g}" for lo, hi in zip(bins, bins[1:])] + [f"{bins[-1]:g}+"]
-    return pd.cut(age, edges, right=False, labels=labels).rename("age")
 
 
 def group_table(oof: pd.DataFrame, key: pd.Series, threshold: float) -> pd.DataFrame:
