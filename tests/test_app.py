@@ -338,8 +338,7 @@ def test_labels_and_table_read_the_interval_and_the_answer():
     photo = Photo(np.zeros((100, 80, 3), np.uint8), 1.0, [row], "a.jpg: 1 face")
     assert (draw(photo, 18) != draw(photo)).any() and not photo.image.any()  # a longer label; the photo kept
     # the page's "at least" age: off at 0 or empty, and always off for a bundle without intervals
-    calibrated = SimpleNamespace(info=SimpleNamespace(calibration=CALIBRATION))
-    old_bundle = SimpleNamespace(info=SimpleNamespace(calibration=None))
+    calibrated, old_bundle = SimpleNamespace(calibration=CALIBRATION), SimpleNamespace(calibration=None)
     assert [asked_age(calibrated, a) for a in (0, None, 18)] == [None, None, 18]
     assert asked_age(old_bundle, 18) is None
 

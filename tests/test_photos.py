@@ -34,6 +34,7 @@ class FakeBundle:
 
     face_crop = "none"
     labels_known = True
+    calibration = None  # no intervals, as a bundle exported before calibration
 
     def __init__(self) -> None:
         self.batches: list[list[np.ndarray]] = []

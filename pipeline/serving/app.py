@@ -92,13 +92,9 @@ def analyse(bundle, paths: list[str], detect_size: int = faces.DETECT_MAX_SIDE) 
     return out
 
 
-def calibrated(bundle) -> bool:
-    return bundle.info.calibration is not None
-
-
 def asked_age(bundle, min_age: float | None) -> float | None:
     """The page's "at least this old?" age; None when it is off (0 or empty) or the bundle has no intervals."""
-    return min_age if min_age and min_age > 0 and calibrated(bundle) else None
+    return min_age if min_age and min_age > 0 and bundle.calibration is not None else None
 
 
 def gender_text(row: dict) -> str:
@@ -193,8 +189,8 @@ def intro_text(bundle) -> str:
         f"Model: {bundle.info.experiment or 'bundle'} ({bundle.runtime} bundle: "
         f"{', '.join(m.name for m in bundle.members)})"
     )
-    if calibrated(bundle):
-        text += f"  \nAges with their {bundle.info.calibration.level * 100:g}% interval, in years."
+    if bundle.calibration is not None:
+        text += f"  \nAges with their {bundle.calibration.level * 100:g}% interval, in years."
     else:
         text += f"  \n{NO_CALIBRATION[0].upper()}{NO_CALIBRATION[1:]}."
     if not bundle.labels_known:
@@ -212,7 +208,7 @@ def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
         min_age = asked_age(bundle, min_age)
         drawn = [(draw(p, min_age), p.caption) for p in result.photos]
         gallery = gr.Gallery(value=drawn, selected_index=0 if drawn else None)  # opens the first
-        csv = write_table(result.rows, out_dir, min_age, calibrated(bundle))
+        csv = write_table(result.rows, out_dir, min_age, bundle.calibration is not None)
         return gallery, shown_table(result.rows, min_age), gr.DownloadButton(value=str(csv), visible=True)
 
     def on_upload(paths: list[str] | None, min_age: float | None):
@@ -241,7 +237,7 @@ def build_page(bundle, out_dir: Path, detect_size: int = faces.DETECT_MAX_SIDE):
                     value=0,
                     minimum=0,
                     maximum=bundle.info.max_age,
-                    visible=calibrated(bundle),  # a bundle without intervals cannot answer
+                    visible=bundle.calibration is not None,  # a bundle without intervals cannot answer
                     elem_id="min-age",
                 )
                 status = gr.Textbox(label="Status", interactive=False, lines=2, max_lines=12, elem_id="status")

@@ -199,7 +199,7 @@ def predict_images(
         pending.extend((first + k, crop) for k, crop in enumerate(crops))
         flush(batch_size)
     flush(len(pending))
-    return table(rows, min_age, getattr(bundle, "calibration", None) is not None)
+    return table(rows, min_age, bundle.calibration is not None)
 
 
 def table(rows: list[dict], min_age: float | None = None, intervals: bool = False) -> pd.DataFrame:
@@ -221,7 +221,7 @@ def check_min_age(bundle, min_age: float) -> None:
     """Refuses an "at least min_age?" question the bundle cannot answer."""
     from .bundle import NO_CALIBRATION
 
-    if getattr(bundle, "calibration", None) is None:
+    if bundle.calibration is None:
         raise PipelineError(f"--min-age needs age intervals: {NO_CALIBRATION}")
     if min_age > bundle.info.max_age:
         raise PipelineError(f"--min-age {min_age:g} is above {bundle.info.max_age:g}, the oldest age the bundle gives")
